@@ -1,0 +1,243 @@
+"""The LinOSS / D-LinOSS papers' UEA protocol: deduplicate, seeded 70/15/15 split, time channel.
+
+How the ``"paper"`` split is derived (identical to the reference code):
+
+1. Concatenate the archive's TRAIN and TEST examples (TRAIN first).
+2. Drop duplicate series with ``numpy.unique(x, axis=0, return_index=True)`` on the float32
+   data; this keeps the first occurrence of each series and **sorts** the rows
+   lexicographically, and the labels follow their rows. For SelfRegulationSCP1 all
+   ``N = 561`` series are unique.
+3. ``key = jax.random.PRNGKey(seed)``; ``datasetkey = jax.random.split(key, 4)[0]``;
+   ``permkey = jax.random.split(datasetkey)[0]``; ``perm = jax.random.permutation(permkey, N)``.
+4. ``train = perm[:int(0.7 N)]``, ``val = perm[int(0.7 N):int(0.85 N)]``,
+   ``test = perm[int(0.85 N):]`` (SCP1: 392 / 84 / 85).
+
+The published runs used JAX before 0.5, when ``jax_threefry_partitionable`` was off; the
+flag changes every random bit. ``prng="legacy"`` (the default) turns it off for the split
+only, so the same seed gives the papers' split on any JAX; ``prng="current"`` uses the
+running JAX's default.
+
+Shapes: ``N`` examples, ``L`` steps, ``C`` channels (``C + 1`` with the time channel).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from flax_linoss.data import uea_files
+
+__all__ = [
+    "PAPER_SEEDS",
+    "add_time_channel",
+    "deduplicate",
+    "default_data_dir",
+    "load_uea_arrays",
+    "paper_split_indices",
+    "uea_splits",
+]
+
+#: The five seeds of the papers' tables.
+PAPER_SEEDS = (2345, 3456, 4567, 5678, 6789)
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def default_data_dir() -> Path:
+    """``$FLAX_LINOSS_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+    env = os.environ.get("FLAX_LINOSS_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def deduplicate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drops repeated series as the reference does, returning them in sorted order.
+
+    Args:
+        x: ``[N, L, C]`` series.
+        y: ``[N]`` labels (or ``[N, ...]`` targets).
+
+    Returns:
+        ``(x_unique [M, L, C], y_unique [M])``: rows sorted as ``numpy.unique(axis=0)`` sorts
+        them; each kept row is the first occurrence, with its label.
+    """
+    x = np.asarray(x)
+    _, first = np.unique(x, axis=0, return_index=True)
+    return x[first], np.asarray(y)[first]
+
+
+def paper_split_indices(n: int, seed: int, *, prng: str = "legacy") -> dict[str, np.ndarray]:
+    """The papers' 70/15/15 split of ``n`` examples (see the module docstring).
+
+    Args:
+        n: Number of (deduplicated) examples.
+        seed: Integer seed, e.g. one of :data:`PAPER_SEEDS`.
+        prng: ``"legacy"`` (``jax_threefry_partitionable`` off, as the published runs) or
+            ``"current"`` (this JAX's default).
+
+    Returns:
+        ``{"train", "val", "test"}`` -> int64 index arrays into the deduplicated rows;
+        disjoint, covering ``range(n)``.
+    """
+    import jax
+
+    if prng not in ("legacy", "current"):
+        raise ValueError(f"prng must be 'legacy' or 'current', got {prng!r}")
+
+    def perm() -> np.ndarray:
+        key = jax.random.PRNGKey(seed)
+        datasetkey = jax.random.split(key, 4)[0]
+        permkey = jax.random.split(datasetkey)[0]
+        return np.asarray(jax.random.permutation(permkey, n)).astype(np.int64)
+
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        if prng == "legacy":
+            with jax.threefry_partitionable(False):
+                p = perm()
+        else:
+            p = perm()
+    a, b = int(0.7 * n), int(0.85 * n)
+    return {"train": p[:a], "val": p[a:b], "test": p[b:]}
+
+
+def add_time_channel(x: np.ndarray, duration: float = 1.0) -> np.ndarray:
+    """Prepends ``t_k = duration * k / L`` as channel 0.
+
+    Args:
+        x: ``[N, L, C]``.
+        duration: ``T`` in ``t_k = T k / L`` (the papers use 1).
+
+    Returns:
+        ``[N, L, C + 1]`` float32.
+    """
+    n, length, _ = x.shape
+    t = (duration * np.arange(length, dtype=np.float64) / length).astype(np.float32)
+    t = np.broadcast_to(t[None, :, None], (n, length, 1))
+    return np.concatenate([t, x.astype(np.float32)], axis=-1)
+
+
+def load_uea_arrays(
+    name: str, root: str | os.PathLike | None = None, *, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Reads the archive's TRAIN and TEST splits of ``name`` from a local folder.
+
+    Args:
+        name: Archive name (see :data:`flax_linoss.data.uea_files.UEA_DATASETS`).
+        root: Folder with the files (or a ``name/`` sub-folder); defaults to
+            ``default_data_dir() / "uea"``.
+        verify: Check SHA-256 digests where known.
+
+    Returns:
+        ``(x_train [N1, L, C], y_train [N1], x_test [N2, L, C], y_test [N2], class_names)``,
+        float32 series and int32 labels.
+    """
+    info = uea_files.UEA_DATASETS.get(name)
+    root = default_data_dir() / "uea" if root is None else Path(root)
+    tr = uea_files.read_uea_split(root, name, "TRAIN", verify=verify, expected=info)
+    te = uea_files.read_uea_split(root, name, "TEST", verify=verify, expected=info)
+    if tr.class_names != te.class_names:
+        raise uea_files.UEAFormatError(
+            f"{name}: TRAIN declares classes {tr.class_names}, TEST {te.class_names}"
+        )
+    return tr.x, tr.labels, te.x, te.labels, tr.class_names
+
+
+def _normalise(splits: Splits, skip_first: bool) -> Splits:
+    x_train = splits["train"][0]
+    start = 1 if skip_first else 0
+    mean = np.nanmean(x_train[..., start:], axis=(0, 1), keepdims=True)
+    std = np.nanstd(x_train[..., start:], axis=(0, 1), keepdims=True)
+    std = np.where(std > 0, std, 1.0)
+    out = {}
+    for k, (x, y) in splits.items():
+        x = x.copy()
+        x[..., start:] = (x[..., start:] - mean) / std
+        out[k] = (x.astype(np.float32), y)
+    return out
+
+
+def uea_splits(
+    data: str | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    seed: int,
+    split: str = "paper",
+    add_time: bool = False,
+    normalise: bool = False,
+    val_fraction: float = 0.15,
+    root: str | os.PathLike | None = None,
+    prng: str = "legacy",
+    verify: bool = True,
+) -> Splits:
+    """Train / val / test arrays for one UEA dataset under the papers' protocol.
+
+    Args:
+        data: An archive name such as ``"SelfRegulationSCP1"`` (read from ``root``), or
+            arrays ``(x_train [N1, L, C], y_train [N1], x_test [N2, L, C], y_test [N2])``.
+        seed: Split seed (the papers use :data:`PAPER_SEEDS`).
+        split: ``"paper"``: TRAIN + TEST, deduplicated and sorted, seeded 70/15/15 (see the
+            module docstring). ``"original"``: the archive's TEST as test, untouched; ``val``
+            is the last ``val_fraction`` of a seeded permutation (``numpy.random.default_rng
+            (seed)``) of TRAIN and ``train`` the rest, in archive order.
+        add_time: Prepend the time channel ``t_k = k / L`` as feature 0.
+        normalise: Standardise each channel (not time) with the train split's mean and std.
+            Off by default, as in the papers.
+        val_fraction: Validation share of TRAIN for ``split="original"``; may be 0.
+        root: Folder of the raw files when ``data`` is a name.
+        prng: See :func:`paper_split_indices`.
+        verify: Check SHA-256 digests where known, when reading files.
+
+    Returns:
+        ``{"train", "val", "test"}`` -> ``(x float32 [n, L, C'], y int32 [n])`` with
+        ``C' = C + 1`` if ``add_time`` else ``C``.
+    """
+    if isinstance(data, str):
+        x_tr, y_tr, x_te, y_te, _ = load_uea_arrays(data, root, verify=verify)
+    else:
+        if len(data) != 4:
+            raise ValueError("data must be a name or (x_train, y_train, x_test, y_test)")
+        x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in data)
+    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
+    y_tr, y_te = y_tr.astype(np.int32), y_te.astype(np.int32)
+    if x_tr.ndim != 3 or x_te.ndim != 3 or x_tr.shape[1:] != x_te.shape[1:]:
+        raise ValueError(
+            f"x_train and x_test must be [N, L, C] with equal L and C, got {x_tr.shape} "
+            f"and {x_te.shape}"
+        )
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise ValueError("x and y must have the same number of examples")
+
+    if split == "paper":
+        x, y = deduplicate(np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te]))
+        idx = paper_split_indices(len(x), seed, prng=prng)
+        out: Splits = {k: (x[v], y[v]) for k, v in idx.items()}
+    elif split == "original":
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        perm = np.random.default_rng(seed).permutation(len(x_tr))
+        n_val = round(val_fraction * len(x_tr))
+        val_idx = np.sort(perm[len(perm) - n_val :])
+        train_idx = np.sort(perm[: len(perm) - n_val])
+        out = {
+            "train": (x_tr[train_idx], y_tr[train_idx]),
+            "val": (x_tr[val_idx], y_tr[val_idx]),
+            "test": (x_te, y_te),
+        }
+    else:
+        raise ValueError(f"split must be 'paper' or 'original', got {split!r}")
+
+    if add_time:
+        out = {k: (add_time_channel(x), y) for k, (x, y) in out.items()}
+    if normalise:
+        out = _normalise(out, skip_first=add_time)
+    return {
+        k: (np.ascontiguousarray(x, np.float32), y.astype(np.int32)) for k, (x, y) in out.items()
+    }
+
+
+def as_mapping(splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """``{split: (x, y)}`` -> ``{split: {"series": x, "label": y}}``."""
+    return {k: {"series": x, "label": y} for k, (x, y) in splits.items()}
