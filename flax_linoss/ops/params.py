@@ -1,0 +1,122 @@
+"""Parameterisations (raw -> constrained) and initialisations of the papers.
+
+Raw parameters are what an optimiser sees; :func:`linoss_constrain` and
+:func:`damped_constrain` map them to the constrained ``(a, dt[, g])`` that
+:func:`flax_linoss.ops.linoss_apply` expects. Initialisers return raw parameters.
+
+Legend: ``P`` oscillators, ``H`` features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# The reference code guards the band edges against dt -> 0 with this floor on dt^2.
+_DT2_FLOOR = 1e-6
+
+
+def linoss_constrain(a_raw: jnp.ndarray, dt_raw: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """LinOSS: ``a = relu(a_raw)``, ``dt = sigmoid(dt_raw)``; returns ``(a, dt)``, each ``[P]``."""
+    return jax.nn.relu(a_raw), jax.nn.sigmoid(dt_raw)
+
+
+def stable_band(dt: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """D-LinOSS band of ``a`` with complex eigenvalues of modulus ``1/sqrt(1 + dt g)``.
+
+    ``[(2 + dt g - 2 sqrt(1 + dt g)) / dt^2, (2 + dt g + 2 sqrt(1 + dt g)) / dt^2]``.
+    """
+    dtg = dt * g
+    root = 2.0 * jnp.sqrt(1.0 + dtg)
+    dt2 = jnp.maximum(dt * dt, _DT2_FLOOR)
+    return (2.0 + dtg - root) / dt2, (2.0 + dtg + root) / dt2
+
+
+def damped_constrain(
+    a_raw: jnp.ndarray, g_raw: jnp.ndarray, dt_raw: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """D-LinOSS: ``dt = sigmoid(dt_raw)``, ``g = relu(g_raw)``, ``a`` projected into the band.
+
+    The projection is the reference's ``lo + relu(a - lo) - relu(a - hi)`` (a clamp whose
+    gradient is zero outside the band).
+
+    Returns:
+      ``(a, g, dt)``, each ``[P]``.
+    """
+    dt = jax.nn.sigmoid(dt_raw)
+    g = jax.nn.relu(g_raw)
+    lo, hi = stable_band(dt, g)
+    a = lo + jax.nn.relu(a_raw - lo) - jax.nn.relu(a_raw - hi)
+    return a, g, dt
+
+
+def uniform_init(key: jax.Array, num_oscillators: int, dtype=jnp.float32) -> dict[str, jnp.ndarray]:
+    """LinOSS initialisation: ``a_raw ~ U[0, 1)`` and ``dt_raw ~ U[0, 1)``.
+
+    Returns:
+      ``{"a_raw": [P], "dt_raw": [P]}``.
+    """
+    ka, kdt = jax.random.split(key)
+    return {
+        "a_raw": jax.random.uniform(ka, (num_oscillators,), dtype),
+        "dt_raw": jax.random.uniform(kdt, (num_oscillators,), dtype),
+    }
+
+
+def ring_init(
+    key: jax.Array,
+    num_oscillators: int,
+    dtype=jnp.float32,
+    *,
+    r_min: float = 0.9,
+    r_max: float = 1.0,
+    theta_min: float = 0.0,
+    theta_max: float = math.pi,
+    dt_std: float = 0.5,
+) -> dict[str, jnp.ndarray]:
+    """D-LinOSS "ring" initialisation of ``(a, g, dt)`` in closed form.
+
+    Draws ``dt_raw ~ N(0, dt_std^2)``, eigenvalue moduli ``r`` uniformly on the annulus
+    ``r_min <= r <= r_max`` (``r = sqrt(U (r_max^2 - r_min^2) + r_min^2)``) and phases
+    ``theta ~ U[theta_min, theta_max]``, then solves the damped scheme's characteristic
+    polynomial for ``g = (1/r^2 - 1) / dt`` and ``a = (1 + 1/r^2 - 2 cos(theta) / r) / dt^2``.
+    With ``0 < r <= 1`` these lie in the stable band, so :func:`damped_constrain` returns them
+    unchanged and the transition has exactly the drawn eigenvalues ``r e^{+-i theta}``.
+
+    Returns:
+      ``{"a_raw": [P], "g_raw": [P], "dt_raw": [P]}``.
+    """
+    if not 0.0 < r_min <= r_max <= 1.0:
+        raise ValueError(f"ring_init needs 0 < r_min <= r_max <= 1, got {r_min=}, {r_max=}.")
+    if not 0.0 <= theta_min <= theta_max <= math.pi:
+        raise ValueError(
+            f"ring_init needs 0 <= theta_min <= theta_max <= pi, got {theta_min=}, {theta_max=}."
+        )
+    kdt, kr, kth = jax.random.split(key, 3)
+    shape = (num_oscillators,)
+    dt_raw = dt_std * jax.random.normal(kdt, shape, jnp.float32)
+    dt = jax.nn.sigmoid(dt_raw)
+    u = jax.random.uniform(kr, shape, jnp.float32)
+    r = jnp.sqrt(u * (r_max**2 - r_min**2) + r_min**2)
+    theta = jax.random.uniform(kth, shape, jnp.float32, theta_min, theta_max)
+    g = (1.0 / r**2 - 1.0) / dt
+    a = (1.0 + 1.0 / r**2 - 2.0 * jnp.cos(theta) / r) / dt**2
+    return {"a_raw": a.astype(dtype), "g_raw": g.astype(dtype), "dt_raw": dt_raw.astype(dtype)}
+
+
+def complex_uniform_init(scale_axis: int = -1):
+    """Initialiser for complex matrices stored as real ``[..., 2]`` pairs (the papers' B and C).
+
+    Real and imaginary parts are ``U(-1/sqrt(n), 1/sqrt(n))`` with ``n = shape[scale_axis]``
+    (``H`` for ``B [P, H, 2]``, ``P`` for ``C [H, P, 2]``).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        if len(shape) < 2 or shape[-1] != 2:
+            raise ValueError(f"complex_uniform_init expects a [..., 2] shape, got {shape}.")
+        bound = 1.0 / math.sqrt(shape[:-1][scale_axis])
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
