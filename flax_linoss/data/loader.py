@@ -27,7 +27,6 @@ next (also with ``worker_count > 0``). With Orbax, save it with
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -120,16 +119,23 @@ class EpochView:
         else:
             self._len = self.per_epoch * num_epochs
         self._template = None
+        self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self._len
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - a few epochs' orders, per view
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.indices
-        rng = np.random.default_rng([self.seed, epoch])
-        return self.indices[rng.permutation(len(self.indices))]
+        cache = self._orders
+        order = cache.get(epoch)
+        if order is None:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = self.indices[rng.permutation(len(self.indices))]
+            if len(cache) >= 3:  # readers are at most an epoch apart
+                cache.pop(min(cache))
+            cache[epoch] = order
+        return order
 
     def _pad_record(self) -> dict[str, Any]:
         if self._template is None:
@@ -157,6 +163,7 @@ class EpochView:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_template"] = None
+        d["_orders"] = {}
         return d
 
 
