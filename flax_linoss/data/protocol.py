@@ -12,10 +12,11 @@ How the ``"paper"`` split is derived (identical to the reference code):
 4. ``train = perm[:int(0.7 N)]``, ``val = perm[int(0.7 N):int(0.85 N)]``,
    ``test = perm[int(0.85 N):]`` (SCP1: 392 / 84 / 85).
 
-The published runs used JAX before 0.5, when ``jax_threefry_partitionable`` was off; the
-flag changes every random bit. ``prng="legacy"`` (the default) turns it off for the split
-only, so the same seed gives the papers' split on any JAX; ``prng="current"`` uses the
-running JAX's default.
+JAX 0.5 switched ``jax_threefry_partitionable`` on, which changes every random bit and so
+the split. The LinOSS runs (2024) predate that; ``prng="legacy"`` (the default) turns the flag
+off for the split only, so a seed gives the same split on any JAX. ``prng="current"`` uses
+the running JAX's default, which is what code on JAX >= 0.5 (e.g. the D-LinOSS repository,
+which requires JAX >= 0.6.2) gets from the same key derivation.
 
 Shapes: ``N`` examples, ``L`` steps, ``C`` channels (``C + 1`` with the time channel).
 """
