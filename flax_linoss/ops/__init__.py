@@ -7,7 +7,10 @@ Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P`` oscillat
 
 from flax_linoss.ops.params import (
     complex_uniform_init,
+    constrain,
     damped_constrain,
+    default_oscillator_init,
+    init_oscillators,
     linoss_constrain,
     ring_init,
     stable_band,
@@ -58,8 +61,11 @@ __all__ = [
     "check_inputs",
     "check_scan",
     "complex_uniform_init",
+    "constrain",
     "damped_constrain",
+    "default_oscillator_init",
     "eigenvalues",
+    "init_oscillators",
     "linoss_apply",
     "linoss_constrain",
     "linoss_step",

@@ -120,3 +120,55 @@ def complex_uniform_init(scale_axis: int = -1):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+def constrain(
+    discretization: str,
+    a_raw: jnp.ndarray,
+    dt_raw: jnp.ndarray,
+    g_raw: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """Raw -> constrained ``(a, dt, g)`` for a scheme (``g`` is ``None`` unless damped)."""
+    if discretization == "damped":
+        if g_raw is None:
+            raise ValueError("discretization='damped' (D-LinOSS) needs `g_raw`.")
+        a, g, dt = damped_constrain(a_raw, g_raw, dt_raw)
+        return a, dt, g
+    a, dt = linoss_constrain(a_raw, dt_raw)
+    return a, dt, None
+
+
+def default_oscillator_init(discretization: str):
+    """The papers' defaults: :func:`uniform_init` for LinOSS, :func:`ring_init` for D-LinOSS."""
+    return ring_init if discretization == "damped" else uniform_init
+
+
+def init_oscillators(
+    key: jax.Array, num_oscillators: int, discretization: str, init=None, dtype=jnp.float32
+) -> dict[str, jnp.ndarray]:
+    """Raw oscillator parameters ``{"a_raw", "dt_raw"[, "g_raw"]}``, each ``[P]``.
+
+    ``init`` is a callable ``(key, P, dtype) -> dict`` (default: the paper's for the scheme).
+    For ``"damped"`` a ``g_raw`` is required; an init without one starts with ``g_raw = 0``.
+    """
+    init = init or default_oscillator_init(discretization)
+    raw = dict(init(key, num_oscillators, dtype))
+    missing = {"a_raw", "dt_raw"} - set(raw)
+    if missing:
+        raise ValueError(
+            f"oscillator init returned {sorted(raw)}; it must return {sorted(missing)}."
+        )
+    if discretization == "damped":
+        raw.setdefault("g_raw", jnp.zeros((num_oscillators,), dtype))
+    else:
+        raw.pop("g_raw", None)
+    for name, x in raw.items():
+        if x.shape != (num_oscillators,):
+            raise ValueError(f"oscillator init gave {name} of shape {x.shape}, expected [P].")
+    return raw
+
+
+# Defaults of the layers (the papers'): B, C uniform in +-1/sqrt(fan-in) per part, D ~ N(0, 1).
+default_b_init = complex_uniform_init()
+default_c_init = complex_uniform_init()
+default_d_init = jax.nn.initializers.normal(1.0)

@@ -1,0 +1,86 @@
+"""Convert weights between the linen and nnx skins.
+
+Both skins use the same parameter names and shapes. The only differences are structural:
+nnx keeps the blocks in a list (``blocks[3]``) where linen names them (``blocks_3``), and
+nnx keeps batch-norm statistics on the module where linen has a ``"batch_stats"``
+collection. The functions here map one onto the other exactly and check every leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+# linen collection name -> nnx variable type
+_COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
+
+
+def _linen_key(path: tuple) -> tuple[str, ...]:
+    """nnx path -> linen path: a name followed by a list index becomes ``name_index``."""
+    out: list[str] = []
+    for part in path:
+        if isinstance(part, int):
+            if not out:
+                raise ValueError(f"Cannot map nnx path {path} to linen: it starts with an index.")
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(str(part))
+    return tuple(out)
+
+
+def nnx_to_linen(model: nnx.Module) -> dict[str, Any]:
+    """Returns linen ``variables`` (``{"params": ..., "batch_stats": ...}``) for ``model``.
+
+    Collections the model does not have are left out (no ``"batch_stats"`` without batch
+    norm).
+    """
+    variables = {}
+    for collection, var_type in _COLLECTIONS.items():
+        flat = nnx.state(model, var_type).to_pure_dict()
+        flat = traverse_util.flatten_dict(flat)
+        if flat:
+            variables[collection] = traverse_util.unflatten_dict(
+                {_linen_key(k): v for k, v in flat.items()}
+            )
+    return variables
+
+
+def linen_to_nnx(variables: dict[str, Any], model: nnx.Module) -> nnx.Module:
+    """Loads linen ``variables`` into the matching nnx ``model`` (in place) and returns it.
+
+    Raises:
+      ValueError: naming every missing or unexpected entry, or a shape that differs.
+    """
+    unknown = set(variables) - set(_COLLECTIONS)
+    if unknown:
+        raise ValueError(
+            f"Unknown linen collections {sorted(unknown)}; expected {sorted(_COLLECTIONS)}."
+        )
+    for collection, var_type in _COLLECTIONS.items():
+        state = nnx.state(model, var_type)
+        template = traverse_util.flatten_dict(state.to_pure_dict())
+        source = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+        by_linen = {_linen_key(k): k for k in template}
+        missing = sorted("/".join(k) for k in set(by_linen) - set(source))
+        extra = sorted("/".join(k) for k in set(source) - set(by_linen))
+        if missing or extra:
+            raise ValueError(
+                f"linen {collection!r} does not match the nnx model: missing {missing}, "
+                f"unexpected {extra}."
+            )
+        new = {}
+        for lkey, nkey in by_linen.items():
+            value, want = source[lkey], template[nkey]
+            if np.shape(value) != np.shape(want):
+                raise ValueError(
+                    f"{collection}/{'/'.join(lkey)} has shape {np.shape(value)} in linen but "
+                    f"{np.shape(want)} in the nnx model."
+                )
+            new[nkey] = jax.numpy.asarray(value, dtype=jax.numpy.result_type(want))
+        if template:
+            nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
+            nnx.update(model, state)
+    return model

@@ -1,0 +1,281 @@
+"""Flax nnx skin of the LinOSS layer, the papers' block and the papers' model.
+
+Mirrors :mod:`flax_linoss.linen.layers` name for name; the parameter trees match (a linen
+``blocks_3`` is the nnx ``blocks[3]``), see :mod:`flax_linoss.convert`.
+
+Shapes: ``[batch, length, features]``; ``H`` features, ``P`` oscillators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_linoss import ops
+from flax_linoss.common import (
+    CLASSIFICATION,
+    check_features,
+    check_model_options,
+    check_norm,
+    check_sequence_input,
+    pool_or_subsample,
+)
+from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+class LinOSSLayer(nnx.Module):
+    """One LinOSS / D-LinOSS state-space layer, ``[batch, length, H] -> [batch, length, H]``.
+
+    Parameters: ``a_raw [P]``, ``dt_raw [P]``, ``g_raw [P]`` (damped only), ``b [P, H, 2]``,
+    ``c [H, P, 2]`` and ``d [H]``, as in :class:`flax_linoss.linen.LinOSSLayer`.
+
+    Args:
+      features: ``H``.
+      state_size: ``P``.
+      discretization: ``"im"``, ``"imex"`` or ``"damped"``.
+      scan: scan path, see :func:`flax_linoss.ops.linoss_apply`.
+      oscillator_init: ``(key, P, dtype) -> {"a_raw", "dt_raw"[, "g_raw"]}``.
+      b_init, c_init, d_init: initialisers.
+      dtype: computation dtype of the projections (default: inferred); the recurrence
+        always runs in float32 or wider.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        state_size: int,
+        *,
+        discretization: str = ops.IM,
+        scan: str = ops.AUTO,
+        oscillator_init: Callable | None = None,
+        b_init: Initializer = default_b_init,
+        c_init: Initializer = default_c_init,
+        d_init: Initializer = default_d_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.features = features
+        self.state_size = state_size
+        self.discretization = ops.check_discretization(discretization)
+        self.scan = ops.check_scan(scan)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        raw = ops.init_oscillators(
+            rngs.params(), state_size, discretization, oscillator_init, param_dtype
+        )
+        self.a_raw = nnx.Param(raw["a_raw"])
+        self.dt_raw = nnx.Param(raw["dt_raw"])
+        self.g_raw = nnx.Param(raw["g_raw"]) if discretization == ops.DAMPED else None
+        self.b = nnx.Param(b_init(rngs.params(), (state_size, features, 2), param_dtype))
+        self.c = nnx.Param(c_init(rngs.params(), (features, state_size, 2), param_dtype))
+        self.d = nnx.Param(d_init(rngs.params(), (features,), param_dtype))
+
+    def constrained(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """The constrained ``(a, dt, g)``, each ``[P]`` (``g`` is ``None`` unless damped)."""
+        g_raw = None if self.g_raw is None else self.g_raw[...]
+        return ops.constrain(self.discretization, self.a_raw[...], self.dt_raw[...], g_raw)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        initial_state: ops.LinOSSState | None = None,
+        return_state: bool = False,
+        reverse: bool = False,
+        mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ):
+        """Applies the layer; arguments as in :class:`flax_linoss.linen.LinOSSLayer`."""
+        check_sequence_input(x, "LinOSSLayer")
+        check_features(x, self.features, "LinOSSLayer")
+        x, b, c, d = nnx.nn.dtypes.promote_dtype(
+            (x, self.b[...], self.c[...], self.d[...]), dtype=self.dtype
+        )
+        a, dt, g = self.constrained()
+        return ops.linoss_apply(
+            x,
+            a,
+            dt,
+            b,
+            c,
+            d,
+            g=g,
+            discretization=self.discretization,
+            scan=self.scan,
+            initial_state=initial_state,
+            return_state=return_state,
+            reverse=reverse,
+            mask=mask,
+            segment_ids=segment_ids,
+        )
+
+
+def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
+    check_norm(kind)
+    if kind == "batch":
+        return nnx.BatchNorm(
+            features,
+            momentum=0.99,
+            epsilon=1e-5,
+            use_bias=False,
+            use_scale=False,
+            axis_name=axis_name,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    if kind == "layer":
+        return nnx.LayerNorm(
+            features, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+    return nnx.RMSNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class LinOSSBlock(nnx.Module):
+    """The papers' block: norm, LinOSS, GELU, dropout, GLU, dropout, residual.
+
+    Args:
+      features: ``H``.
+      state_size: ``P``.
+      discretization, scan, oscillator_init: passed to :class:`LinOSSLayer`.
+      norm: ``"batch"`` (the papers'), ``"layer"`` or ``"rms"``.
+      dropout_rate: dropout after the GELU and after the GLU.
+      norm_axis_name: mapped axis over which batch statistics are averaged.
+      deterministic: default mode (``model.eval()`` / ``model.train()`` set it too).
+      dtype, param_dtype: as in Flax.
+      rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        state_size: int,
+        *,
+        discretization: str = ops.IM,
+        scan: str = ops.AUTO,
+        oscillator_init: Callable | None = None,
+        norm: str = "batch",
+        dropout_rate: float = 0.05,
+        norm_axis_name: str | None = None,
+        deterministic: bool = False,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.features = features
+        self.norm_kind = check_norm(norm)
+        self.deterministic = deterministic
+        self.norm = _norm(norm, features, norm_axis_name, dtype, param_dtype, rngs)
+        self.ssm = LinOSSLayer(
+            features,
+            state_size,
+            discretization=discretization,
+            scan=scan,
+            oscillator_init=oscillator_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        linear = lambda: nnx.Linear(
+            features, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.glu_value = linear()
+        self.glu_gate = linear()
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Applies the block to ``x [batch, length, H]``; ``mask [batch, length]`` optional."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        check_sequence_input(x, "LinOSSBlock", rank=3)
+        check_features(x, self.features, "LinOSSBlock")
+        skip = x
+        if self.norm_kind == "batch":
+            fmask = None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
+            x = self.norm(x, use_running_average=deterministic, mask=fmask)
+        else:
+            x = self.norm(x)
+        x = self.ssm(x, mask=mask)
+        x = self.dropout(jax.nn.gelu(x, approximate=True), deterministic=deterministic)
+        x = self.glu_value(x) * jax.nn.sigmoid(self.glu_gate(x))
+        x = self.dropout(x, deterministic=deterministic)
+        return skip + x
+
+
+class LinOSSModel(nnx.Module):
+    """The papers' model: linear encoder, ``num_blocks`` blocks, then a head.
+
+    See :class:`flax_linoss.linen.LinOSSModel` for the semantics; here the input size is
+    given up front as ``in_features``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_blocks: int,
+        hidden_size: int,
+        state_size: int,
+        output_size: int,
+        *,
+        task: str = CLASSIFICATION,
+        output_step: int = 1,
+        discretization: str = ops.IM,
+        scan: str = ops.AUTO,
+        oscillator_init: Callable | None = None,
+        norm: str = "batch",
+        dropout_rate: float = 0.05,
+        norm_axis_name: str | None = None,
+        deterministic: bool = False,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_model_options(task, output_step, num_blocks)
+        self.in_features = in_features
+        self.task = task
+        self.output_step = output_step
+        self.deterministic = deterministic
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = nnx.Linear(in_features, hidden_size, **kw)
+        self.blocks = nnx.List(
+            [
+                LinOSSBlock(
+                    hidden_size,
+                    state_size,
+                    discretization=discretization,
+                    scan=scan,
+                    oscillator_init=oscillator_init,
+                    norm=norm,
+                    dropout_rate=dropout_rate,
+                    norm_axis_name=norm_axis_name,
+                    deterministic=deterministic,
+                    **kw,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
+        self.head = nnx.Linear(hidden_size, output_size, **kw)
+
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Applies the model to ``x [batch, length, in_features]`` (``mask [batch, length]``)."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        check_sequence_input(x, "LinOSSModel", rank=3)
+        check_features(x, self.in_features, "LinOSSModel")
+        x = self.encoder(x)
+        for block in self.blocks:
+            x = block(x, deterministic=deterministic, mask=mask)
+        x = self.head(pool_or_subsample(x, self.task, self.output_step, mask))
+        return x if self.task == CLASSIFICATION else jnp.tanh(x)
