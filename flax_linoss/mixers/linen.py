@@ -1,0 +1,336 @@
+"""LinOSS sequence mixer as a drop-in for ``flax.linen.MultiHeadDotProductAttention``.
+
+``LinOSSMixer`` takes the attention's constructor and call arguments, so a transformer
+written against flax attention swaps it in by changing the class (or a registry name, see
+:mod:`flax_linoss.registry`). What it computes, for ``x [batch..., L, E]``::
+
+    h = x @ in_proj                       # [batch..., L, H],  H = qkv_features or E
+    y = LinOSS(h)                         # P = state_size or H oscillators, causal
+      (+ LinOSS_reverse(h) if bidirectional, a second layer scanning from the end)
+    out = dropout(y) @ out_proj           # [batch..., L, O],  O = out_features or E
+
+Parameters (and logical axes, see :data:`flax_linoss.mixers.base.PARAM_AXES`)::
+
+    in_proj/kernel [E, H] (embed, kv)    in_proj/bias [H] (kv,)
+    linoss/a_raw, dt_raw[, g_raw] [P] (oscillator,)
+    linoss/b [P, H, 2] (oscillator, kv, None)   linoss/c [H, P, 2] (kv, oscillator, None)
+    linoss/d [H] (kv,)                   linoss_reverse/... (bidirectional only, same)
+    out_proj/kernel [H, O] (kv, embed)   out_proj/bias [O] (embed,)
+
+The names and shapes equal those of :class:`flax_linoss.mixers.nnx.LinOSSMixer`, so
+:func:`flax_linoss.convert.linen_to_nnx` / ``nnx_to_linen`` move weights between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import meta
+
+from flax_linoss import ops
+from flax_linoss.linen.layers import LinOSSLayer
+from flax_linoss.mixers import base, masks
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def _logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+    """Boxes ``init``'s result with logical axis ``names`` unless it is boxed already (a
+    user's ``nn.with_logical_partitioning(init, ...)`` keeps its own names)."""
+
+    def wrapped(*args, **kwargs):
+        value = init(*args, **kwargs)
+        if isinstance(value, meta.AxisMetadata):
+            return value
+        return nn.LogicallyPartitioned(value, names)
+
+    return wrapped
+
+
+def _box_linoss_params(variables):
+    """``nn.map_variables`` hook: logical axes on the LinOSS layer's parameters."""
+    if "params" not in variables:
+        return variables
+    params = dict(variables["params"])
+    for name, value in params.items():
+        if name in base.PARAM_AXES and not isinstance(value, meta.AxisMetadata):
+            params[name] = nn.LogicallyPartitioned(value, base.linoss_param_axes(name))
+    return {**variables, "params": params}
+
+
+# LinOSSLayer whose freshly created parameters carry logical axis names.
+_PartitionedLinOSSLayer = nn.map_variables(
+    LinOSSLayer, "params", trans_out_fn=_box_linoss_params, init=False, mutable=True
+)
+
+
+class LinOSSMixer(nn.Module):
+    """LinOSS / D-LinOSS self-mixer with the interface of ``nn.MultiHeadDotProductAttention``.
+
+    Causal by construction (unless ``bidirectional``); self-mixing only.
+
+    Attention arguments and what they mean here:
+      num_heads: accepted and **ignored** (default 1): the mixer is one group of ``P``
+        diagonal oscillators over all ``H`` channels; it has no heads and no per-head
+        constraint (``qkv_features`` need not divide by it).
+      dtype, param_dtype, precision: as in Flax (``precision`` applies to the two
+        projections; the recurrence always runs in float32 or wider).
+      qkv_features: the inner width ``H`` (default: the input width ``E``).
+      out_features: the output width ``O`` (default ``E``).
+      broadcast_dropout, dropout_rate: dropout on the mixed sequence ``y`` (attention drops
+        attention weights; a mixer has none); ``broadcast_dropout`` shares one mask over the
+        batch axes.
+      deterministic: default of the call argument; needed only if ``dropout_rate > 0``.
+      kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: the two projections.
+        Initialisers already wrapped in ``nn.with_logical_partitioning`` keep their names.
+      qkv_dot_general(_cls), out_dot_general(_cls): passed to the in/out ``nn.Dense``.
+      decode: keep the oscillator state in the ``"cache"`` collection (see ``__call__``).
+      attention_fn, normalize_qk, force_fp32_for_softmax, qk_attn_weights_einsum_cls,
+        attn_weights_value_einsum_cls: accepted and ignored (there is no softmax, no query
+        or key).
+
+    LinOSS options:
+      discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
+        (D-LinOSS).
+      state_size: oscillators ``P`` (default ``H``).
+      bidirectional: add a second layer (``linoss_reverse``) scanning from the last step to
+        the first and **sum** the two outputs; for encoders. Cannot decode.
+      scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`.
+      oscillator_init: initialiser of ``(a_raw, dt_raw[, g_raw])``, see
+        :class:`flax_linoss.linen.LinOSSLayer`.
+    """
+
+    num_heads: int = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    qkv_features: int | None = None
+    out_features: int | None = None
+    broadcast_dropout: bool = True
+    dropout_rate: float = 0.0
+    deterministic: bool | None = None
+    precision: Any = None
+    kernel_init: Initializer = nn.linear.default_kernel_init
+    out_kernel_init: Initializer | None = None
+    bias_init: Initializer = nn.initializers.zeros_init()
+    out_bias_init: Initializer | None = None
+    use_bias: bool = True
+    attention_fn: Callable[..., Any] | None = None
+    decode: bool = False
+    normalize_qk: bool = False
+    force_fp32_for_softmax: bool = False
+    qkv_dot_general: Any = None
+    out_dot_general: Any = None
+    qkv_dot_general_cls: Any = None
+    out_dot_general_cls: Any = None
+    qk_attn_weights_einsum_cls: Any = None
+    attn_weights_value_einsum_cls: Any = None
+    # LinOSS options.
+    discretization: str = ops.IM
+    state_size: int | None = None
+    bidirectional: bool = False
+    scan: str = ops.AUTO
+    oscillator_init: Callable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        inputs_kv: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        dropout_rng: jax.Array | None = None,
+        sow_weights: bool = False,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Mixes ``inputs_q`` along its length axis.
+
+        Args:
+          inputs_q: ``[batch..., L, E]``.
+          inputs_k, inputs_v, inputs_kv: must be ``None`` (or ``inputs_q`` itself); a
+            mixer cannot do cross-attention and raises a ``ValueError``.
+          mask: ``None``, a padding mask ``[batch..., L]`` or an attention mask
+            ``[batch..., heads, L, L]`` (``True`` = allowed), see
+            :mod:`flax_linoss.mixers.masks`: padded steps never influence valid steps
+            (their own outputs are unspecified), and a block-diagonal (packing) mask
+            restarts the state at each segment start. Other entries, e.g. a missing
+            causal triangle, do not change the (causal) computation.
+          deterministic: disables dropout; merged with the attribute.
+          dropout_rng: key for dropout (default ``self.make_rng("dropout")``).
+          sow_weights: ignored (a mixer has no attention weights).
+          segment_ids: optional ``[batch..., L]`` ints (packing without a mask); the state
+            restarts wherever they change, combined with the segments of ``mask``.
+
+        Returns:
+          ``[batch..., L, O]``.
+
+        Decoding (``decode=True``), following flax attention: ``init`` on an input of the
+        decoding batch shape (any length) creates the ``"cache"`` collection ``{state_z,
+        state_y: [batch..., 2, P], cache_index: int32}`` (its size does not depend on the
+        maximum length) and returns the full forward pass. Then ``apply(..., mutable=
+        ["cache"])`` with ``L >= 1`` new steps (a multi-step prompt, then one token at a
+        time) continues from the cached state and stores the new one.
+        """
+        where = type(self).__name__
+        del sow_weights
+        base.check_self_mixing(where, inputs_q, inputs_k, inputs_v, inputs_kv)
+        base.check_options(where, self.discretization, self.scan, self.state_size)
+        base.check_input(where, inputs_q)
+        x = inputs_q
+        lead = x.shape[:-1]
+        width = self.qkv_features or x.shape[-1]
+        out_width = self.out_features or x.shape[-1]
+        num_osc = self.state_size or width
+        valid, seg = masks.reduce_mask(mask, lead, where=where)
+        seg = masks.combine_segment_ids(
+            seg, masks.check_segment_ids(segment_ids, lead, where=where)
+        )
+
+        dense = lambda n, kinit, binit, axes, dg, dgc, name: nn.Dense(
+            n,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=_logical(kinit, axes),
+            bias_init=_logical(binit, axes[1:]),
+            dot_general=dg,
+            dot_general_cls=dgc,
+            name=name,
+        )
+        layer = lambda name: _PartitionedLinOSSLayer(
+            num_osc,
+            discretization=self.discretization,
+            scan=self.scan,
+            oscillator_init=self.oscillator_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+        h = dense(
+            width,
+            self.kernel_init,
+            self.bias_init,
+            base.PARAM_AXES["in_proj/kernel"],
+            self.qkv_dot_general,
+            self.qkv_dot_general_cls,
+            "in_proj",
+        )(x)
+        forward = layer("linoss")
+        if self.decode:
+            base.check_decode_options(where, self.bidirectional)
+            y = self._decode(forward, h, num_osc, valid, seg)
+        else:
+            y = forward(h, mask=valid, segment_ids=seg)
+        if self.bidirectional:
+            y = y + layer("linoss_reverse")(h, reverse=True, mask=valid, segment_ids=seg)
+
+        if self.dropout_rate > 0.0:
+            m_deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+            dims = base.broadcast_dims(y.ndim, self.broadcast_dropout)
+            y = nn.Dropout(self.dropout_rate, broadcast_dims=dims)(
+                y, deterministic=m_deterministic, rng=dropout_rng
+            )
+
+        return dense(
+            out_width,
+            self.out_kernel_init or self.kernel_init,
+            self.out_bias_init or self.bias_init,
+            base.PARAM_AXES["out_proj/kernel"],
+            self.out_dot_general,
+            self.out_dot_general_cls,
+            "out_proj",
+        )(y)
+
+    def _decode(self, layer, h, num_osc, valid, seg):
+        where = type(self).__name__
+        batch = h.shape[:-2]
+        initialized = self.has_variable("cache", "state_z")
+        if not initialized and not self.is_initializing():
+            raise ValueError(
+                f"{where}(decode=True) has no 'cache' collection: create it first with "
+                "`variables = model.init(key, x)` on an input of the decoding batch shape "
+                "(decode=True), then call `model.apply({'params': ..., 'cache': "
+                "variables['cache']}, x_new, mutable=['cache'])`."
+            )
+        if initialized and not self.is_mutable_collection("cache"):
+            raise ValueError(
+                f"{where}(decode=True): the 'cache' collection must be mutable to decode; "
+                "pass `mutable=['cache']` to `apply`."
+            )
+        sdtype = base.state_dtype(self.param_dtype)
+        shape = (*batch, 2, num_osc)
+        state_z = self.variable("cache", "state_z", jnp.zeros, shape, sdtype)
+        state_y = self.variable("cache", "state_y", jnp.zeros, shape, sdtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:
+            # flax convention: init on the full input creates a zero cache and runs the
+            # ordinary forward pass.
+            return layer(h, mask=valid, segment_ids=seg)
+        base.check_cache_batch(where, state_z.value.shape[:-2], batch)
+        y, state = layer(
+            h,
+            initial_state=ops.LinOSSState(state_z.value, state_y.value),
+            return_state=True,
+            mask=valid,
+            segment_ids=seg,
+        )
+        state_z.value = state.z.astype(sdtype)
+        state_y.value = state.y.astype(sdtype)
+        index.value = index.value + h.shape[-2]
+        return y
+
+
+class LinOSSIMEXMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``discretization="imex"`` (LinOSS-IMEX) by default."""
+
+    discretization: str = ops.IMEX
+
+
+class DLinOSSMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``discretization="damped"`` (D-LinOSS) by default."""
+
+    discretization: str = ops.DAMPED
+
+
+def as_self_attention(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` with the call signature of ``nn.SelfAttention``.
+
+    ``nn.SelfAttention`` is called as ``(inputs_q, mask=None, deterministic=None,
+    dropout_rng=None, sow_weights=False)``, so its second positional argument is the mask
+    (the lm1b example calls ``nn.SelfAttention(...)(x, decoder_mask)``). Swapping it needs a
+    class with that signature; the subclass keeps ``cls``'s name (and parameter names).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"as_self_attention needs a flax.linen Module class, got {cls!r}.")
+
+    class SelfMixer(cls):
+        @nn.compact
+        def __call__(
+            self,
+            inputs_q: jax.Array,
+            mask: jax.Array | None = None,
+            deterministic: bool | None = None,
+            dropout_rng: jax.Array | None = None,
+            sow_weights: bool = False,
+        ):
+            return super().__call__(
+                inputs_q,
+                mask=mask,
+                deterministic=deterministic,
+                dropout_rng=dropout_rng,
+                sow_weights=sow_weights,
+            )
+
+    SelfMixer.__name__ = cls.__name__
+    SelfMixer.__qualname__ = cls.__qualname__
+    SelfMixer.__doc__ = f"{cls.__name__} called like ``nn.SelfAttention``.\n\n{cls.__doc__}"
+    return SelfMixer

@@ -1,0 +1,371 @@
+"""LinOSS sequence mixer as a drop-in for ``flax.nnx.MultiHeadAttention``.
+
+The same computation, parameter names, shapes and logical axes as
+:class:`flax_linoss.mixers.linen.LinOSSMixer` (see there)::
+
+    in_proj (nnx.Linear E -> H), linoss (LinOSSLayer), [linoss_reverse], out_proj (H -> O)
+
+Logical axis names (:data:`flax_linoss.mixers.base.PARAM_AXES`) are set after creation on
+every parameter as ``logical_axes`` metadata, and as ``out_sharding`` metadata when the
+module is built under a mesh (``with jax.set_mesh(mesh):``) or with eager sharding off.
+(With flax's default eager sharding, a variable annotated with ``out_sharding`` makes every
+variable derived from it, such as optimizer state, demand a mesh; so without a mesh the
+mixer stays usable and only records ``logical_axes``.) The user's own ``kernel_metadata``
+or ``nnx.with_partitioning`` sharding wins. The parameters are created unsharded; shard
+them the usual way under logical axis rules, e.g. ``with nn.logical_axis_rules(rules):
+specs = nnx.get_partition_spec(nnx.state(model))`` then ``jax.lax.with_sharding_constraint``
+inside ``nnx.jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
+from flax.nnx.nn import dtypes
+from jax import lax
+
+from flax_linoss import ops
+from flax_linoss.mixers import base, masks
+from flax_linoss.nnx.layers import LinOSSLayer
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # nnx.MultiHeadAttention's default
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def _dot_general(dot_general, dot_general_cls):
+    if dot_general is not None:
+        return dot_general
+    return dot_general_cls() if dot_general_cls is not None else lax.dot_general
+
+
+def _mesh_active() -> bool:
+    """Whether a mesh is set (``jax.set_mesh`` / ``with mesh:``)."""
+    return not jax.sharding.get_abstract_mesh().empty or meta.get_global_mesh() is not None
+
+
+def _annotate(variable: nnx.Variable, names: tuple[str | None, ...], sharding: bool) -> None:
+    """Records logical axis ``names``: always as ``logical_axes`` metadata, and as
+    ``out_sharding`` if ``sharding`` and the variable has no sharding of its own."""
+    variable.set_metadata(logical_axes=names)
+    if sharding and variable.get_metadata("out_sharding", None) is None:
+        variable.set_metadata(out_sharding=names)
+
+
+class LinOSSMixer(nnx.Module):
+    """LinOSS / D-LinOSS self-mixer with the interface of ``nnx.MultiHeadAttention``.
+
+    Causal by construction (unless ``bidirectional``); self-mixing only. The arguments
+    mean what they mean for :class:`flax_linoss.mixers.linen.LinOSSMixer`; in addition:
+
+    Args:
+      num_heads: accepted and ignored (default 1), see the linen mixer.
+      in_features: the input width ``E`` (required).
+      qkv_features: inner width ``H`` (default ``E``).
+      out_features: output width ``O`` (default ``E``).
+      num_kv_heads, in_kv_features: accepted and ignored (no keys or values).
+      dtype, param_dtype, precision, kernel_init, out_kernel_init, bias_init,
+        out_bias_init, use_bias, qkv_dot_general(_cls), out_dot_general(_cls): the two
+        projections (``nnx.Linear``).
+      qkv_promote_dtype, out_promote_dtype: ``promote_dtype`` of the in and out projection.
+      broadcast_dropout, dropout_rate, deterministic: dropout on the mixed sequence.
+      attention_fn, normalize_qk, ln_promote_dtype, query_ln_scale_metadata,
+        key_ln_scale_metadata: accepted and ignored.
+      decode: default of the call argument (``None`` = ``False``).
+      rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` if ``dropout_rate > 0``).
+      keep_rngs: store a forked ``dropout`` stream for calls without ``rngs``.
+      kernel_metadata, out_kernel_metadata, bias_metadata, out_bias_metadata: metadata of
+        the projections' parameters (as in ``nnx.MultiHeadAttention``).
+      discretization, state_size, bidirectional, scan, oscillator_init: the LinOSS options.
+    """
+
+    def __init__(
+        self,
+        num_heads: int = 1,
+        in_features: int | None = None,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        broadcast_dropout: bool = True,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        precision: Any = None,
+        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        out_kernel_init: Initializer | None = None,
+        bias_init: Initializer = _ZEROS,
+        out_bias_init: Initializer | None = None,
+        use_bias: bool = True,
+        attention_fn: Callable[..., Any] | None = None,
+        decode: bool | None = None,
+        normalize_qk: bool = False,
+        qkv_promote_dtype: Callable = dtypes.promote_dtype,
+        out_promote_dtype: Callable = dtypes.promote_dtype,
+        ln_promote_dtype: Callable | None = None,
+        qkv_dot_general: Any = None,
+        out_dot_general: Any = None,
+        qkv_dot_general_cls: Any = None,
+        out_dot_general_cls: Any = None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        kernel_metadata: Mapping[str, Any] = _EMPTY,
+        out_kernel_metadata: Mapping[str, Any] = _EMPTY,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        out_bias_metadata: Mapping[str, Any] = _EMPTY,
+        query_ln_scale_metadata: Mapping[str, Any] = _EMPTY,
+        key_ln_scale_metadata: Mapping[str, Any] = _EMPTY,
+        discretization: str = ops.IM,
+        state_size: int | None = None,
+        bidirectional: bool = False,
+        scan: str = ops.AUTO,
+        oscillator_init: Callable | None = None,
+    ):
+        where = type(self).__name__
+        del num_kv_heads, in_kv_features, attention_fn, normalize_qk, ln_promote_dtype
+        del query_ln_scale_metadata, key_ln_scale_metadata
+        if in_features is None:
+            raise TypeError(f"{where} needs `in_features` (the input width).")
+        base.check_options(where, discretization, scan, state_size)
+        self.num_heads = num_heads
+        self.in_features = in_features
+        self.qkv_features = qkv_features or in_features
+        self.out_features = out_features or in_features
+        self.state_size = state_size or self.qkv_features
+        self.discretization = discretization
+        self.bidirectional = bidirectional
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.broadcast_dropout = broadcast_dropout
+        self.dropout_rate = dropout_rate
+        self.deterministic = deterministic
+        self.decode = decode
+
+        def linear(n_in, n_out, kinit, binit, promote, dg, dgc, kmeta, bmeta):
+            return nnx.Linear(
+                n_in,
+                n_out,
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=kinit,
+                bias_init=binit,
+                promote_dtype=promote,
+                dot_general=_dot_general(dg, dgc),
+                kernel_metadata=kmeta,
+                bias_metadata=bmeta,
+                rngs=rngs,
+            )
+
+        def layer():
+            return LinOSSLayer(
+                self.qkv_features,
+                self.state_size,
+                discretization=discretization,
+                scan=scan,
+                oscillator_init=oscillator_init,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+        self.in_proj = linear(
+            in_features,
+            self.qkv_features,
+            kernel_init,
+            bias_init,
+            qkv_promote_dtype,
+            qkv_dot_general,
+            qkv_dot_general_cls,
+            kernel_metadata,
+            bias_metadata,
+        )
+        self.linoss = layer()
+        self.linoss_reverse = layer() if bidirectional else None
+        self.out_proj = linear(
+            self.qkv_features,
+            self.out_features,
+            out_kernel_init or kernel_init,
+            out_bias_init or bias_init,
+            out_promote_dtype,
+            out_dot_general,
+            out_dot_general_cls,
+            out_kernel_metadata or kernel_metadata,
+            out_bias_metadata or bias_metadata,
+        )
+        # With flax's eager sharding on, every variable later made from an annotated one
+        # (optimizer state, say) must be created under a mesh; so `out_sharding` is only
+        # set when a mesh is active now or eager sharding is off.
+        sharding = _mesh_active() or not nnx.using_eager_sharding()
+        for proj in ("in_proj", "out_proj"):
+            for pname in ("kernel", "bias"):
+                var = getattr(getattr(self, proj), pname)
+                if var is not None:
+                    _annotate(var, base.PARAM_AXES[f"{proj}/{pname}"], sharding)
+        for lay in (self.linoss, self.linoss_reverse):
+            if lay is None:
+                continue
+            for pname in ("a_raw", "dt_raw", "g_raw", "b", "c", "d"):
+                var = getattr(lay, pname)
+                if var is not None:
+                    _annotate(var, base.linoss_param_axes(pname), sharding)
+        self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
+        self.state_z: nnx.Cache | None = nnx.data(None)
+        self.state_y: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        is_causal: bool = False,
+        out_sharding=None,
+        qkv_sharding=None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Mixes ``inputs_q [batch..., L, E]`` along its length axis -> ``[batch..., L, O]``.
+
+        Args:
+          inputs_q, inputs_k, inputs_v, mask, segment_ids: as in the linen mixer
+            (``inputs_k``/``inputs_v`` other than ``None`` or ``inputs_q`` raise).
+          deterministic: disables dropout (default: the attribute).
+          rngs: dropout randomness (default: the stored stream).
+          sow_weights: ignored (no attention weights).
+          decode: continue from the cache made by :meth:`init_cache` (default: the
+            attribute). Any number ``L >= 1`` of new steps per call.
+          is_causal: ignored by the causal mixer (it is causal anyway); ``True`` on a
+            bidirectional mixer raises.
+          out_sharding: passed to the output projection; ``qkv_sharding`` to the input one.
+        """
+        where = type(self).__name__
+        del sow_weights
+        base.check_self_mixing(where, inputs_q, inputs_k, inputs_v)
+        base.check_input(where, inputs_q)
+        if inputs_q.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{where} was built for in_features={self.in_features} but got input of shape "
+                f"{inputs_q.shape}."
+            )
+        if is_causal and self.bidirectional:
+            raise ValueError(f"{where}: is_causal=True contradicts bidirectional=True.")
+        lead = inputs_q.shape[:-1]
+        valid, seg = masks.reduce_mask(mask, lead, where=where)
+        seg = masks.combine_segment_ids(
+            seg, masks.check_segment_ids(segment_ids, lead, where=where)
+        )
+        h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
+        decode = self.decode if decode is None else decode
+        if decode:
+            base.check_decode_options(where, self.bidirectional)
+            y = self._decode(h, valid, seg)
+        else:
+            y = self.linoss(h, mask=valid, segment_ids=seg)
+        if self.linoss_reverse is not None:
+            y = y + self.linoss_reverse(h, reverse=True, mask=valid, segment_ids=seg)
+        if self.dropout_rate > 0.0:
+            deterministic = self.deterministic if deterministic is None else deterministic
+            if deterministic is None:
+                raise ValueError(
+                    f"{where}(dropout_rate={self.dropout_rate}) needs `deterministic` as a "
+                    "call argument, a constructor argument or through nnx.view."
+                )
+            if not deterministic:
+                stream = self.rngs if rngs is None else rngs
+                if isinstance(stream, nnx.Rngs):
+                    stream = stream.dropout
+                if stream is None:
+                    raise ValueError(
+                        f"{where}: dropout needs `rngs` (the mixer was built with keep_rngs=False)."
+                    )
+                y = base.dropout(y, self.dropout_rate, stream(), self.broadcast_dropout)
+        return self.out_proj(y, out_sharding=out_sharding)
+
+    def _decode(self, h, valid, seg):
+        where = type(self).__name__
+        if self.state_z is None or self.state_y is None or self.cache_index is None:
+            raise ValueError(
+                f"{where}: decoding cache not initialised; call `init_cache(input_shape)` "
+                "(or nnx.view(model, decode=True, batch_size=...)) before decoding."
+            )
+        base.check_cache_batch(where, self.state_z.shape[:-2], h.shape[:-2])
+        state = ops.LinOSSState(self.state_z[...], self.state_y[...])
+        y, state = self.linoss(
+            h, initial_state=state, return_state=True, mask=valid, segment_ids=seg
+        )
+        self.state_z[...] = state.z.astype(self.state_z.dtype)
+        self.state_y[...] = state.y.astype(self.state_y.dtype)
+        self.cache_index[...] += h.shape[-2]
+        return y
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
+        """Creates a zero decoding state for inputs of shape ``[batch..., length, E]``.
+
+        Only the batch shape matters (the state is ``[batch..., 2, P]`` whatever the maximum
+        length); ``dtype`` is accepted for compatibility: the state is kept in the
+        recurrence dtype (float32, or float64 with float64 parameters).
+        """
+        del dtype
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"init_cache expects an input shape [batch..., length, features], got "
+                f"{tuple(input_shape)}."
+            )
+        self._make_cache(tuple(input_shape[:-2]))
+
+    def _make_cache(self, batch: tuple[int, ...]) -> None:
+        shape = (*batch, 2, self.state_size)
+        sdtype = base.state_dtype(self.param_dtype)
+        self.state_z = nnx.Cache(jnp.zeros(shape, sdtype))
+        self.state_y = nnx.Cache(jnp.zeros(shape, sdtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def set_view(
+        self,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+        batch_size: int | tuple[int, ...] | None = None,
+        max_length: int | None = None,
+    ):
+        """Used by ``nnx.view``: sets ``deterministic``/``decode``; with ``decode=True`` and
+        a ``batch_size`` it creates the cache if there is none (``max_length`` is accepted
+        and not needed: the state does not grow with the length)."""
+        del max_length
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+            if decode and self.state_z is None and batch_size is not None:
+                batch = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+                self._make_cache(batch)
+
+
+class LinOSSIMEXMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``discretization="imex"`` (LinOSS-IMEX) by default."""
+
+    def __init__(self, *args, discretization: str = ops.IMEX, **kwargs):
+        super().__init__(*args, discretization=discretization, **kwargs)
+
+
+class DLinOSSMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``discretization="damped"`` (D-LinOSS) by default."""
+
+    def __init__(self, *args, discretization: str = ops.DAMPED, **kwargs):
+        super().__init__(*args, discretization=discretization, **kwargs)
