@@ -1,0 +1,28 @@
+"""EthanolConcentration (UEA): the papers' experiment for LinOSS-IM, LinOSS-IMEX and D-LinOSS.
+
+Pick the model with the config string (default linoss_im)::
+
+    flax-linoss train --config=configs/uea_ethanol.py:linoss_im --workdir=runs/ethanol-im
+    flax-linoss train --config=configs/uea_ethanol.py:linoss_imex --workdir=runs/ethanol-imex
+    flax-linoss train --config=configs/uea_ethanol.py:dlinoss --workdir=runs/ethanol-dlinoss
+
+The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
+flax_linoss.train.paper.paper_config; the raw archive is read from
+``$FLAX_LINOSS_DATA_DIR/uea/EthanolConcentration``
+(``--config.data.options.root=DIR`` reads it elsewhere; see
+``flax_linoss.data.get_dataset``).
+"""
+
+from flax_linoss.train.paper import paper_config
+
+# model -> (learning rate, hidden H, oscillators P, blocks, time channel): the papers' best.
+HPARAMS = {
+    "linoss_im": (1e-5, 16, 16, 4, False),
+    "linoss_imex": (1e-5, 16, 256, 4, False),
+    "dlinoss": (1e-5, 16, 256, 4, False),
+}
+
+
+def get_config(model: str = "linoss_im"):
+    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    return paper_config("uea/EthanolConcentration", model, HPARAMS, batch_size=32)

@@ -1,0 +1,142 @@
+"""Metric sinks: a JSONL file in the workdir, TensorBoard where installed, a progress line.
+
+Each JSONL line is one record ``{"step": int, "split": "train"|"val"|"test", <name>: float}``.
+On resume, :meth:`MetricWriter.truncate` drops the records written after the restored step so
+the file matches an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["METRICS_FILE", "MetricWriter", "Progress", "format_duration", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _tensorboard_writer(logdir: str):
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
+
+        return SummaryWriter(logdir)
+    except ImportError:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+
+        return SummaryWriter(logdir)
+    except ImportError:
+        return None
+
+
+class MetricWriter:
+    """Appends metric records to ``workdir/metrics.jsonl`` (and TensorBoard if available).
+
+    Args:
+        workdir: Run directory.
+        enabled: Write at all (only process 0 writes in a multi-process run).
+        tensorboard: Also write TensorBoard event files under ``workdir/tensorboard``.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            if tensorboard:
+                self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Keeps only the records with ``record["step"] <= step`` (resume)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        """Appends one record."""
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "split": split}
+        rec.update({k: float(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` file (or of ``DIR/metrics.jsonl`` for a directory).
+
+    A truncated last line (a run killed while writing) is skipped.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"`` or ``"12s"``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class Progress:
+    """Steps/s and ETA for the periodic progress line.
+
+    The rate is measured over the steps since the previous line, so compilation (in the first
+    interval) does not distort later lines.
+    """
+
+    def __init__(self, start_step: int, total_steps: int):
+        self.total = total_steps
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def restart(self, step: int) -> None:
+        """Starts a new interval at ``step`` (after an evaluation or a save)."""
+        self._last_step = step
+        self._last_time = time.perf_counter()
+
+    def line(self, step: int, metrics: Mapping[str, float]) -> str:
+        now = time.perf_counter()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        width = len(str(self.total))
+        parts = [f"step {step:>{width}}/{self.total}"]
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
+        parts += [f"{rate:.1f} steps/s", f"ETA {format_duration(eta)}"]
+        return " | ".join(parts)
