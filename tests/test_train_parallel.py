@@ -32,6 +32,15 @@ def _run(impl, num_devices, framework="linen"):
     return jax.tree.map(par_lib.to_host, state), losses, jax.tree.map(np.asarray, init)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
 @pytest.fixture(scope="module")
 def single_device():
     return _run("jit", 1)

@@ -1,0 +1,149 @@
+"""The trainer in-process: determinism, JSONL and plots, linen/nnx interchangeability, early
+stopping, NaN stop, refusal of an incompatible workdir, restore into other device counts."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from flax_linoss.train import checkpoint as ckpt_lib
+from flax_linoss.train import default_config, trainer
+from flax_linoss.train.metrics import read_metrics
+from flax_linoss.train.plots import plot_run
+
+
+def _tiny(**over):
+    config = default_config.get_tiny_config()
+    config.parallel.num_devices = 1
+    for key, value in over.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _final_params(workdir):
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    step = mngr.latest_step()
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr.close()
+    return step, jax.tree.map(np.asarray, out["state"]["params"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    # Every run re-creates its jitted functions; the persistent cache reuses identical programs.
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("a"))
+    return workdir, trainer.train_and_evaluate(_tiny(), workdir)
+
+
+def test_deterministic_metrics_jsonl_and_plot(run_a, tmp_path, capsys):
+    workdir, results = run_a
+    again = trainer.train_and_evaluate(_tiny(), str(tmp_path))
+    assert again == results
+    recs = read_metrics(workdir)
+    assert recs == read_metrics(str(tmp_path))
+    assert {r["split"] for r in recs} == {"train", "val", "test"}
+    assert [r["step"] for r in recs if r["split"] == "val"] == [12, 24]
+    # The reported test metric is the one at the best validation step.
+    best = max((r for r in recs if r["split"] == "val"), key=lambda r: (r["accuracy"], -r["step"]))
+    test = next(r for r in recs if r["split"] == "test" and r["step"] == best["step"])
+    assert results["best_step"] == best["step"]
+    assert results["test_at_best_val"] == pytest.approx(test["accuracy"])
+    assert json.load(open(os.path.join(workdir, "results.json")))["best_step"] == best["step"]
+    out = capsys.readouterr().out
+    assert "steps/s" in out and "ETA" in out and "Final: test accuracy" in out
+    png = plot_run(workdir)
+    assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_nnx_resumes_a_linen_checkpoint(tmp_path):
+    # Same trees and step functions: 12 linen steps + 12 nnx steps == 24 linen steps.
+    # (A constant schedule: the cosine decay depends on num_steps, which differs here.)
+    ref_dir, mixed_dir = str(tmp_path / "ref"), str(tmp_path / "mixed")
+    common = {"model.dropout_rate": 0.0, "optimizer.schedule": "constant"}
+    trainer.train_and_evaluate(_tiny(**common), ref_dir)
+    trainer.train_and_evaluate(_tiny(**common, **{"train.num_steps": 12}), mixed_dir)
+    trainer.train_and_evaluate(_tiny(**common, framework="nnx"), mixed_dir)
+    step_a, a = _final_params(ref_dir)
+    step_b, b = _final_params(mixed_dir)
+    assert step_a == step_b == 24
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_early_stopping_reports_test_at_best_val(tmp_path):
+    config = _tiny(**{"optimizer.learning_rate": 1e-9, "train.eval_every": 4, "train.patience": 1})
+    res = trainer.train_and_evaluate(config, str(tmp_path))
+    assert res["stopped_early"] and res["final_step"] == 12 and res["best_step"] == 4
+    test4 = next(r for r in read_metrics(str(tmp_path)) if r["split"] == "test" and r["step"] == 4)
+    assert res["test_at_best_val"] == pytest.approx(test4["accuracy"])
+    # Restarting a finished run does not train further.
+    assert trainer.train_and_evaluate(config, str(tmp_path))["final_step"] == 12
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = trainer.data_lib.train_iterator
+
+    def poisoned(config, source):
+        it = real(config, source)
+
+        class Poison:
+            n = 0
+
+            def __next__(self):
+                batch = next(it)
+                self.n += 1
+                if self.n >= 15:
+                    batch = dict(batch, series=batch["series"] * np.nan)
+                return batch
+
+            def __getattr__(self, name):
+                return getattr(it, name)
+
+        return Poison()
+
+    monkeypatch.setattr(trainer.data_lib, "train_iterator", poisoned)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"step 15\b.*step 12"):
+        trainer.train_and_evaluate(_tiny(), str(tmp_path))
+    step, params = _final_params(str(tmp_path))
+    assert step == 12
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_incompatible_workdir_is_refused_and_kept(run_a):
+    workdir, _ = run_a
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="hidden_size: checkpoint 8"):
+        trainer.train_and_evaluate(_tiny(**{"model.hidden_size": 16}), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_restore_into_other_device_counts(run_a):
+    workdir, results = run_a
+    outs = []
+    for n in (1, 8, 2):
+        config = _tiny(**{"parallel.num_devices": n})
+        out = trainer.evaluate(config, workdir)
+        outs.append(out)
+    assert outs[0]["step"] == results["best_step"]
+    assert outs[0]["test_accuracy"] == pytest.approx(results["test_at_best_val"])
+    for o in outs[1:]:
+        assert o["val_accuracy"] == pytest.approx(outs[0]["val_accuracy"])
+        assert o["test_loss"] == pytest.approx(outs[0]["test_loss"], rel=1e-5)
+    latest = trainer.evaluate(_tiny(**{"parallel.num_devices": 4}), workdir, which="latest")
+    assert latest["step"] == 24
