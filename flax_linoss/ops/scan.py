@@ -11,12 +11,15 @@ poorly), and the output ``Re(C y)`` becomes one real matmul with ``[Re(C), -Im(C
 Scan paths (all exact up to float rounding, all differentiable):
 
 * ``"sequential"``: ``lax.scan`` over time with the 2x2 update, ``O(L)`` depth.
-* ``"associative"``: ``lax.associative_scan`` over ``(M, b)`` pairs, ``O(log L)`` depth.
-  ``M`` is materialised once per time step and *shared across the batch* (``[1, L, Q]``),
-  unlike the reference code which copies it for every example.
+* ``"associative"``: a parallel prefix scan over ``(M, b)`` pairs, ``O(log L)`` depth. With
+  a time-invariant ``M`` it is a Hillis-Steele scan needing only ``M^(2^i)`` per level (no
+  per-step copies of ``M``, unlike the reference code), in a ``fori_loop`` (small programs,
+  fast compiles), with the adjoint recurrence solved the same way for the backward pass.
+  With masks or segments (time-varying transitions) it is ``lax.associative_scan`` over
+  per-step ``(A_k, b_k)``.
 * ``"fft"``: since ``M`` is time-invariant, ``y = K * v`` is a causal convolution with the
-  real kernel ``K_j = (M^j f)_y``. The kernel is built from ``M^j`` by repeated doubling
-  (``log2 L`` steps, no batch dimension) and applied with real FFTs. Initial and final
+  real kernel ``K_j = (M^j f)_y``. The kernel is built from ``M^j`` (no batch dimension)
+  and applied with real FFTs. Initial and final
   states are handled exactly through ``M^j``.
 * ``"adjoint"``: the sequential recurrence in one loop over the time axis of the
   ``[N, L, Q]`` array (no transposes), with a hand-written backward pass: the exact adjoint
@@ -31,6 +34,7 @@ or associative path (``"auto"`` chooses one; ``"fft"`` with them is an error).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -227,36 +231,31 @@ def _sequential(tr, v, z0, y0, valid, reset):
 
 def _associative(tr, v, z0, y0, valid, reset):
     length, q = v.shape[1:]
-    shape = (1, length, q)
-    a11, a12, a21, a22 = (jnp.broadcast_to(m, shape) for m in (tr.m11, tr.m12, tr.m21, tr.m22))
-    b1, b2 = tr.f1 * v, tr.f2 * v
+    # Elements (A [., L, 2, 2, Q], b [N, L, 2, Q]): two stacked leaves keep the scan's graph
+    # (and its compile time) small. Without masks, A is shared across the batch.
+    m = jnp.stack([jnp.stack([tr.m11, tr.m12]), jnp.stack([tr.m21, tr.m22])])  # [2, 2, Q]
+    a = jnp.broadcast_to(m, (1, length, 2, 2, q))
+    b = jnp.stack([tr.f1 * v, tr.f2 * v], axis=2)  # [N, L, 2, Q]
     if valid is not None:
         # A masked step holds the state: identity transition, no forcing.
-        ok = valid[..., None]
-        one, zero = jnp.ones((), v.dtype), jnp.zeros((), v.dtype)
-        a11, a22 = jnp.where(ok, a11, one), jnp.where(ok, a22, one)
-        a12, a21 = jnp.where(ok, a12, zero), jnp.where(ok, a21, zero)
-        b1, b2 = jnp.where(ok, b1, zero), jnp.where(ok, b2, zero)
+        ok = valid[:, :, None, None, None]
+        a = jnp.where(ok, a, jnp.eye(2, dtype=v.dtype)[:, :, None])
+        b = jnp.where(ok[..., 0], b, jnp.zeros((), v.dtype))
     if reset is not None:
-        keep = jnp.logical_not(reset)[..., None].astype(v.dtype)
-        a11, a12, a21, a22 = a11 * keep, a12 * keep, a21 * keep, a22 * keep
+        a = a * jnp.logical_not(reset)[:, :, None, None, None].astype(v.dtype)
     # Fold the initial state into the first element: x_0 = A_0 x_init + b_0.
-    b1 = b1.at[:, 0].add(a11[:, 0] * z0 + a12[:, 0] * y0)
-    b2 = b2.at[:, 0].add(a21[:, 0] * z0 + a22[:, 0] * y0)
+    x0 = jnp.stack([z0, y0], axis=1)  # [N, 2, Q]
+    b = b.at[:, 0].add(jnp.einsum("nijq,njq->niq", a[:, 0], x0))
 
     def combine(earlier, later):
-        i11, i12, i21, i22, ib1, ib2 = earlier
-        j11, j12, j21, j22, jb1, jb2 = later
-        return (
-            j11 * i11 + j12 * i21,
-            j11 * i12 + j12 * i22,
-            j21 * i11 + j22 * i21,
-            j21 * i12 + j22 * i22,
-            j11 * ib1 + j12 * ib2 + jb1,
-            j21 * ib1 + j22 * ib2 + jb2,
-        )
+        a_i, b_i = earlier
+        a_j, b_j = later
+        a_new = jnp.einsum("...ijq,...jkq->...ikq", a_j, a_i)
+        b_new = jnp.einsum("...ijq,...jq->...iq", a_j, b_i) + b_j
+        return a_new, b_new
 
-    *_, zs, ys = jax.lax.associative_scan(combine, (a11, a12, a21, a22, b1, b2), axis=1)
+    _, xs = jax.lax.associative_scan(combine, (a, b), axis=1)
+    zs, ys = xs[:, :, 0], xs[:, :, 1]
     return ys, zs[:, -1], ys[:, -1]
 
 
@@ -334,30 +333,119 @@ def _adjoint(tr, v, z0, y0):
     return ys, z_l, ys[:, -1]
 
 
+def _prefix_scan(m, b1, b2):
+    """Parallel prefix scan of ``x_k = M x_{k-1} + b_k`` (``x_{-1} = 0``), Hillis-Steele form.
+
+    After level ``i`` every ``x_k`` holds ``sum_{j < 2^(i+1)} M^j b_{k-j}``; the combine is
+    the associative ``(M, b)`` product with ``M`` time-invariant, so each level needs only
+    ``M^(2^i)`` (``[Q]`` coefficients) and one shift of the sequence. ``ceil(log2 L)``
+    levels run in a ``fori_loop``, so the program is small whatever ``L``.
+
+    Args:
+      m: ``(m11, m12, m21, m22)``, each ``[Q]``.
+      b1, b2: ``[N, L, Q]`` forcing of the two state components.
+
+    Returns:
+      ``(x1, x2)``, each ``[N, L, Q]``.
+    """
+    length = b1.shape[1]
+    position = jnp.arange(length)[None, :, None]
+
+    def level(i, carry):
+        x1, x2, p11, p12, p21, p22 = carry
+        shift = jnp.left_shift(1, i)
+
+        def shifted(x):
+            return jnp.where(position >= shift, jnp.roll(x, shift, axis=1), 0.0)
+
+        s1, s2 = shifted(x1), shifted(x2)
+        x1, x2 = x1 + p11 * s1 + p12 * s2, x2 + p21 * s1 + p22 * s2
+        p = (
+            p11 * p11 + p12 * p21,
+            p11 * p12 + p12 * p22,
+            p21 * p11 + p22 * p21,
+            p21 * p12 + p22 * p22,
+        )
+        return (x1, x2, *p)
+
+    levels = max(0, (length - 1).bit_length())
+    x1, x2, *_ = jax.lax.fori_loop(0, levels, level, (b1, b2, *m))
+    return x1, x2
+
+
+def _adjoint_gradients(coeffs, v, z0, y0, zs, ys, lz, ly):
+    """Gradients of the LTI recurrence from the adjoint states ``lambda = (lz, ly)``."""
+    m11, m12, m21, m22, f1, f2 = coeffs
+    z_prev = jnp.concatenate([z0[:, None], zs[:, :-1]], axis=1)
+    y_prev = jnp.concatenate([y0[:, None], ys[:, :-1]], axis=1)
+    total = lambda x: jnp.sum(x, axis=(0, 1))
+    g_coeffs = (
+        total(lz * z_prev),
+        total(lz * y_prev),
+        total(ly * z_prev),
+        total(ly * y_prev),
+        total(lz * v),
+        total(ly * v),
+    )
+    g_v = f1 * lz + f2 * ly
+    g_z0 = m11 * lz[:, 0] + m21 * ly[:, 0]
+    g_y0 = m12 * lz[:, 0] + m22 * ly[:, 0]
+    return g_coeffs, g_v, g_z0, g_y0
+
+
+def _parallel_forward(coeffs, v, z0, y0):
+    m11, m12, m21, m22, f1, f2 = coeffs
+    b1 = (f1 * v).at[:, 0].add(m11 * z0 + m12 * y0)
+    b2 = (f2 * v).at[:, 0].add(m21 * z0 + m22 * y0)
+    return _prefix_scan((m11, m12, m21, m22), b1, b2)
+
+
+@jax.custom_vjp
+def _lti_parallel(coeffs, v, z0, y0):
+    """``(ys, z_L)`` by the parallel prefix scan; the backward pass is the adjoint
+    recurrence (``M^T``, reversed time) solved by the same parallel scan."""
+    zs, ys = _parallel_forward(coeffs, v, z0, y0)
+    return ys, zs[:, -1]
+
+
+def _lti_parallel_fwd(coeffs, v, z0, y0):
+    zs, ys = _parallel_forward(coeffs, v, z0, y0)
+    return (ys, zs[:, -1]), (coeffs, v, z0, y0, zs, ys)
+
+
+def _lti_parallel_bwd(res, cts):
+    coeffs, v, z0, y0, zs, ys = res
+    g_ys, g_zl = cts
+    m11, m12, m21, m22 = coeffs[:4]
+    # lambda_t = M^T lambda_{t+1} + (0, g_t), with the final-state cotangent entering at L-1.
+    c1 = jnp.zeros_like(g_ys).at[:, -1].add(g_zl.astype(g_ys.dtype))
+    lz, ly = _prefix_scan((m11, m21, m12, m22), c1[:, ::-1], g_ys[:, ::-1])
+    return _adjoint_gradients(coeffs, v, z0, y0, zs, ys, lz[:, ::-1], ly[:, ::-1])
+
+
+_lti_parallel.defvjp(_lti_parallel_fwd, _lti_parallel_bwd)
+
+
 def matrix_powers(tr: schemes.Transition, n: int):
-    """``M^j`` for ``j = 0 .. n-1`` by repeated doubling: four ``[n, Q]`` arrays."""
-    ones = jnp.ones_like(tr.m11)[None]
-    zeros = jnp.zeros_like(tr.m11)[None]
-    p11, p12, p21, p22 = ones, zeros, zeros, ones
-    m11, m12, m21, m22 = tr.m11, tr.m12, tr.m21, tr.m22
-    size = 1
-    while size < n:
-        # The next block is M^size @ (the powers so far); then M^size -> M^(2 size).
-        q11 = m11 * p11 + m12 * p21
-        q12 = m11 * p12 + m12 * p22
-        q21 = m21 * p11 + m22 * p21
-        q22 = m21 * p12 + m22 * p22
-        p11, p12, p21, p22 = (
-            jnp.concatenate(pair, 0) for pair in ((p11, q11), (p12, q12), (p21, q21), (p22, q22))
+    """``M^j`` for ``j = 0 .. n-1``: four ``[n, Q]`` arrays (entries 11, 12, 21, 22).
+
+    A ``lax.scan`` over ``n`` steps of ``[Q]``-sized work: cheap next to the batched
+    recurrence, exact in its rounding, and small to compile and differentiate (repeated
+    doubling was faster to run but its fused gradient took minutes to compile).
+    """
+
+    def body(p, _):
+        nxt = (
+            tr.m11 * p[0] + tr.m12 * p[2],
+            tr.m11 * p[1] + tr.m12 * p[3],
+            tr.m21 * p[0] + tr.m22 * p[2],
+            tr.m21 * p[1] + tr.m22 * p[3],
         )
-        m11, m12, m21, m22 = (
-            m11 * m11 + m12 * m21,
-            m11 * m12 + m12 * m22,
-            m21 * m11 + m22 * m21,
-            m21 * m12 + m22 * m22,
-        )
-        size *= 2
-    return p11[:n], p12[:n], p21[:n], p22[:n]
+        return nxt, p
+
+    one, zero = jnp.ones_like(tr.m11), jnp.zeros_like(tr.m11)
+    _, powers = jax.lax.scan(body, (one, zero, zero, one), None, length=n)
+    return powers
 
 
 def _fft_size(length: int) -> int:
@@ -436,6 +524,9 @@ def oscillator_recurrence(
     if path == SEQUENTIAL:
         return _sequential(tr, v, z0, y0, valid, reset)
     if path == ASSOCIATIVE:
+        if valid is None and reset is None:
+            ys, z_l = _lti_parallel(tuple(tr), v, z0, y0)
+            return ys, z_l, ys[:, -1]
         return _associative(tr, v, z0, y0, valid, reset)
     if path == ADJOINT:
         return _adjoint(tr, v, z0, y0)
@@ -539,7 +630,43 @@ def linoss_apply(
     """
     if check:
         check_inputs(u, a, dt, b, c, d, g, discretization, scan)
-    u = jnp.asarray(u)
+    return _apply(
+        u,
+        a,
+        dt,
+        b,
+        c,
+        d,
+        g,
+        initial_state,
+        mask,
+        segment_ids,
+        discretization=discretization,
+        scan=scan,
+        return_state=return_state,
+        reverse=reverse,
+    )
+
+
+# Compiled as one program (cheap eager calls); inlined when called under an outer jit.
+@functools.partial(jax.jit, static_argnames=("discretization", "scan", "return_state", "reverse"))
+def _apply(
+    u,
+    a,
+    dt,
+    b,
+    c,
+    d,
+    g,
+    initial_state,
+    mask,
+    segment_ids,
+    *,
+    discretization,
+    scan,
+    return_state,
+    reverse,
+):
     *lead, length, feats = u.shape
     lead = tuple(lead)
     num_osc = a.shape[0]
@@ -603,6 +730,11 @@ def linoss_step(
     u_t = jnp.asarray(u_t)
     if check:
         check_inputs(u_t[..., None, :], a, dt, b, c, d, g, discretization, AUTO)
+    return _step(state, u_t, a, dt, b, c, d, g, discretization=discretization)
+
+
+@functools.partial(jax.jit, static_argnames=("discretization",))
+def _step(state, u_t, a, dt, b, c, d, g, *, discretization):
     num_osc = a.shape[0]
     rdt = recurrence_dtype(a, dt, g)
     tr = schemes.transition(

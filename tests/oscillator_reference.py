@@ -1,0 +1,64 @@
+"""A plain step-by-step float64 reference of the three schemes, written from the equations.
+
+It deliberately shares nothing with ``flax_linoss.ops``: complex arithmetic, the implicit
+equations solved per step as written in the papers, no transition matrices.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def reference_step(z, y, bu, a, dt, g, discretization):
+    """One step from the scheme's equations; all complex ``[..., P]``."""
+    if discretization == "im":
+        # z_n = z + dt(-a y_n + Bu), y_n = y + dt z_n  =>  y_n (1 + dt^2 a) = y + dt z + dt^2 Bu
+        y_new = (y + dt * z + dt**2 * bu) / (1 + dt**2 * a)
+        z_new = z + dt * (-a * y_new + bu)
+    elif discretization == "imex":
+        z_new = z + dt * (-a * y + bu)
+        y_new = y + dt * z_new
+    else:
+        # z_n = z + dt(-a y - g z_n + Bu)  =>  z_n (1 + dt g) = z + dt(-a y + Bu)
+        z_new = (z + dt * (-a * y + bu)) / (1 + dt * g)
+        y_new = y + dt * z_new
+    return z_new, y_new
+
+
+def reference_apply(u, a, dt, b, c, d, g=None, *, discretization, z0=None, y0=None):
+    """``u [B, L, H]``, real-pair ``b [P, H, 2]``, ``c [H, P, 2]``; returns (out, z_L, y_L).
+
+    Must be called under ``jax.enable_x64(True)``; everything is cast to float64/complex128.
+    """
+    f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
+    u, a, dt, g, d = f64(u), f64(a), f64(dt), f64(g), f64(d)
+    b = f64(b)[..., 0] + 1j * f64(b)[..., 1]
+    c = f64(c)[..., 0] + 1j * f64(c)[..., 1]
+    batch, _, _ = u.shape
+    num_osc = a.shape[0]
+    zero = jnp.zeros((batch, num_osc), jnp.complex128)
+    z0 = zero if z0 is None else jnp.asarray(z0, jnp.complex128)
+    y0 = zero if y0 is None else jnp.asarray(y0, jnp.complex128)
+
+    def body(carry, u_t):
+        z, y = carry
+        bu = u_t @ b.T  # [B, P]
+        z, y = reference_step(z, y, bu, a, dt, g, discretization)
+        return (z, y), jnp.real(y @ c.T) + d * u_t
+
+    (z_l, y_l), out = jax.lax.scan(body, (z0, y0), jnp.swapaxes(u, 0, 1))
+    return jnp.swapaxes(out, 0, 1), z_l, y_l
+
+
+def random_problem(seed, batch, length, features, num_osc, discretization):
+    """Random valid constrained parameters (as float32 numpy) and an input."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda x: np.asarray(x, np.float32)
+    a = f32(rng.uniform(0.0, 1.0, num_osc))
+    dt = f32(1 / (1 + np.exp(-rng.uniform(0.0, 1.0, num_osc))))
+    g = f32(rng.uniform(0.0, 0.5, num_osc)) if discretization == "damped" else None
+    b = f32(rng.uniform(-1, 1, (num_osc, features, 2)) / np.sqrt(features))
+    c = f32(rng.uniform(-1, 1, (features, num_osc, 2)) / np.sqrt(num_osc))
+    d = f32(rng.normal(size=features))
+    u = f32(rng.normal(size=(batch, length, features)))
+    return u, a, dt, b, c, d, g
