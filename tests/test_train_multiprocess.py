@@ -25,8 +25,8 @@ config = default_config.get_tiny_config()
 config.data.num_shards = 2  # the same global batches for 1 or 2 processes
 config.train.num_steps = 8
 config.train.eval_every = 8
-config.train.checkpoint_every = 4
-config.train.log_every = 4
+config.train.checkpoint_every = 8
+config.train.log_every = 8
 config.train.async_checkpointing = False
 if nproc > 1:
     config.parallel.distributed = True
