@@ -155,9 +155,7 @@ def init_oscillators(
     raw = dict(init(key, num_oscillators, dtype))
     missing = {"a_raw", "dt_raw"} - set(raw)
     if missing:
-        raise ValueError(
-            f"oscillator init returned {sorted(raw)}; it must return {sorted(missing)}."
-        )
+        raise ValueError(f"oscillator init returned {sorted(raw)}; it lacks {sorted(missing)}.")
     if discretization == "damped":
         raw.setdefault("g_raw", jnp.zeros((num_oscillators,), dtype))
     else:

@@ -1,0 +1,130 @@
+"""flax_linoss.ops.params and .schemes: constraints, the stable band, inits, spectra."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_linoss import ops
+
+
+def _random_raw(seed, num_osc=256):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (
+        jax.random.uniform(k1, (num_osc,)),  # the papers' a_raw ~ U[0, 1)
+        jax.random.normal(k2, (num_osc,)),  # dt_raw: any real
+        jax.random.uniform(k3, (num_osc,), minval=0.01, maxval=2.0),  # g_raw > 0
+    )
+
+
+def test_linoss_constrain_is_relu_and_sigmoid():
+    a, dt = ops.linoss_constrain(jnp.array([-1.0, 0.5]), jnp.array([0.0, 100.0]))
+    np.testing.assert_allclose(a, [0.0, 0.5])
+    np.testing.assert_allclose(dt, [0.5, 1.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spectral_radius_below_one_for_im_and_damped_and_one_for_imex(seed):
+    a_raw, dt_raw, g_raw = _random_raw(seed)
+    a, dt = ops.linoss_constrain(a_raw, dt_raw)
+    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a, dt, "im"))) < 1.0)
+    rho_imex = np.asarray(ops.spectral_radius(ops.transition(a, dt, "imex")))
+    np.testing.assert_allclose(rho_imex, 1.0, atol=2e-6)
+    a_d, g_d, dt_d = ops.damped_constrain(a_raw * 10, g_raw, dt_raw)
+    rho = np.asarray(ops.spectral_radius(ops.transition(a_d, dt_d, "damped", g_d)))
+    assert np.all(rho < 1.0)
+    # In the band the modulus is 1/sqrt(1 + dt g): to rounding strictly inside, and to
+    # ~sqrt(eps) at the clamped edges (a double eigenvalue is ill-conditioned).
+    want = 1 / np.sqrt(1 + np.asarray(dt_d * g_d))
+    lo, hi = ops.stable_band(dt_d, g_d)
+    inside = np.asarray((a_raw * 10 > lo * 1.01) & (a_raw * 10 < hi * 0.99))
+    assert inside.sum() > 20 and (~inside).sum() > 5
+    np.testing.assert_allclose(rho[inside], want[inside], rtol=1e-5)
+    np.testing.assert_allclose(rho[~inside], want[~inside], rtol=3e-3)
+
+
+def test_im_modulus_formula():
+    a_raw, dt_raw, _ = _random_raw(3)
+    a, dt = ops.linoss_constrain(a_raw, dt_raw)
+    rho = ops.spectral_radius(ops.transition(a, dt, "im"))
+    np.testing.assert_allclose(rho, 1 / np.sqrt(1 + np.asarray(dt**2 * a)), rtol=1e-5)
+
+
+def test_band_edges_are_where_eigenvalues_meet():
+    dt = jnp.array([0.3, 0.7, 1.0])
+    g = jnp.array([0.0, 0.5, 2.0])
+    lo, hi = ops.stable_band(dt, g)
+    for edge in (lo, hi):
+        tr = ops.transition(edge, dt, "damped", g)
+        trace, det = tr.m11 + tr.m22, tr.m11 * tr.m22 - tr.m12 * tr.m21
+        np.testing.assert_allclose(trace**2 - 4 * det, 0.0, atol=1e-5)
+    mid = (lo + hi) / 2
+    ev = ops.eigenvalues(ops.transition(mid, dt, "damped", g))
+    assert np.all(np.abs(np.imag(ev)) > 1e-3)  # complex inside the band
+
+
+def test_damped_constrain_projects_into_the_band_and_keeps_inside_values():
+    dt_raw = jnp.zeros(4)  # dt = 0.5
+    g_raw = jnp.array([0.2, 0.2, 0.2, -1.0])  # relu -> g = 0 for the last
+    dt = jax.nn.sigmoid(dt_raw)
+    lo, hi = ops.stable_band(dt, jax.nn.relu(g_raw))
+    a_raw = jnp.array([lo[0] - 1.0, (lo[1] + hi[1]) / 2, hi[2] + 5.0, 1.0])
+    a, g, dt_c = ops.damped_constrain(a_raw, g_raw, dt_raw)
+    np.testing.assert_allclose(a[:3], [lo[0], a_raw[1], hi[2]], rtol=1e-6)
+    np.testing.assert_allclose(g, [0.2, 0.2, 0.2, 0.0])
+    np.testing.assert_allclose(dt_c, dt)
+    # The clamp passes gradients inside the band only (the reference's behaviour).
+    grad = jax.grad(lambda x: jnp.sum(ops.damped_constrain(x, g_raw, dt_raw)[0]))(a_raw)
+    np.testing.assert_allclose(grad[:3], [0.0, 1.0, 0.0])
+
+
+def test_ring_init_places_eigenvalues_on_the_ring():
+    key = jax.random.PRNGKey(0)
+    raw = ops.ring_init(key, 512, r_min=0.9, r_max=0.99, theta_min=0.1, theta_max=2.0)
+    a, g, dt = ops.damped_constrain(raw["a_raw"], raw["g_raw"], raw["dt_raw"])
+    # Already in the band: the projection changes nothing.
+    np.testing.assert_allclose(a, raw["a_raw"], rtol=1e-6)
+    ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
+    r, theta = np.abs(ev), np.abs(np.angle(ev))
+    assert r.min() > 0.9 - 1e-4 and r.max() < 0.99 + 1e-4
+    assert theta.min() > 0.1 - 1e-3 and theta.max() < 2.0 + 1e-3
+    # A degenerate ring gives exactly the requested eigenvalue.
+    raw = ops.ring_init(key, 8, r_min=0.95, r_max=0.95, theta_min=1.0, theta_max=1.0)
+    a, g, dt = ops.damped_constrain(raw["a_raw"], raw["g_raw"], raw["dt_raw"])
+    ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
+    np.testing.assert_allclose(np.abs(ev), 0.95, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(np.angle(ev)), 1.0, rtol=1e-4)
+
+
+def test_ring_init_rejects_bad_rings():
+    with pytest.raises(ValueError, match="r_min"):
+        ops.ring_init(jax.random.PRNGKey(0), 4, r_min=0.5, r_max=1.2)
+    with pytest.raises(ValueError, match="theta_min"):
+        ops.ring_init(jax.random.PRNGKey(0), 4, theta_min=2.0, theta_max=1.0)
+
+
+def test_uniform_init_and_init_oscillators():
+    raw = ops.uniform_init(jax.random.PRNGKey(0), 1000)
+    for x in raw.values():
+        assert x.shape == (1000,) and 0.0 <= float(x.min()) and float(x.max()) < 1.0
+    im = ops.init_oscillators(jax.random.PRNGKey(0), 7, "im")
+    assert sorted(im) == ["a_raw", "dt_raw"]
+    damped = ops.init_oscillators(jax.random.PRNGKey(0), 7, "damped")
+    assert sorted(damped) == ["a_raw", "dt_raw", "g_raw"]
+    with pytest.raises(ValueError, match="lacks"):
+        ops.init_oscillators(jax.random.PRNGKey(0), 7, "im", init=lambda k, n, d: {})
+
+
+def test_complex_uniform_init_bounds():
+    init = ops.complex_uniform_init()
+    b = init(jax.random.PRNGKey(0), (64, 16, 2))
+    assert float(jnp.abs(b).max()) <= 1 / 4 and float(jnp.abs(b).max()) > 0.2
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2\]"):
+        init(jax.random.PRNGKey(0), (4, 3))
+
+
+def test_transition_needs_g_for_damped_and_rejects_unknown_names():
+    with pytest.raises(ValueError, match="needs the damping"):
+        ops.transition(jnp.ones(2), jnp.ones(2), "damped")
+    with pytest.raises(ValueError, match="Unknown discretization"):
+        ops.transition(jnp.ones(2), jnp.ones(2), "euler")
