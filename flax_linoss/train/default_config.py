@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model implementation the trainer runs: "linen" or "nnx" (same parameters and checkpoints).
     config.framework = "linen"
 
-    config.data = data = ml_collections.ConfigDict()
+    config.data = data = ml_collections.ConfigDict()  # input pipeline
     # Dataset name for flax_linoss.data.get_dataset ("synthetic/long_range", "uea/<Name>", ...).
     data.name = "synthetic/long_range"
     # Seed of the train/val/test split (UEA, PPG) or of the generated data (synthetic).
@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Grain worker processes per host (0: read in the main process with threads).
     data.worker_count = 0
 
-    config.model = model = ml_collections.ConfigDict()
+    config.model = model = ml_collections.ConfigDict()  # the LinOSS model
     # Discretisation: "im" (LinOSS-IM), "imex" (LinOSS-IMEX) or "damped" (D-LinOSS).
     model.discretization = "im"
     # Number of LinOSS blocks.
@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Computation dtype of the projections: "float32" or "bfloat16" (parameters stay float32).
     model.dtype = "float32"
 
-    config.optimizer = opt = ml_collections.ConfigDict()
+    config.optimizer = opt = ml_collections.ConfigDict()  # optax optimiser and schedule
     # "adam" or "adamw".
     opt.name = "adam"
     # Peak learning rate.
@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Clip gradients to this global norm (0: no clipping).
     opt.grad_clip_norm = 0.0
 
-    config.train = train = ml_collections.ConfigDict()
+    config.train = train = ml_collections.ConfigDict()  # loop, evaluation, checkpoints
     # Training steps (global batches).
     train.num_steps = 1200
     # Steps between progress lines (loss, metric, steps/s, ETA).
@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Write TensorBoard summaries when tensorboardX or tensorflow is installed.
     train.tensorboard = True
 
-    config.parallel = par = ml_collections.ConfigDict()
+    config.parallel = par = ml_collections.ConfigDict()  # devices, mesh, processes
     # Train step: "jit" (NamedSharding), "shard_map" (explicit pmean) or "pmap".
     par.implementation = "jit"
     # Devices to use (0: all). Only a prefix of the local devices in one process.

@@ -1,0 +1,105 @@
+"""Config files and config checks."""
+
+import ast
+import importlib.util
+import pathlib
+
+import pytest
+
+from flax_linoss.train import config as config_lib
+from flax_linoss.train import default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_paper_experiment_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    assert names == {
+        "default",
+        "ppg_dalia",
+        "uea_eigenworms",
+        "uea_scp1",
+        "uea_scp2",
+        "uea_ethanol",
+        "uea_heartbeat",
+        "uea_motor",
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_validate_for_every_model(path):
+    module = _load(path)
+    if path.stem == "default":
+        config_lib.validate(module.get_config())
+        return
+    for model, (disc, _) in {
+        "linoss_im": ("im", 0),
+        "linoss_imex": ("imex", 0),
+        "dlinoss": ("damped", 0),
+    }.items():
+        config = config_lib.validate(module.get_config(model))
+        lr, hidden, state, blocks, time = module.HPARAMS[model]
+        assert config.model.discretization == disc
+        assert (config.optimizer.learning_rate, config.model.hidden_size) == (lr, hidden)
+        assert (config.model.state_size, config.model.num_blocks) == (state, blocks)
+        assert config.data.time_channel == time and config.train.patience == 10
+
+
+def test_scp1_row_matches_the_papers():
+    scp1 = _load(REPO / "configs" / "uea_scp1.py").get_config("linoss_im")
+    assert scp1.optimizer.learning_rate == 1e-4 and scp1.model.state_size == 256
+    assert scp1.model.num_blocks == 6 and scp1.data.time_channel and scp1.seed == 2345
+
+
+def test_every_default_field_has_a_comment():
+    src = (REPO / "flax_linoss" / "train" / "default_config.py").read_text()
+    lines = src.splitlines()
+    func = next(
+        n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "get_config"
+    )
+    for node in ast.walk(func):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+            line = node.lineno - 1
+            has = "#" in lines[line] or lines[line - 1].strip().startswith("#")
+            assert has, f"no comment for line {line + 1}: {lines[line]!r}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("train.num_steps", "10", "must be a int"),
+        ("parallel.implementation", "pmapp", "did you mean pmap"),
+        ("optimizer.weight_decay", 0.1, "adamw"),
+        ("model.dropout_rate", 1.5, "dropout_rate"),
+        ("data.batch_size", 0, "data.batch_size"),
+    ],
+)
+def test_bad_values(key, value, match):
+    config = default_config.get_config()
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(config)
+
+
+def test_unknown_keys_list_close_matches():
+    config = default_config.get_config()
+    with pytest.raises(config_lib.ConfigError, match=r"did you mean model\.hidden_size"):
+        config_lib.check_override_keys(config, ["model.hiden_size"])
+    config.train.unlock()
+    config.train.num_stpes = 3
+    with pytest.raises(config_lib.ConfigError, match=r"did you mean train\.num_steps"):
+        config_lib.validate(config)
+    config_lib.check_override_keys(default_config.get_config(), ["data.options.length"])
