@@ -63,9 +63,19 @@ def _box_linoss_params(variables):
     return {**variables, "params": params}
 
 
+def _unbox_params(variables):
+    """``nn.map_variables`` hook: the layer sees plain arrays (boxes stay outside)."""
+    return meta.unbox(variables)
+
+
 # LinOSSLayer whose freshly created parameters carry logical axis names.
 _PartitionedLinOSSLayer = nn.map_variables(
-    LinOSSLayer, "params", trans_out_fn=_box_linoss_params, init=False, mutable=True
+    LinOSSLayer,
+    "params",
+    trans_in_fn=_unbox_params,
+    trans_out_fn=_box_linoss_params,
+    init=False,
+    mutable=True,
 )
 
 
