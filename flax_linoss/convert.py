@@ -39,7 +39,7 @@ def nnx_to_linen(model: nnx.Module) -> dict[str, Any]:
     """
     variables = {}
     for collection, var_type in _COLLECTIONS.items():
-        flat = nnx.state(model, var_type).to_pure_dict()
+        flat = nnx.to_pure_dict(nnx.state(model, var_type))
         flat = traverse_util.flatten_dict(flat)
         if flat:
             variables[collection] = traverse_util.unflatten_dict(
@@ -61,7 +61,7 @@ def linen_to_nnx(variables: dict[str, Any], model: nnx.Module) -> nnx.Module:
         )
     for collection, var_type in _COLLECTIONS.items():
         state = nnx.state(model, var_type)
-        template = traverse_util.flatten_dict(state.to_pure_dict())
+        template = traverse_util.flatten_dict(nnx.to_pure_dict(state))
         source = traverse_util.flatten_dict(dict(variables.get(collection, {})))
         by_linen = {_linen_key(k): k for k in template}
         missing = sorted("/".join(k) for k in set(by_linen) - set(source))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax_linoss import ops
 from flax_linoss.common import (
     CLASSIFICATION,
+    check_features,
     check_model_options,
     check_norm,
     check_sequence_input,
@@ -84,6 +85,8 @@ class LinOSSLayer(nn.Module):
         ops.check_discretization(self.discretization)
         ops.check_scan(self.scan)
         check_sequence_input(x, "LinOSSLayer")
+        if self.has_variable("params", "d"):
+            check_features(x, self.get_variable("params", "d").shape[0], "LinOSSLayer")
         feats, num_osc = x.shape[-1], self.state_size
         # (a, dt, g) are drawn jointly (the ring init couples them), so every one of them is
         # initialised from one shared key. Flax also calls these functions under eval_shape
@@ -92,15 +95,18 @@ class LinOSSLayer(nn.Module):
         if not self.has_variable("params", "a_raw"):
             shared_key = self.make_rng("params")
 
+        drawn = {}
+
         def osc_init(name):
             def init(key, *_):
-                return ops.init_oscillators(
-                    key if shared_key is None else shared_key,
-                    num_osc,
-                    self.discretization,
-                    self.oscillator_init,
-                    self.param_dtype,
-                )[name]
+                draw = lambda k: ops.init_oscillators(
+                    k, num_osc, self.discretization, self.oscillator_init, self.param_dtype
+                )
+                if shared_key is None:  # Flax's shape check at apply time
+                    return draw(key)[name]
+                if not drawn:
+                    drawn.update(draw(shared_key))
+                return drawn[name]
 
             return init
 
