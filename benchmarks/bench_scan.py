@@ -1,0 +1,209 @@
+"""Speed and memory of every scan path against the papers' published algorithm.
+
+Prints, for each discretisation and length, the median forward and forward+backward time
+(after a warm-up call) and the peak memory of the compiled program, for every scan path of
+``flax_linoss.ops.linoss_apply`` and for the baseline in ``paper_baseline.py`` (a vmapped
+associative scan over per-step materialised ``[4P]`` transitions and ``[2P]`` complex
+forcing), then our speed-up and memory ratio against that baseline. It also times one full
+training step (Adam, batch norm, dropout) of the papers' SelfRegulationSCP1 model.
+
+Run:  python benchmarks/bench_scan.py            (the full table: ~30 min on 2 CPU cores)
+      python benchmarks/bench_scan.py --quick    (a small smoke run)
+
+"Peak memory" is XLA's own account of the compiled program (arguments + outputs + temporaries
+- aliased), the same on every run; it is what the program needs at its high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paper_baseline import paper_linoss_apply
+
+from flax_linoss import ops
+
+BASELINE = "paper"
+
+
+def _peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - (m.alias_size_in_bytes)
+    )
+
+
+def _measure(fn, args, repeats: int) -> tuple[float, int]:
+    """Median seconds of ``repeats`` calls after one warm-up, and peak bytes."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), _peak_bytes(compiled)
+
+
+def _problem(batch, length, features, num_osc, disc, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    a = jax.random.uniform(ks[0], (num_osc,))
+    dt = jax.nn.sigmoid(jax.random.uniform(ks[1], (num_osc,)))
+    g = jax.random.uniform(ks[2], (num_osc,)) * 0.2 if disc == "damped" else None
+    b = ops.complex_uniform_init()(ks[3], (num_osc, features, 2))
+    c = ops.complex_uniform_init()(ks[4], (features, num_osc, 2))
+    d = jax.random.normal(ks[5], (features,))
+    u = jax.random.normal(ks[6], (batch, length, features))
+    ct = jax.random.normal(ks[7], (batch, length, features))
+    return u, a, dt, b, c, d, g, ct
+
+
+def bench_layer(disc, length, scans, repeats, batch=16, features=128, num_osc=128):
+    u, a, dt, b, c, d, g, ct = _problem(batch, length, features, num_osc, disc)
+    rows = []
+    for scan in scans:
+        if scan == BASELINE:
+            apply = lambda u, a, dt, b, c, d, g: paper_linoss_apply(
+                u, a, dt, b, c, d, g=g, discretization=disc
+            )
+        else:
+            apply = lambda u, a, dt, b, c, d, g, scan=scan: ops.linoss_apply(
+                u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, check=False
+            )
+        fwd_t, fwd_m = _measure(apply, (u, a, dt, b, c, d, g), repeats)
+        argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
+        grad = jax.grad(lambda *p, apply=apply: jnp.sum(ct * apply(*p)), argnums=argnums)
+        bwd_t, bwd_m = _measure(grad, (u, a, dt, b, c, d, g), repeats)
+        rows.append(dict(scan=scan, fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m)))
+        print(
+            f"  .. {disc:6s} L={length:6d} {scan:11s} fwd+bwd {bwd_t * 1e3:9.1f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+@contextlib.contextmanager
+def _core_replaced_by_baseline():
+    """Temporarily route the layers' core call to the papers' algorithm."""
+    original = ops.linoss_apply
+
+    def baseline(u, a, dt, b, c, d, *, g=None, discretization="im", **_):
+        return paper_linoss_apply(u, a, dt, b, c, d, g=g, discretization=discretization)
+
+    ops.linoss_apply = baseline
+    try:
+        yield
+    finally:
+        ops.linoss_apply = original
+
+
+def bench_scp1_step(scan, repeats, disc="im"):
+    """One Adam step of the papers' SCP1 model: 6 blocks, H=128, P=256, batch 32, L=896."""
+    import optax
+
+    from flax_linoss.linen import LinOSSModel
+
+    model = LinOSSModel(
+        6, 128, 256, 2, discretization=disc, scan="auto" if scan == BASELINE else scan
+    )
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 896, 7))
+    y = jax.random.randint(jax.random.PRNGKey(1), (32,), 0, 2)
+    variables = model.init(jax.random.PRNGKey(2), x, deterministic=True)
+    tx = optax.adam(1e-4)
+    opt_state = tx.init(variables["params"])
+
+    def step(params, stats, opt_state, rng):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats},
+                x,
+                deterministic=False,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+
+    args = (variables["params"], variables["batch_stats"], opt_state, jax.random.PRNGKey(3))
+    ctx = _core_replaced_by_baseline() if scan == BASELINE else contextlib.nullcontext()
+    with ctx:
+        return _measure(step, args, repeats)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--discretizations", nargs="+", default=["im", "imex", "damped"])
+    parser.add_argument(
+        "--scans", nargs="+", default=["sequential", "associative", "fft", "adjoint", BASELINE]
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-scp1", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats = [256], 1
+
+    device = jax.devices()[0]
+    print(
+        f"# flax-linoss scan benchmark: {device.platform} ({device.device_kind}), "
+        f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
+        f"jax {jax.__version__}"
+    )
+    print("# batch=16, H=P=128; times are medians after warm-up; memory is XLA's peak.")
+    print()
+    header = (
+        f"| disc | L | scan | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up vs "
+        f"{BASELINE} | peak memory vs {BASELINE} |"
+    )
+    print(header)
+    print("|" + "---|" * 8)
+    for disc in args.discretizations:
+        for length in args.lengths:
+            rows = bench_layer(disc, length, args.scans, args.repeats)
+            base = next((r for r in rows if r["scan"] == BASELINE), None)
+            for r in rows:
+                speed = f"{base['fwdbwd'] / r['fwdbwd']:.1f}x" if base else "-"
+                mem = f"{r['mem'] / base['mem']:.2f}" if base else "-"
+                print(
+                    f"| {disc} | {length} | {r['scan']} | {r['fwd'] * 1e3:.1f} | "
+                    f"{r['fwdbwd'] * 1e3:.1f} | {r['mem'] / 2**20:.0f} | {speed} | {mem} |",
+                    flush=True,
+                )
+    if args.skip_scp1:
+        return
+    print()
+    print(
+        "# SelfRegulationSCP1 model (LinOSS-IM, 6 blocks, H=128, P=256, batch 32, L=896, "
+        "7 inputs): one Adam training step"
+    )
+    print("| core | step ms | peak MiB | speed-up vs paper |")
+    print("|---|---|---|---|")
+    scans = ["adjoint", "auto", BASELINE] if not args.quick else ["auto", BASELINE]
+    results = {s: bench_scp1_step(s, args.repeats) for s in scans}
+    for s, (t, m) in results.items():
+        print(
+            f"| {s} | {t * 1e3:.1f} | {m / 2**20:.0f} | {results[BASELINE][0] / t:.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
