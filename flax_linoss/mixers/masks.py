@@ -4,7 +4,8 @@ Pure JAX (no Flax). A recurrent mixer cannot apply an arbitrary ``[q, kv]`` patt
 can honour is *which steps exist* (padding) and *where a new sequence starts* (packing).
 :func:`reduce_mask` reads both off the mask forms that Flax transformers pass to attention:
 
-* ``[batch..., length]``: per-step validity (``True``/non-zero = a real token).
+* ``[batch..., length]``: per-step validity (``True``/non-zero = a real token); leading
+  batch axes may be missing or ``1`` (broadcast).
 * ``[batch..., heads, length, length]`` as built by ``flax.linen.make_attention_mask``,
   ``make_causal_mask`` and ``combine_masks`` (batch and heads axes may be ``1`` and
   broadcast; heads are reduced with "any"):
@@ -68,7 +69,7 @@ def reduce_mask(
         f"a [batch..., length] = {list(lead_shape)} validity mask or a [batch..., heads, "
         f"length, length] = {[*batch, 'heads', length, length]} self-attention mask"
     )
-    if mask.ndim == len(lead_shape):
+    if 1 <= mask.ndim <= len(lead_shape):  # per step, broadcast over leading batch axes
         return _broadcast(_as_bool(mask), lead_shape, f"mask of shape {mask.shape}", where), None
     if mask.ndim == len(lead_shape) + 2:
         if mask.shape[-2:] != (length, length):

@@ -1,0 +1,116 @@
+"""flax_linoss.registry: mixer names, registration, and the attention swap helper.
+
+Cheap (no compilation): what is registered, that get_mixer returns the right classes, that
+registering guards against silent overwrites, and that swap_attention patches exactly the
+documented attributes and always restores them.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import flax.linen as nn
+import pytest
+from flax import nnx
+
+import flax_linoss
+from flax_linoss import available_mixers, get_mixer, register_mixer, swap_attention
+from flax_linoss.mixers import linen as linen_mixers
+from flax_linoss.mixers import nnx as nnx_mixers
+
+BUILTIN = ["attention", "d-linoss", "linoss-im", "linoss-imex"]
+
+
+def test_import_is_light():
+    code = "import sys, flax_linoss; print('flax.linen' in sys.modules)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_builtins():
+    for api in ("linen", "nnx"):
+        assert set(BUILTIN) <= set(available_mixers(api))
+    assert get_mixer("attention") is nn.MultiHeadDotProductAttention
+    assert get_mixer("attention", api="nnx") is nnx.MultiHeadAttention
+    assert get_mixer("linoss-im") is linen_mixers.LinOSSMixer
+    assert get_mixer("linoss-imex").discretization == "imex"
+    assert get_mixer("d-linoss").discretization == "damped"
+    assert get_mixer("d-linoss", api="nnx") is nnx_mixers.DLinOSSMixer
+    assert flax_linoss.get_mixer is get_mixer
+
+
+def test_register_and_errors():
+    class Mine(linen_mixers.LinOSSMixer):
+        pass
+
+    try:
+        assert register_mixer("test-mine", Mine) is Mine
+        assert get_mixer("test-mine") is Mine
+        assert "test-mine" not in available_mixers("nnx")
+        with pytest.raises(ValueError, match="already registered"):
+            register_mixer("test-mine", Mine)
+        register_mixer("test-mine", linen_mixers.DLinOSSMixer, overwrite=True)
+        assert get_mixer("test-mine") is linen_mixers.DLinOSSMixer
+
+        @register_mixer("test-deco", api="nnx")
+        def factory(*args, **kwargs):
+            return nnx_mixers.LinOSSMixer(*args, **kwargs)
+
+        assert get_mixer("test-deco", api="nnx") is factory
+    finally:
+        from flax_linoss import registry
+
+        registry._REGISTRY.pop(("linen", "test-mine"), None)
+        registry._REGISTRY.pop(("nnx", "test-deco"), None)
+    with pytest.raises(KeyError, match="available"):
+        get_mixer("nope")
+    with pytest.raises(ValueError, match="api"):
+        get_mixer("linoss-im", api="torch")
+    with pytest.raises(TypeError, match="callable"):
+        register_mixer("bad", 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        register_mixer("", linen_mixers.LinOSSMixer)
+
+
+def test_swap_attention_linen_patches_and_restores():
+    import flax.linen.attention as attention
+
+    originals = {a: getattr(nn, a) for a in ("MultiHeadDotProductAttention", "MultiHeadAttention")}
+    self_attention = nn.SelfAttention
+    # A user module that bound the class at import time (`from flax.linen import ...`).
+    user = types.SimpleNamespace(SelfAttention=nn.SelfAttention, other=1)
+    with swap_attention("d-linoss", namespaces=[user]) as cls:
+        assert cls is linen_mixers.DLinOSSMixer
+        assert nn.MultiHeadDotProductAttention is cls
+        assert attention.MultiHeadAttention is cls
+        assert issubclass(nn.SelfAttention, cls) and nn.SelfAttention.__name__ == "DLinOSSMixer"
+        assert user.SelfAttention is nn.SelfAttention
+        assert user.other == 1
+        with swap_attention("linoss-im"):  # nesting: the inner block wins
+            assert nn.MultiHeadDotProductAttention is linen_mixers.LinOSSMixer
+        assert nn.MultiHeadDotProductAttention is cls
+    for a, orig in originals.items():
+        assert getattr(nn, a) is orig and getattr(attention, a) is orig
+    assert nn.SelfAttention is self_attention and user.SelfAttention is self_attention
+
+    with pytest.raises(RuntimeError), swap_attention(linen_mixers.LinOSSMixer):
+        raise RuntimeError("boom")
+    assert nn.MultiHeadDotProductAttention is originals["MultiHeadDotProductAttention"]
+
+
+def test_swap_attention_nnx():
+    original = nnx.MultiHeadAttention
+    with swap_attention("linoss-imex", api="nnx") as cls:
+        assert nnx.MultiHeadAttention is cls is nnx_mixers.LinOSSIMEXMixer
+        layer = nnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    assert isinstance(layer, nnx_mixers.LinOSSIMEXMixer)
+    assert nnx.MultiHeadAttention is original
+
+
+def test_swap_attention_self_attention_needs_a_class():
+    with pytest.raises(TypeError, match="linen Module class"), swap_attention(lambda **kw: None):
+        pass
+    assert nn.SelfAttention.__name__ == "SelfAttention"
