@@ -276,18 +276,6 @@ def _lti_forward(coeffs, v, z0, y0):
     return zs, ys
 
 
-@jax.custom_vjp
-def _lti_recurrence(coeffs, v, z0, y0):
-    """``(ys [N, L, Q], z_L [N, Q])`` of the time-invariant recurrence; custom adjoint."""
-    zs, ys = _lti_forward(coeffs, v, z0, y0)
-    return ys, zs[:, -1]
-
-
-def _lti_fwd(coeffs, v, z0, y0):
-    zs, ys = _lti_forward(coeffs, v, z0, y0)
-    return (ys, zs[:, -1]), (coeffs, v, z0, y0, zs, ys)
-
-
 def _lti_bwd(res, cts):
     coeffs, v, z0, y0, zs, ys = res
     g_ys, g_zl = cts
@@ -323,9 +311,6 @@ def _lti_bwd(res, cts):
     rz, ry, g_v, acc = jax.lax.fori_loop(0, length, body, init)
     g_coeffs = tuple(jnp.sum(x, axis=0) for x in acc)
     return g_coeffs, g_v, rz, ry
-
-
-_lti_recurrence.defvjp(_lti_fwd, _lti_bwd)
 
 
 def _adjoint(tr, v, z0, y0):
@@ -400,19 +385,6 @@ def _parallel_forward(coeffs, v, z0, y0):
     return _prefix_scan((m11, m12, m21, m22), b1, b2)
 
 
-@jax.custom_vjp
-def _lti_parallel(coeffs, v, z0, y0):
-    """``(ys, z_L)`` by the parallel prefix scan; the backward pass is the adjoint
-    recurrence (``M^T``, reversed time) solved by the same parallel scan."""
-    zs, ys = _parallel_forward(coeffs, v, z0, y0)
-    return ys, zs[:, -1]
-
-
-def _lti_parallel_fwd(coeffs, v, z0, y0):
-    zs, ys = _parallel_forward(coeffs, v, z0, y0)
-    return (ys, zs[:, -1]), (coeffs, v, z0, y0, zs, ys)
-
-
 def _lti_parallel_bwd(res, cts):
     coeffs, v, z0, y0, zs, ys = res
     g_ys, g_zl = cts
@@ -423,7 +395,28 @@ def _lti_parallel_bwd(res, cts):
     return _adjoint_gradients(coeffs, v, z0, y0, zs, ys, lz[:, ::-1], ly[:, ::-1])
 
 
-_lti_parallel.defvjp(_lti_parallel_fwd, _lti_parallel_bwd)
+def _with_adjoint(forward, backward):
+    """A custom-VJP ``(coeffs, v, z0, y0) -> (ys, z_L)`` from a forward solver returning
+    ``(zs, ys)`` and a backward pass ``(residuals, cotangents) -> gradients``; the residuals
+    are ``(coeffs, v, z0, y0, zs, ys)``."""
+
+    @jax.custom_vjp
+    def recurrence(coeffs, v, z0, y0):
+        zs, ys = forward(coeffs, v, z0, y0)
+        return ys, zs[:, -1]
+
+    def fwd(coeffs, v, z0, y0):
+        zs, ys = forward(coeffs, v, z0, y0)
+        return (ys, zs[:, -1]), (coeffs, v, z0, y0, zs, ys)
+
+    recurrence.defvjp(fwd, backward)
+    return recurrence
+
+
+# Sequential loop, backward = one fused reverse loop over the adjoint recurrence.
+_lti_recurrence = _with_adjoint(_lti_forward, _lti_bwd)
+# Parallel prefix scan, backward = the adjoint recurrence by the same parallel scan.
+_lti_parallel = _with_adjoint(_parallel_forward, _lti_parallel_bwd)
 
 
 def matrix_powers(tr: schemes.Transition, n: int):
