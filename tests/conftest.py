@@ -1,18 +1,26 @@
-"""Shared test set-up: 8 fake CPU devices (for the data-parallel tests) and a compile cache.
+"""Shared test set-up, run before JAX is imported anywhere.
 
-XLA_FLAGS must be set before JAX is imported anywhere, so this runs first.
+- 8 fake CPU devices, for the data-parallel tests.
+- A persistent XLA compilation cache for this session (inherited by the subprocesses that
+  the CLI, resume, multi-process and notebook tests start), so the same program is compiled
+  once; removed when the session ends.
 """
 
 import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import pathlib
-
-import pytest
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flax-linoss-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(
@@ -24,3 +32,8 @@ SHARED_DATA = pathlib.Path(
 def shared_data_dir() -> pathlib.Path:
     """``../shared/data`` beside the repository (or ``$FLAX_LINOSS_DATA_DIR``)."""
     return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -86,7 +86,8 @@ class LinOSSLayer(nn.Module):
         ops.check_scan(self.scan)
         check_sequence_input(x, "LinOSSLayer")
         if self.has_variable("params", "d"):
-            check_features(x, self.get_variable("params", "d").shape[0], "LinOSSLayer")
+            d_param = nn.meta.unbox(self.get_variable("params", "d"))  # may be partitioned
+            check_features(x, d_param.shape[0], "LinOSSLayer")
         feats, num_osc = x.shape[-1], self.state_size
         # (a, dt, g) are drawn jointly (the ring init couples them), so every one of them is
         # initialised from one shared key. Flax also calls these functions under eval_shape
