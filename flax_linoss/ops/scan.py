@@ -570,6 +570,31 @@ def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
     return x[:, ::-1] if reverse else x
 
 
+def _real_transition(a, dt, g, discretization):
+    """The transition on the ``Q = 2P`` real channels, in the recurrence dtype."""
+    rdt = recurrence_dtype(a, dt, g)
+    g = None if g is None else g.astype(rdt)
+    return schemes.transition(a.astype(rdt), dt.astype(rdt), discretization, g).tile(2), rdt
+
+
+def _project_in(u, b, rdt):
+    """``[..., H] -> [..., Q]``: ``[Re(Bu) | Im(Bu)]`` in ``u``'s dtype, accumulated in ``rdt``."""
+    return jnp.einsum(
+        "...h,hq->...q", u, input_weights(b).astype(u.dtype), preferred_element_type=rdt
+    )
+
+
+def _project_out(ys, c, d, u, rdt):
+    """``Re(C y) + d * u`` in ``u``'s dtype; ``ys [..., Q]``, ``u [..., H]``."""
+    out = jnp.einsum(
+        "...q,qh->...h",
+        ys.astype(u.dtype),
+        output_weights(c).astype(u.dtype),
+        preferred_element_type=rdt,
+    )
+    return (out + d.astype(rdt) * u).astype(u.dtype)
+
+
 def linoss_apply(
     u: jnp.ndarray,
     a: jnp.ndarray,
@@ -663,16 +688,9 @@ def _apply(
     *lead, length, feats = u.shape
     lead = tuple(lead)
     num_osc = a.shape[0]
-    rdt = recurrence_dtype(a, dt, g)
-    tr = schemes.transition(
-        a.astype(rdt), dt.astype(rdt), discretization, None if g is None else g.astype(rdt)
-    ).tile(2)
-
+    tr, rdt = _real_transition(a, dt, g, discretization)
     u_flat = u.reshape(-1, length, feats)
-    u_proc = u_flat[:, ::-1] if reverse else u_flat
-    v = jnp.einsum(
-        "nlh,hq->nlq", u_proc, input_weights(b).astype(u.dtype), preferred_element_type=rdt
-    )
+    v = _project_in(u_flat[:, ::-1] if reverse else u_flat, b, rdt)
     z0, y0 = _flat_state(initial_state, lead, num_osc, rdt)
     valid = _flat_per_step(mask, "mask", (*lead, length), reverse)
     seg = _flat_per_step(segment_ids, "segment_ids", (*lead, length), reverse)
@@ -683,13 +701,7 @@ def _apply(
     )
     if reverse:
         ys = ys[:, ::-1]
-    out = jnp.einsum(
-        "nlq,qh->nlh",
-        ys.astype(u.dtype),
-        output_weights(c).astype(u.dtype),
-        preferred_element_type=rdt,
-    )
-    out = (out + d.astype(rdt) * u_flat).astype(u.dtype).reshape(u.shape)
+    out = _project_out(ys, c, d, u_flat, rdt).reshape(u.shape)
     if not return_state:
         return out
     final = LinOSSState(z_l.reshape(*lead, 2, num_osc), y_l.reshape(*lead, 2, num_osc))
@@ -729,24 +741,13 @@ def linoss_step(
 @functools.partial(jax.jit, static_argnames=("discretization",))
 def _step(state, u_t, a, dt, b, c, d, g, *, discretization):
     num_osc = a.shape[0]
-    rdt = recurrence_dtype(a, dt, g)
-    tr = schemes.transition(
-        a.astype(rdt), dt.astype(rdt), discretization, None if g is None else g.astype(rdt)
-    ).tile(2)
+    tr, rdt = _real_transition(a, dt, g, discretization)
     lead = u_t.shape[:-1]
-    v = jnp.einsum(
-        "...h,hq->...q", u_t, input_weights(b).astype(u_t.dtype), preferred_element_type=rdt
-    )
+    v = _project_in(u_t, b, rdt)
     z, y = (
         jnp.broadcast_to(x, (*lead, 2, num_osc)).reshape(*lead, 2 * num_osc).astype(rdt)
         for x in state
     )
     z, y = recurrence_step(tr, z, y, v)
-    out = jnp.einsum(
-        "...q,qh->...h",
-        y.astype(u_t.dtype),
-        output_weights(c).astype(u_t.dtype),
-        preferred_element_type=rdt,
-    )
-    out = (out + d.astype(rdt) * u_t).astype(u_t.dtype)
+    out = _project_out(y, c, d, u_t, rdt)
     return LinOSSState(z.reshape(*lead, 2, num_osc), y.reshape(*lead, 2, num_osc)), out
