@@ -50,6 +50,11 @@ def check_model_options(task: str, output_step: int, num_blocks: int) -> None:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks}.")
 
 
+def feature_mask(mask, x):
+    """A per-step ``[..., L]`` mask broadcast to ``x [..., L, H]`` (for batch norm), or None."""
+    return None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
+
+
 def pool_or_subsample(x: jax.Array, task: str, output_step: int, mask=None) -> jax.Array:
     """Classification: mean over valid steps ``[B, L, H] -> [B, H]``; regression: every
     ``output_step``-th step ``[B, L, H] -> [B, L // output_step, H]``."""

@@ -22,6 +22,7 @@ from flax_linoss.common import (
     check_model_options,
     check_norm,
     check_sequence_input,
+    feature_mask,
     pool_or_subsample,
 )
 from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
@@ -196,7 +197,7 @@ class LinOSSBlock(nn.Module):
         skip = x
         norm = _norm(self.norm, self.norm_axis_name, self.dtype, self.param_dtype, "norm")
         if self.norm == "batch":
-            x = norm(x, use_running_average=deterministic, mask=_feature_mask(mask, x))
+            x = norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
         else:
             x = norm(x)
         x = LinOSSLayer(
@@ -215,10 +216,6 @@ class LinOSSBlock(nn.Module):
         x = dense("glu_value")(x) * nn.sigmoid(dense("glu_gate")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic)
         return skip + x
-
-
-def _feature_mask(mask, x):
-    return None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
 
 
 class LinOSSModel(nn.Module):

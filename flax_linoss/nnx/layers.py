@@ -22,6 +22,7 @@ from flax_linoss.common import (
     check_model_options,
     check_norm,
     check_sequence_input,
+    feature_mask,
     pool_or_subsample,
 )
 from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
@@ -202,8 +203,7 @@ class LinOSSBlock(nnx.Module):
         check_features(x, self.features, "LinOSSBlock")
         skip = x
         if self.norm_kind == "batch":
-            fmask = None if mask is None else jnp.broadcast_to(mask[..., None], x.shape)
-            x = self.norm(x, use_running_average=deterministic, mask=fmask)
+            x = self.norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
         else:
             x = self.norm(x)
         x = self.ssm(x, mask=mask)
