@@ -40,9 +40,10 @@ FLOOR = "projections-only"
 
 
 def _projections_only(u, a, dt, b, c, d, g):
+    """The layer's own projection code (``linoss_apply`` minus the recurrence)."""
     del a, dt, g
-    v = jnp.einsum("nlh,hq->nlq", u, ops.scan.input_weights(b))
-    return jnp.einsum("nlq,qh->nlh", v, ops.scan.output_weights(c)) + d * u
+    v = ops.scan._project_in(u, b, u.dtype)
+    return ops.scan._project_out(v, c, d, u, u.dtype)
 
 
 def _peak_bytes(compiled) -> int:
@@ -166,7 +167,7 @@ def main(argv=None):
     parser.add_argument(
         "--scans",
         nargs="+",
-        default=["sequential", "associative", "fft", "adjoint", FLOOR, BASELINE],
+        default=["sequential", "associative", "fft", "adjoint", "native", FLOOR, BASELINE],
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-scp1", action="store_true")
@@ -176,6 +177,10 @@ def main(argv=None):
         args.lengths, args.repeats = [256], 1
 
     device = jax.devices()[0]
+    # The fused kernel is CPU-only (and needs a C++ compiler).
+    native_ok = device.platform == "cpu" and ops.native.available()
+    runnable = lambda names: [s for s in names if s != "native" or native_ok]
+    args.scans = runnable(args.scans)
     print(
         f"# flax-linoss scan benchmark: {device.platform} ({device.device_kind}), "
         f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
@@ -210,7 +215,9 @@ def main(argv=None):
     )
     print("| core | step ms | peak MiB | speed-up vs paper |")
     print("|---|---|---|---|")
-    scans = ["adjoint", "auto", BASELINE] if not args.quick else ["auto", BASELINE]
+    scans = runnable(
+        ["adjoint", "native", "auto", BASELINE] if not args.quick else ["auto", BASELINE]
+    )
     results = {s: bench_scp1_step(s, args.repeats) for s in scans}
     for s, (t, m) in results.items():
         print(

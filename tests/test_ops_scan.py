@@ -8,7 +8,7 @@ from oscillator_reference import random_problem, reference_apply, reference_step
 
 from flax_linoss import ops
 
-SCANS = ["sequential", "associative", "fft", "adjoint"]
+SCANS = ["sequential", "associative", "fft", "adjoint", "native"]
 DISCS = ["im", "imex", "damped"]
 # "Several thousand" steps included. Tolerances are relative to the largest reference value.
 LENGTHS = [1, 2, 37, 3000]
@@ -195,15 +195,17 @@ def test_segments_restart_the_state(scan, reverse):
             np.testing.assert_allclose(out[row : row + 1, sel], alone, atol=1e-5)
 
 
-def test_fft_and_adjoint_refuse_masks():
+def test_time_invariant_paths_refuse_masks():
     u, a, dt, b, c, d, _ = random_problem(0, 1, 5, 2, 2, "im")
-    for scan in ["fft", "adjoint"]:
+    for scan in ["fft", "adjoint", "native"]:
         with pytest.raises(ValueError, match="time-invariant"):
             ops.linoss_apply(u, a, dt, b, c, d, scan=scan, mask=np.ones((1, 5), bool))
 
 
 def test_auto_resolves_per_platform():
-    assert ops.resolve_scan("auto", platform="cpu") == "adjoint"
+    # On CPU: the fused kernel where it builds (see test_ops_native.py for the fallback).
+    cpu = "native" if ops.native.available() else "adjoint"
+    assert ops.resolve_scan("auto", platform="cpu") == cpu
     assert ops.resolve_scan("auto", platform="cpu", masked=True) == "sequential"
     assert ops.resolve_scan("auto", platform="tpu") == "associative"
     assert ops.resolve_scan("auto", platform="gpu", masked=True) == "associative"

@@ -5,6 +5,7 @@ No Flax in here; the linen and nnx layers both call these functions.
 Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P`` oscillators.
 """
 
+from flax_linoss.ops import native
 from flax_linoss.ops.params import (
     complex_uniform_init,
     constrain,
@@ -21,6 +22,7 @@ from flax_linoss.ops.scan import (
     ASSOCIATIVE,
     AUTO,
     FFT,
+    NATIVE,
     SCANS,
     SEQUENTIAL,
     LinOSSState,
@@ -53,6 +55,7 @@ __all__ = [
     "FFT",
     "IM",
     "IMEX",
+    "NATIVE",
     "SCANS",
     "SEQUENTIAL",
     "LinOSSState",
@@ -70,6 +73,7 @@ __all__ = [
     "linoss_constrain",
     "linoss_step",
     "matrix_powers",
+    "native",
     "oscillator_recurrence",
     "resolve_scan",
     "ring_init",

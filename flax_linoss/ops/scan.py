@@ -41,14 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import schemes
+from flax_linoss.ops import native, schemes
 
 SEQUENTIAL = "sequential"
 ASSOCIATIVE = "associative"
 FFT = "fft"
 ADJOINT = "adjoint"
+NATIVE = "native"
 AUTO = "auto"
-SCANS = (AUTO, SEQUENTIAL, ASSOCIATIVE, FFT, ADJOINT)
+SCANS = (AUTO, SEQUENTIAL, ASSOCIATIVE, FFT, ADJOINT, NATIVE)
 
 
 class LinOSSState(NamedTuple):
@@ -468,22 +469,41 @@ def _fft(tr, v, z0, y0, want_final: bool):
 def resolve_scan(scan: str, *, masked: bool = False, platform: str | None = None) -> str:
     """Maps ``"auto"`` to a concrete scan for ``platform`` (default: JAX's default backend).
 
-    * CPU: ``"adjoint"`` (measured fastest here, see ``benchmarks/RESULTS.md``); with masks
-      or segments, ``"sequential"`` (``associative_scan`` never beat ``lax.scan`` on CPU).
+    * CPU: ``"native"`` (the fused C++ kernel, measured fastest here, see
+      ``benchmarks/RESULTS.md``), or ``"adjoint"`` where the kernel cannot be built; with
+      masks or segments, ``"sequential"`` (``associative_scan`` never beat ``lax.scan`` on
+      CPU).
     * GPU, TPU and others: ``"associative"`` (logarithmic depth, the papers' choice on
-      accelerators; not yet measured by this project on those platforms).
+      accelerators).
+
+    Raises:
+      ValueError: a time-invariant-only path with masks, or ``"native"`` off the CPU.
+      RuntimeError: ``"native"`` asked for where the kernel cannot be built (says why).
     """
     check_scan(scan)
-    if masked and scan in (FFT, ADJOINT):
+    if masked and scan in (FFT, ADJOINT, NATIVE):
         raise ValueError(
             f"scan={scan!r} needs a time-invariant transition and cannot apply `mask` or "
             "`segment_ids`; use 'sequential', 'associative' or 'auto'."
         )
+    platform = platform or jax.default_backend()
+    if scan == NATIVE:
+        if platform != "cpu":
+            raise ValueError(
+                f"scan='native' is a CPU kernel; the platform here is {platform!r}. Use "
+                "'auto' (or 'associative') on accelerators."
+            )
+        if not native.available():
+            raise RuntimeError(
+                f"scan='native' is unavailable: {native.unavailable_reason()}. Use 'auto' "
+                "or 'adjoint'."
+            )
     if scan != AUTO:
         return scan
-    platform = platform or jax.default_backend()
     if platform == "cpu":
-        return SEQUENTIAL if masked else ADJOINT
+        if masked:
+            return SEQUENTIAL
+        return NATIVE if native.available() else ADJOINT
     return ASSOCIATIVE
 
 
@@ -523,6 +543,9 @@ def oscillator_recurrence(
         return _associative(tr, v, z0, y0, valid, reset)
     if path == ADJOINT:
         return _adjoint(tr, v, z0, y0)
+    if path == NATIVE:
+        ys, z_l = native.lti_recurrence(tuple(tr), v, z0, y0)
+        return ys, z_l, ys[:, -1]
     return _fft(tr, v, z0, y0, want_final)
 
 
@@ -633,7 +656,8 @@ def linoss_apply(
       d: ``[H]`` real feed-through.
       g: ``[P]`` damping ``>= 0``, for ``discretization="damped"`` only.
       discretization: ``"im"``, ``"imex"`` or ``"damped"``.
-      scan: ``"auto"``, ``"sequential"``, ``"associative"``, ``"fft"`` or ``"adjoint"``.
+      scan: ``"auto"``, ``"sequential"``, ``"associative"``, ``"fft"``, ``"adjoint"`` or
+        ``"native"`` (see :func:`resolve_scan`).
       initial_state: a :class:`LinOSSState` with ``[..., 2, P]`` leaves (broadcast over the
         batch), the state before the first processed step.
       return_state: also return the state after the last processed step.

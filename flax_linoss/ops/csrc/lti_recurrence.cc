@@ -1,0 +1,385 @@
+// Fused CPU kernels for the LinOSS recurrence, called from JAX as XLA FFI custom calls
+// (see flax_linoss/ops/native.py, which compiles and registers them).
+//
+// The recurrence runs on Q real channels, each with a 2-vector state x = (z, y), a
+// time-invariant 2x2 transition M and forcing f (see flax_linoss/ops/schemes.py):
+//
+//   z_t = m11 z_{t-1} + m12 y_{t-1} + f1 v_t
+//   y_t = m21 z_{t-1} + m22 y_{t-1} + f2 v_t
+//
+// LtiForward writes every y_t (the layer's output needs them), the final z, and z at the
+// start of every chunk of `chunk` steps (a checkpoint). It never writes the [N * L, Q]
+// array of velocities.
+//
+// LtiBackward walks the chunks from last to first. For each chunk it recomputes the
+// chunk's velocities from the checkpoint (into a buffer that stays in cache), then runs
+// the exact adjoint recurrence
+//
+//   lambda_t = M^T lambda_{t+1} + (0, g_y_t),   starting from (g_z_L, 0),
+//
+// backwards through the chunk, accumulating in the same pass the gradients of the input
+// v, of the six coefficients (per batch row; summed in JAX) and of the initial state.
+// It is the backward pass `_lti_bwd` of scan.py as one cache-friendly loop. g_v may share
+// its buffer with g_y (each g_y_t is read before g_v_t is written).
+//
+// Work items are (batch row, block of up to kBlock channels), spread over XLA's intra-op
+// thread pool. An item streams over time with its state in small arrays, so a pass reads
+// and writes each [N * L, Q] array once, in whole contiguous rows. Float32 and float64.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 512;  // channels per work item (a whole row for Q <= 512)
+
+// Runs fn(i) for i in [0, items) on the caller and the pool's threads. Items are claimed
+// from a shared counter, so the caller never waits on a task that has not started: if the
+// pool is busy, the caller does all the work itself.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn) {
+  const int64_t threads = std::min<int64_t>(pool.num_threads(), items);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < items; ++i) fn(i);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  // A task that starts late finds no item left and touches only `shared`, which its own
+  // reference keeps alive; it never calls `fn` after the caller has returned.
+  auto work = [shared, items, &fn]() {
+    int64_t mine = 0;
+    for (int64_t i; (i = shared->next.fetch_add(1)) < items; ++mine) fn(i);
+    if (mine > 0 && shared->done.fetch_add(mine) + mine == items) {
+      std::lock_guard<std::mutex> lock(shared->mu);
+      shared->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == items; });
+}
+
+struct Sizes {
+  int64_t n, l, q, chunk, chunks;
+  int64_t blocks() const { return (q + kBlock - 1) / kBlock; }
+  int64_t items() const { return n * blocks(); }
+};
+
+// One item's view: batch row n, channels [q0, q0 + w).
+template <typename T>
+struct Item {
+  int64_t n, q0, w;
+  const T* m11;
+  const T* m12;
+  const T* m21;
+  const T* m22;
+  const T* f1;
+  const T* f2;
+  Item(const Sizes& s, const T* c, int64_t i)
+      : n(i / s.blocks()), q0((i % s.blocks()) * kBlock), w(std::min(kBlock, s.q - q0)),
+        m11(c + q0), m12(c + s.q + q0), m21(c + 2 * s.q + q0), m22(c + 3 * s.q + q0),
+        f1(c + 4 * s.q + q0), f2(c + 5 * s.q + q0) {}
+  // Offset of (n, t, q0) in an [N * L, Q] array and of (n, q0) in an [N, Q] array.
+  int64_t at(const Sizes& s, int64_t t) const { return (n * s.l + t) * s.q + q0; }
+  int64_t row(const Sizes& s) const { return n * s.q + q0; }
+};
+
+// z_t from z_{t-1}, y_{t-1} and v_t; the one expression both passes use, so the backward
+// pass recomputes exactly the velocities the forward pass had.
+template <typename T>
+inline T NextZ(const Item<T>& k, int64_t j, T z, T y, T v) {
+  return k.m11[j] * z + k.m12[j] * y + k.f1[j] * v;
+}
+
+template <typename T>
+inline T NextY(const Item<T>& k, int64_t j, T z, T y, T v) {
+  return k.m21[j] * z + k.m22[j] * y + k.f2[j] * v;
+}
+
+template <typename T>
+void ForwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* y0, T* ys,
+                 T* z_last, T* z_ck, int64_t i) {
+  const Item<T> k(s, c, i);
+  T z[kBlock], y[kBlock];
+  for (int64_t j = 0; j < k.w; ++j) {
+    z[j] = z0[k.row(s) + j];
+    y[j] = y0[k.row(s) + j];
+  }
+  for (int64_t t = 0; t < s.l; ++t) {
+    if (t % s.chunk == 0) {
+      T* ck = z_ck + (k.n * s.chunks + t / s.chunk) * s.q + k.q0;
+      for (int64_t j = 0; j < k.w; ++j) ck[j] = z[j];
+    }
+    const T* __restrict__ vt = v + k.at(s, t);
+    T* __restrict__ yt = ys + k.at(s, t);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < k.w; ++j) {
+      const T zn = NextZ(k, j, z[j], y[j], vt[j]);
+      const T yn = NextY(k, j, z[j], y[j], vt[j]);
+      z[j] = zn;
+      y[j] = yn;
+      yt[j] = yn;
+    }
+  }
+  for (int64_t j = 0; j < k.w; ++j) z_last[k.row(s) + j] = z[j];
+}
+
+// Prefetches rows [t0, t1) of an [N * L, Q] array, in ascending order, into cache.
+template <typename T>
+inline void PrefetchRows(const Sizes& s, const Item<T>& k, const T* x, int64_t t0, int64_t t1,
+                         bool for_write) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* row = x + k.at(s, t);
+    for (int64_t j = 0; j < k.w; j += kLine) {
+      if (for_write) {
+        __builtin_prefetch(row + j, 1, 3);
+      } else {
+        __builtin_prefetch(row + j, 0, 3);
+      }
+    }
+  }
+}
+
+template <typename T>
+void BackwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* y0,
+                  const T* ys, const T* z_ck, const T* g_ys, const T* g_zl, T* g_v, T* g_c,
+                  T* g_z0, T* g_y0, int64_t i) {
+  const Item<T> k(s, c, i);
+  const int64_t w = k.w;
+  // Row r of zbuf / ybuf holds z / y at step t0 + r - 1 of the current chunk [t0, t1); row 0
+  // is the state before the chunk (checkpoint, and y from the forward output).
+  std::vector<T> zbuf((s.chunk + 1) * w), ybuf((s.chunk + 1) * w);
+  T rz[kBlock], ry[kBlock], acc[6][kBlock];
+  for (int64_t j = 0; j < w; ++j) {
+    rz[j] = g_zl[k.row(s) + j];
+    ry[j] = T(0);
+    for (int a = 0; a < 6; ++a) acc[a][j] = T(0);
+  }
+  for (int64_t ci = s.chunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * s.chunk;
+    const int64_t t1 = std::min(s.l, t0 + s.chunk);
+    // The walk below goes down in time, which hardware prefetchers follow poorly: fetch the
+    // chunk's cotangent rows (and the rows g_v will take) going up.
+    PrefetchRows(s, k, g_ys, t0, t1, false);
+    if (g_v != g_ys) PrefetchRows(s, k, static_cast<const T*>(g_v), t0, t1, true);
+    const T* ck = z_ck + (k.n * s.chunks + ci) * s.q + k.q0;
+    const T* y_before = t0 > 0 ? ys + k.at(s, t0 - 1) : y0 + k.row(s);
+    std::copy(ck, ck + w, zbuf.data());
+    std::copy(y_before, y_before + w, ybuf.data());
+    // Recompute the states of the chunk but its last (never needed), from v going up.
+    for (int64_t t = t0; t + 1 < t1; ++t) {
+      const T* __restrict__ zp = zbuf.data() + (t - t0) * w;
+      const T* __restrict__ yp = ybuf.data() + (t - t0) * w;
+      const T* __restrict__ vt = v + k.at(s, t);
+      T* __restrict__ zn = zbuf.data() + (t - t0 + 1) * w;
+      T* __restrict__ yn = ybuf.data() + (t - t0 + 1) * w;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < w; ++j) {
+        zn[j] = NextZ(k, j, zp[j], yp[j], vt[j]);
+        yn[j] = NextY(k, j, zp[j], yp[j], vt[j]);
+      }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const T* __restrict__ zp = zbuf.data() + (t - t0) * w;
+      const T* __restrict__ yp = ybuf.data() + (t - t0) * w;
+      const T* __restrict__ vt = v + k.at(s, t);
+      const T* gt = g_ys + k.at(s, t);
+      T* gvt = g_v + k.at(s, t);  // may be gt: each g_y is read before its g_v is written
+#pragma GCC ivdep
+      for (int64_t j = 0; j < w; ++j) {
+        const T lz = rz[j];
+        const T ly = ry[j] + gt[j];
+        gvt[j] = k.f1[j] * lz + k.f2[j] * ly;
+        acc[0][j] += lz * zp[j];
+        acc[1][j] += lz * yp[j];
+        acc[2][j] += ly * zp[j];
+        acc[3][j] += ly * yp[j];
+        acc[4][j] += lz * vt[j];
+        acc[5][j] += ly * vt[j];
+        rz[j] = k.m11[j] * lz + k.m21[j] * ly;
+        ry[j] = k.m12[j] * lz + k.m22[j] * ly;
+      }
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    for (int a = 0; a < 6; ++a) g_c[(k.n * 6 + a) * s.q + k.q0 + j] = acc[a][j];
+    g_z0[k.row(s) + j] = rz[j];
+    g_y0[k.row(s) + j] = ry[j];
+  }
+}
+
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("flax_linoss recurrence kernel: " + what);
+}
+
+// Checks that `x` has dtype `dt` and dimensions `want`.
+ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
+                     std::initializer_list<int64_t> want, ffi::DataType dt) {
+  auto dims = x.dimensions();
+  bool ok = x.element_type() == dt && dims.size() == static_cast<int64_t>(want.size());
+  int64_t i = 0;
+  for (int64_t d : want) ok = ok && dims[i++] == d;
+  if (!ok) return Invalid(std::string("`") + name + "` has the wrong shape or dtype.");
+  return ffi::Error::Success();
+}
+
+#define FLAX_LINOSS_RETURN_IF_ERROR(expr) \
+  do {                                    \
+    ffi::Error err_ = (expr);             \
+    if (err_.failure()) return err_;      \
+  } while (0)
+
+// Reads the sizes from v ([N * L, Q] rows of Q channels, `length` rows per sequence) and
+// checks the arguments every kernel takes.
+ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
+                       const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0, int64_t length,
+                       int64_t chunk, Sizes* s) {
+  auto d = v.dimensions();
+  if (d.size() != 2) return Invalid("`v` must be [N * L, Q].");
+  if (length < 1 || d[0] % length != 0) return Invalid("`length` must divide N * L.");
+  if (chunk < 1) return Invalid("`chunk` must be >= 1.");
+  *s = Sizes{d[0] / length, length, d[1], chunk, (length + chunk - 1) / chunk};
+  const ffi::DataType dt = v.element_type();
+  if (dt != ffi::DataType::F32 && dt != ffi::DataType::F64) {
+    return Invalid("float32 or float64 only.");
+  }
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(c, "coeffs", {6, s->q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(z0, "z0", {s->n, s->q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(y0, "y0", {s->n, s->q}, dt));
+  return ffi::Error::Success();
+}
+
+template <typename T>
+void Forward(ffi::ThreadPool& pool, const Sizes& s, const ffi::AnyBuffer& c,
+             const ffi::AnyBuffer& v, const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0,
+             ffi::AnyBuffer& ys, ffi::AnyBuffer& z_last, ffi::AnyBuffer& z_ck) {
+  const T* cp = c.typed_data<T>();
+  const T* vp = v.typed_data<T>();
+  const T* z0p = z0.typed_data<T>();
+  const T* y0p = y0.typed_data<T>();
+  T* ysp = ys.typed_data<T>();
+  T* zlp = z_last.typed_data<T>();
+  T* ckp = z_ck.typed_data<T>();
+  ParallelFor(pool, s.items(),
+              [&](int64_t i) { ForwardItem<T>(s, cp, vp, z0p, y0p, ysp, zlp, ckp, i); });
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
+                       ffi::AnyBuffer z0, ffi::AnyBuffer y0, ffi::Result<ffi::AnyBuffer> ys,
+                       ffi::Result<ffi::AnyBuffer> z_last, ffi::Result<ffi::AnyBuffer> z_ck,
+                       int64_t length, int64_t chunk) {
+  Sizes s;
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, z0, y0, length, chunk, &s));
+  const ffi::DataType dt = v.element_type();
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*ys, "ys", {s.n * s.l, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_last, "z_last", {s.n, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_ck, "z_ck", {s.n, s.chunks, s.q}, dt));
+  if (dt == ffi::DataType::F64) {
+    Forward<double>(pool, s, c, v, z0, y0, *ys, *z_last, *z_ck);
+  } else {
+    Forward<float>(pool, s, c, v, z0, y0, *ys, *z_last, *z_ck);
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T>
+void Backward(ffi::ThreadPool& pool, const Sizes& s, const ffi::AnyBuffer& c,
+              const ffi::AnyBuffer& v, const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0,
+              const ffi::AnyBuffer& ys, const ffi::AnyBuffer& z_ck, const ffi::AnyBuffer& g_ys,
+              const ffi::AnyBuffer& g_zl, ffi::AnyBuffer& g_v, ffi::AnyBuffer& g_c,
+              ffi::AnyBuffer& g_z0, ffi::AnyBuffer& g_y0) {
+  const T* cp = c.typed_data<T>();
+  const T* vp = v.typed_data<T>();
+  const T* z0p = z0.typed_data<T>();
+  const T* y0p = y0.typed_data<T>();
+  const T* ysp = ys.typed_data<T>();
+  const T* ckp = z_ck.typed_data<T>();
+  const T* gyp = g_ys.typed_data<T>();
+  const T* gzlp = g_zl.typed_data<T>();
+  T* gvp = g_v.typed_data<T>();
+  T* gcp = g_c.typed_data<T>();
+  T* gz0p = g_z0.typed_data<T>();
+  T* gy0p = g_y0.typed_data<T>();
+  ParallelFor(pool, s.items(), [&](int64_t i) {
+    BackwardItem<T>(s, cp, vp, z0p, y0p, ysp, ckp, gyp, gzlp, gvp, gcp, gz0p, gy0p, i);
+  });
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
+                        ffi::AnyBuffer z0, ffi::AnyBuffer y0, ffi::AnyBuffer ys,
+                        ffi::AnyBuffer z_ck, ffi::AnyBuffer g_ys, ffi::AnyBuffer g_zl,
+                        ffi::Result<ffi::AnyBuffer> g_v, ffi::Result<ffi::AnyBuffer> g_c,
+                        ffi::Result<ffi::AnyBuffer> g_z0, ffi::Result<ffi::AnyBuffer> g_y0,
+                        int64_t length, int64_t chunk) {
+  Sizes s;
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, z0, y0, length, chunk, &s));
+  const ffi::DataType dt = v.element_type();
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(ys, "ys", {s.n * s.l, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(z_ck, "z_ck", {s.n, s.chunks, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(g_ys, "g_ys", {s.n * s.l, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(g_zl, "g_zl", {s.n, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_v, "g_v", {s.n * s.l, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_c, "g_coeffs", {s.n, 6, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_z0, "g_z0", {s.n, s.q}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_y0, "g_y0", {s.n, s.q}, dt));
+  if (dt == ffi::DataType::F64) {
+    Backward<double>(pool, s, c, v, z0, y0, ys, z_ck, g_ys, g_zl, *g_v, *g_c, *g_z0, *g_y0);
+  } else {
+    Backward<float>(pool, s, c, v, z0, y0, ys, z_ck, g_ys, g_zl, *g_v, *g_c, *g_z0, *g_y0);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossLtiForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // coeffs [6, Q]
+                                  .Arg<ffi::AnyBuffer>()  // v [N * L, Q]
+                                  .Arg<ffi::AnyBuffer>()  // z0 [N, Q]
+                                  .Arg<ffi::AnyBuffer>()  // y0 [N, Q]
+                                  .Ret<ffi::AnyBuffer>()  // ys [N * L, Q]
+                                  .Ret<ffi::AnyBuffer>()  // z_last [N, Q]
+                                  .Ret<ffi::AnyBuffer>()  // z_ck [N, chunks, Q]
+                                  .Attr<int64_t>("length")
+                                  .Attr<int64_t>("chunk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossLtiBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // coeffs [6, Q]
+                                  .Arg<ffi::AnyBuffer>()  // v [N * L, Q]
+                                  .Arg<ffi::AnyBuffer>()  // z0 [N, Q]
+                                  .Arg<ffi::AnyBuffer>()  // y0 [N, Q]
+                                  .Arg<ffi::AnyBuffer>()  // ys [N * L, Q]
+                                  .Arg<ffi::AnyBuffer>()  // z_ck [N, chunks, Q]
+                                  .Arg<ffi::AnyBuffer>()  // g_ys [N * L, Q]
+                                  .Arg<ffi::AnyBuffer>()  // g_zl [N, Q]
+                                  .Ret<ffi::AnyBuffer>()  // g_v [N * L, Q]
+                                  .Ret<ffi::AnyBuffer>()  // g_coeffs [N, 6, Q]
+                                  .Ret<ffi::AnyBuffer>()  // g_z0 [N, Q]
+                                  .Ret<ffi::AnyBuffer>()  // g_y0 [N, Q]
+                                  .Attr<int64_t>("length")
+                                  .Attr<int64_t>("chunk"));

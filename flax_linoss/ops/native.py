@@ -1,0 +1,240 @@
+"""A fused C++ kernel for the recurrence on CPU, as an XLA FFI custom call.
+
+The ``"native"`` scan path. The kernel source (``csrc/lti_recurrence.cc``) ships with the
+package and is compiled on first use with the machine's C++ compiler (``$CXX``, else
+``c++``/``g++``/``clang++``) against the XLA FFI headers that jaxlib ships, then cached
+(``$FLAX_LINOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/flax_linoss``, else
+``~/.cache/flax_linoss``), keyed by the source, the flags, the compiler, jaxlib and the
+CPU. Compiling takes a few seconds, once per machine.
+
+Where there is no compiler, or on any other failure, :func:`available` is ``False`` (the
+reason is in :func:`unavailable_reason` and logged once) and ``scan="auto"`` falls back to
+the pure-JAX ``"adjoint"`` path. ``FLAX_LINOSS_NATIVE=0`` turns the kernel off.
+
+What it computes is exactly the ``"adjoint"`` path (same recurrence, same hand-written
+adjoint backward pass), organised for the memory system:
+
+* forward: one pass over ``v [N, L, Q]`` that writes only the positions ``y`` (the output
+  projection needs them) plus, every :data:`CHUNK` steps, a checkpoint of the velocities;
+* backward: per chunk, from last to first, the chunk's velocities are recomputed from its
+  checkpoint into a cache-resident buffer, then the adjoint recurrence runs backwards
+  through the chunk, accumulating every gradient in the same pass. The input gradient is
+  written over the incoming output cotangent (no new ``[N, L, Q]`` buffer);
+* work is split over (batch row, channel block) items on XLA's intra-op thread pool.
+
+It is differentiable once (reverse mode: ``grad``, ``vjp``); like the ``"adjoint"`` path it
+has no forward-mode (``jvp``) rule. Float32 and float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Steps between velocity checkpoints: the backward pass keeps CHUNK x Q velocities in cache.
+CHUNK = 64
+_SOURCE = "lti_recurrence.cc"
+_FORWARD_TARGET = "flax_linoss_lti_forward"
+_BACKWARD_TARGET = "flax_linoss_lti_backward"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# Tuned for this CPU where the compiler can (the cache key includes the CPU), else generic.
+_ARCH_FLAGS = (("-march=native",), ())
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _source_text() -> str:
+    return resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE).read_text()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU model and flags (Linux), else platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    if os.environ.get("FLAX_LINOSS_CACHE_DIR"):
+        return Path(os.environ["FLAX_LINOSS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flax_linoss"
+
+
+def _build(compiler: str) -> Path:
+    """Compiles the kernel into the cache (atomically) unless it is there; returns its path."""
+    import jaxlib
+
+    source = _source_text()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join(
+            [source, " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]
+        ).encode()
+    ).hexdigest()[:20]
+    out = cache_dir() / f"lti_recurrence-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / _SOURCE
+        src.write_text(source)
+        lib = Path(tmp) / out.name
+        for arch in _ARCH_FLAGS:
+            cmd = [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(lib)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                os.replace(lib, out)  # atomic: concurrent builders leave one complete file
+                return out
+            errors.append(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+    raise RuntimeError("\n".join(errors))
+
+
+def _load() -> None:
+    if os.environ.get("FLAX_LINOSS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("disabled by FLAX_LINOSS_NATIVE=0")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    jax.ffi.register_ffi_target(
+        _FORWARD_TARGET, jax.ffi.pycapsule(lib.FlaxLinossLtiForward), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        _BACKWARD_TARGET, jax.ffi.pycapsule(lib.FlaxLinossLtiBackward), platform="cpu"
+    )
+    _state["lib"] = lib
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and registered (building it on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state["ok"] = True
+            except Exception as e:  # any failure means: use the pure-JAX path
+                _state["ok"] = False
+                _state["reason"] = f"{type(e).__name__}: {e}"
+                logger.warning(
+                    "flax_linoss: the native CPU recurrence kernel is unavailable (%s); "
+                    "scan='auto' uses the pure-JAX 'adjoint' path instead.",
+                    _state["reason"],
+                )
+        return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is ``False`` (``None`` if it is available or not yet tried)."""
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _shape(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _sizes(v):
+    n, length, q = v.shape
+    return n, length, q, dict(length=np.int64(length), chunk=np.int64(CHUNK))
+
+
+def _forward(coeffs, v, z0, y0):
+    # The kernels take [N * L, Q] rows: the projection's matmul output as it is.
+    n, length, q, attrs = _sizes(v)
+    chunks = -(-length // CHUNK)
+    call = jax.ffi.ffi_call(
+        _FORWARD_TARGET,
+        (
+            _shape((n * length, q), v.dtype),
+            _shape((n, q), v.dtype),
+            _shape((n, chunks, q), v.dtype),
+        ),
+        vmap_method="sequential",
+    )
+    ys, z_last, checkpoints = call(jnp.stack(coeffs), v.reshape(n * length, q), z0, y0, **attrs)
+    return ys.reshape(v.shape), z_last, checkpoints
+
+
+@jax.custom_vjp
+def lti_recurrence(coeffs, v, z0, y0):
+    """``x_t = M x_{t-1} + f v_t`` on real channels with the fused kernel.
+
+    Args:
+      coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]``.
+      v: ``[N, L, Q]`` forcing.
+      z0, y0: ``[N, Q]`` initial state.
+
+    Returns:
+      ``(ys [N, L, Q], z_L [N, Q])``: every position and the final velocity.
+    """
+    ys, z_last, _ = _forward(coeffs, v, z0, y0)
+    return ys, z_last
+
+
+def _fwd(coeffs, v, z0, y0):
+    ys, z_last, checkpoints = _forward(coeffs, v, z0, y0)
+    return (ys, z_last), (coeffs, v, z0, y0, ys, checkpoints)
+
+
+def _bwd(res, cts):
+    coeffs, v, z0, y0, ys, checkpoints = res
+    g_ys, g_zl = cts
+    n, length, q, attrs = _sizes(v)
+    call = jax.ffi.ffi_call(
+        _BACKWARD_TARGET,
+        (
+            _shape((n * length, q), v.dtype),
+            _shape((n, 6, q), v.dtype),
+            _shape((n, q), v.dtype),
+            _shape((n, q), v.dtype),
+        ),
+        vmap_method="sequential",
+        input_output_aliases={6: 0},  # the input gradient overwrites g_ys
+    )
+    g_v, g_coeffs, g_z0, g_y0 = call(
+        jnp.stack(coeffs),
+        v.reshape(n * length, q),
+        z0,
+        y0,
+        ys.reshape(n * length, q),
+        checkpoints,
+        g_ys.astype(v.dtype).reshape(n * length, q),
+        g_zl.astype(v.dtype),
+        **attrs,
+    )
+    g_v = g_v.reshape(v.shape)
+    g_coeffs = jnp.sum(g_coeffs, axis=0)
+    return tuple(g_coeffs[i] for i in range(6)), g_v, g_z0, g_y0
+
+
+lti_recurrence.defvjp(_fwd, _bwd)

@@ -1,0 +1,151 @@
+"""flax_linoss.ops.native: the fused CPU kernel, its build, its fallback and its edges.
+
+Its accuracy against the float64 step-by-step reference (outputs and every gradient, all
+schemes, lengths 1 to 3000) is tested with every other scan in test_ops_scan.py.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oscillator_reference import random_problem, reference_apply
+
+from flax_linoss import ops
+from flax_linoss.ops import native
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
+)
+
+
+def _loss_and_grads(scan, u, a, dt, b, c, d, g, disc, ct):
+    def loss(u, a, dt, b, c, d, g):
+        out = ops.linoss_apply(u, a, dt, b, c, d, g=g, discretization=disc, scan=scan)
+        return jnp.sum(ct * out), out
+
+    argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
+    return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(u, a, dt, b, c, d, g)
+
+
+@pytest.mark.parametrize("length", [63, 64, 65, 129])
+def test_chunk_boundaries_match_the_adjoint_path(length):
+    # The backward pass recomputes states per chunk of native.CHUNK steps from checkpoints:
+    # lengths just under, at and over chunk multiples.
+    assert native.CHUNK == 64
+    u, a, dt, b, c, d, g = random_problem(length, 3, length, 5, 7, "damped")
+    ct = np.random.default_rng(length).normal(size=u.shape).astype(np.float32)
+    got = _loss_and_grads("native", u, a, dt, b, c, d, g, "damped", ct)
+    want = _loss_and_grads("adjoint", u, a, dt, b, c, d, g, "damped", ct)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_more_channels_than_one_block_and_odd_sizes():
+    # 300 oscillators = 600 real channels: two channel blocks of the kernel, the second ragged.
+    u, a, dt, b, c, d, _ = random_problem(1, 3, 70, 3, 300, "im")
+    ct = np.random.default_rng(0).normal(size=u.shape).astype(np.float32)
+    got = _loss_and_grads("native", u, a, dt, b, c, d, None, "im", ct)
+    want = _loss_and_grads("adjoint", u, a, dt, b, c, d, None, "im", ct)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("disc", ["im", "imex", "damped"])
+def test_float64_kernel_matches_the_reference_to_float64_precision(disc):
+    u, a, dt, b, c, d, g = random_problem(3, 2, 150, 4, 5, disc)
+    ct = np.random.default_rng(1).normal(size=u.shape)
+    with jax.enable_x64(True):
+        f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
+        args = [f64(x) for x in (u, a, dt, b, c, d, g)]
+        grads, out = _loss_and_grads("native", *args, disc, f64(ct))
+        assert out.dtype == jnp.float64
+
+        def ref_loss(u, a, dt, b, c, d, g):
+            out = reference_apply(u, a, dt, b, c, d, g, discretization=disc)[0]
+            return jnp.sum(f64(ct) * out), out
+
+        argnums = tuple(range(7 if g is not None else 6))
+        ref_grads, ref_out = jax.grad(ref_loss, argnums=argnums, has_aux=True)(*args)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-11, atol=1e-11)
+    for x, y in zip(grads, ref_grads):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10 * float(np.abs(y).max()))
+
+
+def test_vmap_over_parameters_and_batch_dims():
+    u, a, dt, b, c, d, _ = random_problem(4, 2, 40, 3, 4, "imex")
+    a2 = np.stack([a, a * 0.5])
+    run = lambda scan: jax.vmap(
+        lambda a: ops.linoss_apply(u, a, dt, b, c, d, discretization="imex", scan=scan)
+    )(a2)
+    np.testing.assert_allclose(run("native"), run("adjoint"), rtol=1e-5, atol=1e-6)
+
+
+def test_input_cotangent_reused_elsewhere_is_not_clobbered():
+    # The backward kernel writes the input gradient over the output cotangent buffer; XLA must
+    # copy first when that cotangent is still needed, as here (it also feeds d and C).
+    u, a, dt, b, c, d, _ = random_problem(5, 2, 90, 3, 4, "im")
+
+    def loss(u, c, d, scan):
+        out = ops.linoss_apply(u, a, dt, b, c, d, scan=scan)
+        return jnp.sum(jnp.sin(out) * out) + jnp.sum(out[:, ::3] ** 2)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(u, c, d, "native")
+    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(u, c, d, "adjoint")
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_native_off_the_cpu_is_refused():
+    with pytest.raises(ValueError, match="CPU kernel"):
+        ops.resolve_scan("native", platform="gpu")
+
+
+def test_unavailable_kernel_falls_back_and_explains(monkeypatch):
+    monkeypatch.setitem(native._state, "ok", False)
+    monkeypatch.setitem(native._state, "reason", "RuntimeError: no C++ compiler found")
+    assert ops.resolve_scan("auto", platform="cpu") == "adjoint"
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+        ops.resolve_scan("native", platform="cpu")
+
+
+def _fresh_process(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
+    code = """
+        import jax.numpy as jnp
+        from flax_linoss import ops
+        from flax_linoss.ops import native
+        print(native.available(), ops.resolve_scan("auto", platform="cpu"))
+        print(native.unavailable_reason())
+        print(sorted(p.name for p in native.cache_dir().glob("*.so")))
+    """
+    ok = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "True native" and lines[1] == "None"
+    assert lines[2].startswith("['lti_recurrence-") and lines[2].endswith(".so']")
+
+    # A compiler that fails (`false`), and the kernel switched off: both fall back.
+    broken = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "bad"), CXX="false")
+    off = _fresh_process(code, FLAX_LINOSS_NATIVE="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.splitlines()[0] == "False adjoint"
+    assert "FLAX_LINOSS_NATIVE=0" in off.stdout.splitlines()[1]
+    assert "unavailable" in off.stderr  # logged once, with the reason
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.splitlines()[0] == "False adjoint"
+    assert "failed" in broken.stdout.splitlines()[1]
