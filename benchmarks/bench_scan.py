@@ -7,7 +7,7 @@ associative scan over per-step materialised ``[4P]`` transitions and ``[2P]`` co
 forcing), then our speed-up and memory ratio against that baseline. It also times one full
 training step (Adam, batch norm, dropout) of the papers' SelfRegulationSCP1 model.
 
-Run:  python benchmarks/bench_scan.py            (the full table: ~30 min on 2 CPU cores)
+Run:  python benchmarks/bench_scan.py            (the full table: 20-30 min on 2 CPU cores)
       python benchmarks/bench_scan.py --quick    (a small smoke run)
 
 "Peak memory" is XLA's own account of the compiled program (arguments + outputs + temporaries
