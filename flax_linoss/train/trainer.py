@@ -515,6 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 or step == total
                 or stop
             ):
+                # The previous save is committed before this one starts (Orbax would wait for
+                # it too), so a run killed after this line resumes from it at the latest.
+                ckpts.wait()
                 _say(f"checkpoint: saving step {step}")
                 ckpts.save(step, st, train_it, meta)
             if stop:
