@@ -100,12 +100,43 @@ def test_input_cotangent_reused_elsewhere_is_not_clobbered():
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
 
+def test_auto_takes_the_kernel_per_device_and_the_partitionable_path_under_spmd():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    seen = []
+
+    def probe(x):
+        seen.append(ops.resolve_scan("auto", platform="cpu"))
+        return x
+
+    x = jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P("data")))
+    jax.jit(probe)(x)
+    jax.shard_map(probe, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(x)
+    jax.pmap(probe)(np.ones(8, np.float32))
+    assert seen == ["adjoint", "native", "native"]
+
+    # And per device the kernel gives what one device gives.
+    u, a, dt, b, c, d, _ = random_problem(6, 8, 50, 3, 4, "im")
+    sharded = jax.shard_map(
+        lambda u: ops.linoss_apply(u, a, dt, b, c, d, scan="auto"),
+        mesh=mesh,
+        in_specs=P("data"),
+        out_specs=P("data"),
+    )(jax.device_put(u, NamedSharding(mesh, P("data"))))
+    whole = ops.linoss_apply(u, a, dt, b, c, d, scan="native")
+    np.testing.assert_allclose(sharded, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_native_off_the_cpu_is_refused():
     with pytest.raises(ValueError, match="CPU kernel"):
         ops.resolve_scan("native", platform="gpu")
 
 
 def test_unavailable_kernel_falls_back_and_explains(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert ops.resolve_scan("auto", platform="cpu") == "native"
     monkeypatch.setitem(native._state, "ok", False)
     monkeypatch.setitem(native._state, "reason", "RuntimeError: no C++ compiler found")
     assert ops.resolve_scan("auto", platform="cpu") == "adjoint"
@@ -133,15 +164,18 @@ def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
         print(native.unavailable_reason())
         print(sorted(p.name for p in native.cache_dir().glob("*.so")))
     """
-    ok = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"))
+    # One CPU device (this session's 8 fake devices make "auto" avoid the kernel under jit).
+    one = dict(XLA_FLAGS="")
+    ok = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"), **one)
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[0] == "True native" and lines[1] == "None"
     assert lines[2].startswith("['lti_recurrence-") and lines[2].endswith(".so']")
 
     # A compiler that fails (`false`), and the kernel switched off: both fall back.
-    broken = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "bad"), CXX="false")
-    off = _fresh_process(code, FLAX_LINOSS_NATIVE="0")
+    bad = str(tmp_path / "bad")
+    broken = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=bad, CXX="false", **one)
+    off = _fresh_process(code, FLAX_LINOSS_NATIVE="0", **one)
     assert off.returncode == 0, off.stderr
     assert off.stdout.splitlines()[0] == "False adjoint"
     assert "FLAX_LINOSS_NATIVE=0" in off.stdout.splitlines()[1]

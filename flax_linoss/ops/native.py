@@ -23,7 +23,10 @@ adjoint backward pass), organised for the memory system:
 * work is split over (batch row, channel block) items on XLA's intra-op thread pool.
 
 It is differentiable once (reverse mode: ``grad``, ``vjp``); like the ``"adjoint"`` path it
-has no forward-mode (``jvp``) rule. Float32 and float64.
+has no forward-mode (``jvp``) rule. Float32 and float64. XLA's SPMD partitioner cannot split
+a custom call: under a ``jit`` that shards the batch over several devices it gathers the
+inputs and every device runs the whole batch (correct, not parallel), which is why
+``scan="auto"`` uses it only per device (see ``scan.resolve_scan``).
 """
 
 from __future__ import annotations

@@ -470,9 +470,10 @@ def resolve_scan(scan: str, *, masked: bool = False, platform: str | None = None
     """Maps ``"auto"`` to a concrete scan for ``platform`` (default: JAX's default backend).
 
     * CPU: ``"native"`` (the fused C++ kernel, measured fastest here, see
-      ``benchmarks/RESULTS.md``), or ``"adjoint"`` where the kernel cannot be built; with
-      masks or segments, ``"sequential"`` (``associative_scan`` never beat ``lax.scan`` on
-      CPU).
+      ``benchmarks/RESULTS.md``) in a single-device process or inside ``shard_map``/``pmap``;
+      ``"adjoint"`` where the kernel cannot be built or where XLA may partition the batch
+      over several devices (plain ``jit``, see :func:`_per_device`); with masks or
+      segments, ``"sequential"`` (``associative_scan`` never beat ``lax.scan`` on CPU).
     * GPU, TPU and others: ``"associative"`` (logarithmic depth, the papers' choice on
       accelerators).
 
@@ -503,8 +504,26 @@ def resolve_scan(scan: str, *, masked: bool = False, platform: str | None = None
     if platform == "cpu":
         if masked:
             return SEQUENTIAL
-        return NATIVE if native.available() else ADJOINT
+        return NATIVE if _per_device() and native.available() else ADJOINT
     return ASSOCIATIVE
+
+
+def _per_device() -> bool:
+    """Whether traced code works on one device's data: a single-device process, or inside
+    ``shard_map``/``pmap`` (every mesh axis manual).
+
+    Elsewhere, with several devices, XLA's SPMD partitioner may split the batch across
+    devices; it cannot split the ``native`` custom call and would gather its inputs onto every
+    device, so ``"auto"`` takes the pure-JAX ``"adjoint"`` path, which partitions.
+    """
+    if jax.device_count() == 1:
+        return True
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get_mesh is None:
+        return False
+    mesh = get_mesh()
+    manual = jax.sharding.AxisType.Manual
+    return bool(mesh.axis_names) and all(t == manual for t in mesh.axis_types)
 
 
 def oscillator_recurrence(
