@@ -294,6 +294,7 @@ def test_imex_is_time_reversible():
         (dict(u=np.ones(3, np.float32)), ValueError, "length, features"),
         (dict(u=np.ones((2, 5, 4), np.float32)), ValueError, "4 features"),
         (dict(u=np.ones((2, 5, 3), np.int32)), TypeError, "floating"),
+        (dict(u=np.ones((2, 0, 3), np.float32)), ValueError, "length 0"),
         (dict(a=-np.ones(4, np.float32)), ValueError, "`a` must be >= 0"),
         (dict(dt=np.full(4, 1.5, np.float32)), ValueError, r"`dt` must be \(0.0, 1.0\]"),
         (dict(dt=np.zeros(4, np.float32)), ValueError, r"`dt` must be \(0.0, 1.0\]"),

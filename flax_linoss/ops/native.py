@@ -172,6 +172,8 @@ def _sizes(v):
 
 
 def _forward(coeffs, v, z0, y0):
+    if not available():
+        raise RuntimeError(f"The native kernel is unavailable: {unavailable_reason()}")
     # The kernels take [N * L, Q] rows: the projection's matmul output as it is.
     n, length, q, attrs = _sizes(v)
     chunks = -(-length // CHUNK)

@@ -121,6 +121,8 @@ def check_inputs(u, a, dt, b, c, d, g, discretization: str, scan: str) -> None:
     check_scan(scan)
     if np.ndim(u) < 2:
         raise ValueError(f"`u` must have shape [..., length, features], got shape {np.shape(u)}.")
+    if np.shape(u)[-2] == 0:
+        raise ValueError(f"`u` has length 0 (shape {np.shape(u)}); it needs at least one step.")
     if not jnp.issubdtype(jnp.result_type(u), jnp.floating):
         raise TypeError(f"`u` must be a real floating array, got dtype {jnp.result_type(u)}.")
     if np.ndim(a) != 1:
