@@ -171,7 +171,18 @@ def _sizes(v):
     return n, length, q, dict(length=np.int64(length), chunk=np.int64(CHUNK))
 
 
-def _forward(coeffs, v, z0, y0):
+def forward(coeffs, v, z0, y0):
+    """The forward kernel: ``x_t = M x_{t-1} + f v_t`` on real channels.
+
+    Args:
+      coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]``.
+      v: ``[N, L, Q]`` forcing.
+      z0, y0: ``[N, Q]`` initial state.
+
+    Returns:
+      ``(ys [N, L, Q], z_L [N, Q], checkpoints [N, ceil(L / CHUNK), Q])``: every position,
+      the final velocity, and the velocity before every chunk (for :func:`backward`).
+    """
     if not available():
         raise RuntimeError(f"The native kernel is unavailable: {unavailable_reason()}")
     # The kernels take [N * L, Q] rows: the projection's matmul output as it is.
@@ -190,28 +201,16 @@ def _forward(coeffs, v, z0, y0):
     return ys.reshape(v.shape), z_last, checkpoints
 
 
-@jax.custom_vjp
-def lti_recurrence(coeffs, v, z0, y0):
-    """``x_t = M x_{t-1} + f v_t`` on real channels with the fused kernel.
+def backward(res, cts):
+    """The backward kernel, a custom-VJP rule for :func:`forward`.
 
     Args:
-      coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]``.
-      v: ``[N, L, Q]`` forcing.
-      z0, y0: ``[N, Q]`` initial state.
+      res: ``(coeffs, v, z0, y0, ys, checkpoints)``.
+      cts: cotangents ``(g_ys [N, L, Q], g_z_L [N, Q])``.
 
     Returns:
-      ``(ys [N, L, Q], z_L [N, Q])``: every position and the final velocity.
+      Gradients of ``(coeffs, v, z0, y0)``.
     """
-    ys, z_last, _ = _forward(coeffs, v, z0, y0)
-    return ys, z_last
-
-
-def _fwd(coeffs, v, z0, y0):
-    ys, z_last, checkpoints = _forward(coeffs, v, z0, y0)
-    return (ys, z_last), (coeffs, v, z0, y0, ys, checkpoints)
-
-
-def _bwd(res, cts):
     coeffs, v, z0, y0, ys, checkpoints = res
     g_ys, g_zl = cts
     n, length, q, attrs = _sizes(v)
@@ -240,6 +239,3 @@ def _bwd(res, cts):
     g_v = g_v.reshape(v.shape)
     g_coeffs = jnp.sum(g_coeffs, axis=0)
     return tuple(g_coeffs[i] for i in range(6)), g_v, g_z0, g_y0
-
-
-lti_recurrence.defvjp(_fwd, _bwd)

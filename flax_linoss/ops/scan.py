@@ -276,11 +276,11 @@ def _lti_forward(coeffs, v, z0, y0):
 
     empty = jnp.zeros_like(v)
     _, _, zs, ys = jax.lax.fori_loop(0, length, body, (z0, y0, empty, empty))
-    return zs, ys
+    return ys, zs[:, -1], zs
 
 
 def _lti_bwd(res, cts):
-    coeffs, v, z0, y0, zs, ys = res
+    coeffs, v, z0, y0, ys, zs = res
     g_ys, g_zl = cts
     m11, m12, m21, m22, f1, f2 = coeffs
     length = v.shape[1]
@@ -316,8 +316,9 @@ def _lti_bwd(res, cts):
     return g_coeffs, g_v, rz, ry
 
 
-def _adjoint(tr, v, z0, y0):
-    ys, z_l = _lti_recurrence(tuple(tr), v, z0, y0)
+def _time_invariant(recurrence, tr, v, z0, y0):
+    """``(ys, z_L, y_L)`` from a custom-VJP recurrence built by :func:`_with_adjoint`."""
+    ys, z_l = recurrence(tuple(tr), v, z0, y0)
     return ys, z_l, ys[:, -1]
 
 
@@ -385,11 +386,12 @@ def _parallel_forward(coeffs, v, z0, y0):
     m11, m12, m21, m22, f1, f2 = coeffs
     b1 = (f1 * v).at[:, 0].add(m11 * z0 + m12 * y0)
     b2 = (f2 * v).at[:, 0].add(m21 * z0 + m22 * y0)
-    return _prefix_scan((m11, m12, m21, m22), b1, b2)
+    zs, ys = _prefix_scan((m11, m12, m21, m22), b1, b2)
+    return ys, zs[:, -1], zs
 
 
 def _lti_parallel_bwd(res, cts):
-    coeffs, v, z0, y0, zs, ys = res
+    coeffs, v, z0, y0, ys, zs = res
     g_ys, g_zl = cts
     m11, m12, m21, m22 = coeffs[:4]
     # lambda_t = M^T lambda_{t+1} + (0, g_t), with the final-state cotangent entering at L-1.
@@ -400,17 +402,18 @@ def _lti_parallel_bwd(res, cts):
 
 def _with_adjoint(forward, backward):
     """A custom-VJP ``(coeffs, v, z0, y0) -> (ys, z_L)`` from a forward solver returning
-    ``(zs, ys)`` and a backward pass ``(residuals, cotangents) -> gradients``; the residuals
-    are ``(coeffs, v, z0, y0, zs, ys)``."""
+    ``(ys, z_L, aux)`` and a backward pass ``(residuals, cotangents) -> gradients``; the
+    residuals are ``(coeffs, v, z0, y0, ys, aux)`` (``aux``: every velocity, or the native
+    kernel's checkpoints)."""
 
     @jax.custom_vjp
     def recurrence(coeffs, v, z0, y0):
-        zs, ys = forward(coeffs, v, z0, y0)
-        return ys, zs[:, -1]
+        ys, z_l, _ = forward(coeffs, v, z0, y0)
+        return ys, z_l
 
     def fwd(coeffs, v, z0, y0):
-        zs, ys = forward(coeffs, v, z0, y0)
-        return (ys, zs[:, -1]), (coeffs, v, z0, y0, zs, ys)
+        ys, z_l, aux = forward(coeffs, v, z0, y0)
+        return (ys, z_l), (coeffs, v, z0, y0, ys, aux)
 
     recurrence.defvjp(fwd, backward)
     return recurrence
@@ -420,6 +423,8 @@ def _with_adjoint(forward, backward):
 _lti_recurrence = _with_adjoint(_lti_forward, _lti_bwd)
 # Parallel prefix scan, backward = the adjoint recurrence by the same parallel scan.
 _lti_parallel = _with_adjoint(_parallel_forward, _lti_parallel_bwd)
+# The same two passes as the sequential loop, as the fused C++ kernel (CPU).
+_lti_native = _with_adjoint(native.forward, native.backward)
 
 
 def matrix_powers(tr: schemes.Transition, n: int):
@@ -559,14 +564,12 @@ def oscillator_recurrence(
         return _sequential(tr, v, z0, y0, valid, reset)
     if path == ASSOCIATIVE:
         if valid is None and reset is None:
-            ys, z_l = _lti_parallel(tuple(tr), v, z0, y0)
-            return ys, z_l, ys[:, -1]
+            return _time_invariant(_lti_parallel, tr, v, z0, y0)
         return _associative(tr, v, z0, y0, valid, reset)
     if path == ADJOINT:
-        return _adjoint(tr, v, z0, y0)
+        return _time_invariant(_lti_recurrence, tr, v, z0, y0)
     if path == NATIVE:
-        ys, z_l = native.lti_recurrence(tuple(tr), v, z0, y0)
-        return ys, z_l, ys[:, -1]
+        return _time_invariant(_lti_native, tr, v, z0, y0)
     return _fft(tr, v, z0, y0, want_final)
 
 

@@ -30,6 +30,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -237,7 +238,7 @@ ffi::Error Invalid(const std::string& what) {
 ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
                      std::initializer_list<int64_t> want, ffi::DataType dt) {
   auto dims = x.dimensions();
-  bool ok = x.element_type() == dt && dims.size() == static_cast<int64_t>(want.size());
+  bool ok = x.element_type() == dt && static_cast<size_t>(dims.size()) == want.size();
   int64_t i = 0;
   for (int64_t d : want) ok = ok && dims[i++] == d;
   if (!ok) return Invalid(std::string("`") + name + "` has the wrong shape or dtype.");
@@ -270,19 +271,14 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
   return ffi::Error::Success();
 }
 
-template <typename T>
-void Forward(ffi::ThreadPool& pool, const Sizes& s, const ffi::AnyBuffer& c,
-             const ffi::AnyBuffer& v, const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0,
-             ffi::AnyBuffer& ys, ffi::AnyBuffer& z_last, ffi::AnyBuffer& z_ck) {
-  const T* cp = c.typed_data<T>();
-  const T* vp = v.typed_data<T>();
-  const T* z0p = z0.typed_data<T>();
-  const T* y0p = y0.typed_data<T>();
-  T* ysp = ys.typed_data<T>();
-  T* zlp = z_last.typed_data<T>();
-  T* ckp = z_ck.typed_data<T>();
-  ParallelFor(pool, s.items(),
-              [&](int64_t i) { ForwardItem<T>(s, cp, vp, z0p, y0p, ysp, zlp, ckp, i); });
+// Calls fn with a value of the element type of `dt` (float or double; checked before).
+template <typename F>
+void WithElementType(ffi::DataType dt, const F& fn) {
+  if (dt == ffi::DataType::F64) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
@@ -295,35 +291,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*ys, "ys", {s.n * s.l, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_last, "z_last", {s.n, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_ck, "z_ck", {s.n, s.chunks, s.q}, dt));
-  if (dt == ffi::DataType::F64) {
-    Forward<double>(pool, s, c, v, z0, y0, *ys, *z_last, *z_ck);
-  } else {
-    Forward<float>(pool, s, c, v, z0, y0, *ys, *z_last, *z_ck);
-  }
-  return ffi::Error::Success();
-}
-
-template <typename T>
-void Backward(ffi::ThreadPool& pool, const Sizes& s, const ffi::AnyBuffer& c,
-              const ffi::AnyBuffer& v, const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0,
-              const ffi::AnyBuffer& ys, const ffi::AnyBuffer& z_ck, const ffi::AnyBuffer& g_ys,
-              const ffi::AnyBuffer& g_zl, ffi::AnyBuffer& g_v, ffi::AnyBuffer& g_c,
-              ffi::AnyBuffer& g_z0, ffi::AnyBuffer& g_y0) {
-  const T* cp = c.typed_data<T>();
-  const T* vp = v.typed_data<T>();
-  const T* z0p = z0.typed_data<T>();
-  const T* y0p = y0.typed_data<T>();
-  const T* ysp = ys.typed_data<T>();
-  const T* ckp = z_ck.typed_data<T>();
-  const T* gyp = g_ys.typed_data<T>();
-  const T* gzlp = g_zl.typed_data<T>();
-  T* gvp = g_v.typed_data<T>();
-  T* gcp = g_c.typed_data<T>();
-  T* gz0p = g_z0.typed_data<T>();
-  T* gy0p = g_y0.typed_data<T>();
-  ParallelFor(pool, s.items(), [&](int64_t i) {
-    BackwardItem<T>(s, cp, vp, z0p, y0p, ysp, ckp, gyp, gzlp, gvp, gcp, gz0p, gy0p, i);
+  WithElementType(dt, [&](auto zero) {
+    using T = decltype(zero);
+    ParallelFor(pool, s.items(), [&](int64_t i) {
+      ForwardItem<T>(s, c.typed_data<T>(), v.typed_data<T>(), z0.typed_data<T>(),
+                     y0.typed_data<T>(), ys->typed_data<T>(), z_last->typed_data<T>(),
+                     z_ck->typed_data<T>(), i);
+    });
   });
+  return ffi::Error::Success();
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
@@ -343,23 +319,32 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_c, "g_coeffs", {s.n, 6, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_z0, "g_z0", {s.n, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_y0, "g_y0", {s.n, s.q}, dt));
-  if (dt == ffi::DataType::F64) {
-    Backward<double>(pool, s, c, v, z0, y0, ys, z_ck, g_ys, g_zl, *g_v, *g_c, *g_z0, *g_y0);
-  } else {
-    Backward<float>(pool, s, c, v, z0, y0, ys, z_ck, g_ys, g_zl, *g_v, *g_c, *g_z0, *g_y0);
-  }
+  WithElementType(dt, [&](auto zero) {
+    using T = decltype(zero);
+    ParallelFor(pool, s.items(), [&](int64_t i) {
+      BackwardItem<T>(s, c.typed_data<T>(), v.typed_data<T>(), z0.typed_data<T>(),
+                      y0.typed_data<T>(), ys.typed_data<T>(), z_ck.typed_data<T>(),
+                      g_ys.typed_data<T>(), g_zl.typed_data<T>(), g_v->typed_data<T>(),
+                      g_c->typed_data<T>(), g_z0->typed_data<T>(), g_y0->typed_data<T>(), i);
+    });
+  });
   return ffi::Error::Success();
+}
+
+// The context and the four arguments both kernels take, in this order.
+auto BindCommon() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()   // coeffs [6, Q]
+      .Arg<ffi::AnyBuffer>()   // v [N * L, Q]
+      .Arg<ffi::AnyBuffer>()   // z0 [N, Q]
+      .Arg<ffi::AnyBuffer>();  // y0 [N, Q]
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossLtiForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // coeffs [6, Q]
-                                  .Arg<ffi::AnyBuffer>()  // v [N * L, Q]
-                                  .Arg<ffi::AnyBuffer>()  // z0 [N, Q]
-                                  .Arg<ffi::AnyBuffer>()  // y0 [N, Q]
+                              BindCommon()
                                   .Ret<ffi::AnyBuffer>()  // ys [N * L, Q]
                                   .Ret<ffi::AnyBuffer>()  // z_last [N, Q]
                                   .Ret<ffi::AnyBuffer>()  // z_ck [N, chunks, Q]
@@ -367,12 +352,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossLtiForward, ForwardImpl,
                                   .Attr<int64_t>("chunk"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossLtiBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // coeffs [6, Q]
-                                  .Arg<ffi::AnyBuffer>()  // v [N * L, Q]
-                                  .Arg<ffi::AnyBuffer>()  // z0 [N, Q]
-                                  .Arg<ffi::AnyBuffer>()  // y0 [N, Q]
+                              BindCommon()
                                   .Arg<ffi::AnyBuffer>()  // ys [N * L, Q]
                                   .Arg<ffi::AnyBuffer>()  // z_ck [N, chunks, Q]
                                   .Arg<ffi::AnyBuffer>()  // g_ys [N * L, Q]
