@@ -9,7 +9,16 @@ import numpy as np
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 TASKS = (CLASSIFICATION, REGRESSION)
-NORMS = ("batch", "layer", "rms")
+#: Block normalisations. ``"batch"``: Flax's ``BatchNorm`` (training normalises with the batch's
+#: statistics); ``"batch_running"``: the reference code's (equinox 0.11) batch norm, which in
+#: training normalises with the running statistics after updating them with the batch's;
+#: ``"layer"``, ``"rms"``.
+BATCH = "batch"
+BATCH_RUNNING = "batch_running"
+NORMS = (BATCH, BATCH_RUNNING, "layer", "rms")
+#: Momentum and epsilon of both batch norms (the papers').
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-5
 
 
 def check_sequence_input(x, where: str, rank: int | None = None) -> None:
@@ -64,3 +73,55 @@ def pool_or_subsample(x: jax.Array, task: str, output_step: int, mask=None) -> j
         w = mask.astype(x.dtype)[..., None]
         return jnp.sum(x * w, axis=-2) / jnp.maximum(jnp.sum(w, axis=-2), 1)
     return x[..., output_step - 1 :: output_step, :]
+
+
+def running_batch_norm(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    initialized: jax.Array,
+    *,
+    train: bool,
+    mask: jax.Array | None = None,
+    axis_name: str | None = None,
+    momentum: float = BN_MOMENTUM,
+    epsilon: float = BN_EPSILON,
+):
+    """The reference code's batch norm (equinox 0.11.4 ``BatchNorm``, no affine part).
+
+    Statistics are per channel over batch and time (and over ``axis_name``, for data
+    parallelism). In training the running statistics are first updated with the batch's,
+    ``r = momentum * r + (1 - momentum) * batch`` (the first call sets ``r = batch``), and
+    ``x`` is normalised with the **updated running** statistics; gradients flow through the
+    batch statistics. In inference ``x`` is normalised with the stored running statistics.
+    The variance is the two-pass ``mean((x - mean)^2)``, as in equinox.
+
+    Args:
+      x: ``[..., L, H]``.
+      mean, var: ``[H]`` running statistics.
+      initialized: scalar bool, whether a training call has set the statistics.
+      train: update and use the statistics as in training.
+      mask: optional ``[..., L, H]`` (or broadcastable) bool; statistics over valid entries.
+      axis_name: mapped axis to average the statistics over.
+      momentum, epsilon: as in equinox (0.99, 1e-5).
+
+    Returns:
+      ``(y [..., L, H], (mean, var, initialized))`` with the new statistics.
+    """
+    xf = x.astype(jnp.float32)
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(xf.dtype)
+
+        def total(a):
+            s = jnp.sum(a, axis=axes)
+            return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+        count = jnp.maximum(total(w), 1.0)
+        batch_mean = total(xf * w) / count
+        batch_var = total(jnp.square(xf - batch_mean) * w) / count
+        mean = jnp.where(initialized, momentum * mean + (1 - momentum) * batch_mean, batch_mean)
+        var = jnp.where(initialized, momentum * var + (1 - momentum) * batch_var, batch_var)
+        initialized = jnp.ones_like(initialized)
+    y = (xf - mean) * jax.lax.rsqrt(var + epsilon)
+    return y.astype(x.dtype), (mean, var, initialized)

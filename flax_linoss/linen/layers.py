@@ -17,6 +17,10 @@ import jax.numpy as jnp
 
 from flax_linoss import ops
 from flax_linoss.common import (
+    BATCH,
+    BATCH_RUNNING,
+    BN_EPSILON,
+    BN_MOMENTUM,
     CLASSIFICATION,
     check_features,
     check_model_options,
@@ -24,6 +28,7 @@ from flax_linoss.common import (
     check_sequence_input,
     feature_mask,
     pool_or_subsample,
+    running_batch_norm,
 )
 from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
 
@@ -140,13 +145,45 @@ class LinOSSLayer(nn.Module):
         )
 
 
+class RunningBatchNorm(nn.Module):
+    """The reference code's batch norm (see :func:`flax_linoss.common.running_batch_norm`).
+
+    ``[..., L, H] -> [..., L, H]``; statistics ``mean``, ``var`` (``[H]``) and
+    ``initialized`` in the ``"batch_stats"`` collection.
+    """
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool, mask=None):
+        feats = x.shape[-1]
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (feats,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (feats,), jnp.float32)
+        done = self.variable("batch_stats", "initialized", lambda: jnp.zeros((), bool))
+        train = not use_running_average and not self.is_initializing()
+        y, stats = running_batch_norm(
+            x,
+            mean.value,
+            var.value,
+            done.value,
+            train=train,
+            mask=mask,
+            axis_name=self.axis_name,
+        )
+        if train:
+            mean.value, var.value, done.value = stats
+        return y
+
+
 def _norm(kind: str, axis_name, dtype, param_dtype, name: str) -> nn.Module:
     check_norm(kind)
-    if kind == "batch":
+    if kind == BATCH_RUNNING:
+        return RunningBatchNorm(axis_name=axis_name, name=name)
+    if kind == BATCH:
         # The papers' batch norm: per channel over batch and time, no affine part.
         return nn.BatchNorm(
-            momentum=0.99,
-            epsilon=1e-5,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
             use_bias=False,
             use_scale=False,
             axis_name=axis_name,
@@ -168,7 +205,8 @@ class LinOSSBlock(nn.Module):
     Attributes:
       state_size: oscillators ``P`` of the LinOSS layer.
       discretization, scan, oscillator_init: passed to :class:`LinOSSLayer`.
-      norm: ``"batch"`` (the papers'), ``"layer"`` or ``"rms"``.
+      norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's,
+        see :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
       dropout_rate: dropout after the GELU and after the GLU.
       norm_axis_name: mapped axis over which batch statistics are averaged (data parallel).
       deterministic: default for the call argument (no dropout, running statistics).
@@ -196,7 +234,7 @@ class LinOSSBlock(nn.Module):
         feats = x.shape[-1]
         skip = x
         norm = _norm(self.norm, self.norm_axis_name, self.dtype, self.param_dtype, "norm")
-        if self.norm == "batch":
+        if self.norm in (BATCH, BATCH_RUNNING):
             x = norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
         else:
             x = norm(x)

@@ -17,6 +17,10 @@ from flax import nnx
 
 from flax_linoss import ops
 from flax_linoss.common import (
+    BATCH,
+    BATCH_RUNNING,
+    BN_EPSILON,
+    BN_MOMENTUM,
     CLASSIFICATION,
     check_features,
     check_model_options,
@@ -24,6 +28,7 @@ from flax_linoss.common import (
     check_sequence_input,
     feature_mask,
     pool_or_subsample,
+    running_batch_norm,
 )
 from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
 
@@ -121,13 +126,44 @@ class LinOSSLayer(nnx.Module):
         )
 
 
+class RunningBatchNorm(nnx.Module):
+    """The reference code's batch norm (see :func:`flax_linoss.common.running_batch_norm`).
+
+    ``[..., L, H] -> [..., L, H]``; ``nnx.BatchStat`` statistics ``mean``, ``var`` (``[H]``)
+    and ``initialized``.
+    """
+
+    def __init__(self, features: int, *, axis_name: str | None = None):
+        self.axis_name = axis_name
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.initialized = nnx.BatchStat(jnp.zeros((), bool))
+
+    def __call__(self, x, *, use_running_average: bool, mask=None):
+        train = not use_running_average
+        y, stats = running_batch_norm(
+            x,
+            self.mean[...],
+            self.var[...],
+            self.initialized[...],
+            train=train,
+            mask=mask,
+            axis_name=self.axis_name,
+        )
+        if train:
+            self.mean[...], self.var[...], self.initialized[...] = stats
+        return y
+
+
 def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
     check_norm(kind)
-    if kind == "batch":
+    if kind == BATCH_RUNNING:
+        return RunningBatchNorm(features, axis_name=axis_name)
+    if kind == BATCH:
         return nnx.BatchNorm(
             features,
-            momentum=0.99,
-            epsilon=1e-5,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
             use_bias=False,
             use_scale=False,
             axis_name=axis_name,
@@ -149,7 +185,8 @@ class LinOSSBlock(nnx.Module):
       features: ``H``.
       state_size: ``P``.
       discretization, scan, oscillator_init: passed to :class:`LinOSSLayer`.
-      norm: ``"batch"`` (the papers'), ``"layer"`` or ``"rms"``.
+      norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's,
+        see :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
       dropout_rate: dropout after the GELU and after the GLU.
       norm_axis_name: mapped axis over which batch statistics are averaged.
       deterministic: default mode (``model.eval()`` / ``model.train()`` set it too).
@@ -202,7 +239,7 @@ class LinOSSBlock(nnx.Module):
         check_sequence_input(x, "LinOSSBlock", rank=3)
         check_features(x, self.features, "LinOSSBlock")
         skip = x
-        if self.norm_kind == "batch":
+        if self.norm_kind in (BATCH, BATCH_RUNNING):
             x = self.norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
         else:
             x = self.norm(x)

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from flax_linoss.common import NORMS
 from flax_linoss.ops import SCANS
 from flax_linoss.train import default_config
 
@@ -35,7 +36,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "framework": ("linen", "nnx"),
     "model.discretization": ("im", "imex", "damped"),
-    "model.norm": ("batch", "layer", "rms"),
+    "model.norm": NORMS,
     "model.scan": tuple(SCANS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "optimizer.name": ("adam", "adamw"),
@@ -161,6 +162,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "parallel.model_axis_size",
     ):
         need(got[key] >= 1, f"Config field {key!r} must be >= 1, got {got[key]}.")
+    need(
+        got["data.split_seed"] >= -1,
+        f"Config field 'data.split_seed' must be >= 0, or -1 to follow 'seed'; got "
+        f"{got['data.split_seed']}.",
+    )
     for key in (
         "data.num_shards",
         "data.worker_count",

@@ -20,7 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()  # input pipeline
     # Dataset name for flax_linoss.data.get_dataset ("synthetic/long_range", "uea/<Name>", ...).
     data.name = "synthetic/long_range"
-    # Seed of the train/val/test split (UEA, PPG) or of the generated data (synthetic).
+    # Seed of the train/val/test split (UEA, PPG) or of the generated data (synthetic);
+    # -1 follows `seed`, as in the papers, where one seed drives the split, the
+    # initialisation, dropout and the data order (the paper configs use -1).
     data.split_seed = 0
     # Extra keyword options for get_dataset (e.g. length, add_time, root, data_dir).
     data.options = ml_collections.ConfigDict(
@@ -54,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.hidden_size = 32
     # Oscillators P per layer.
     model.state_size = 32
-    # Normalisation in each block: "batch" (the papers'), "layer" or "rms".
+    # Normalisation in each block: "batch" (Flax's BatchNorm: training normalises with the
+    # batch statistics), "batch_running" (the reference code's equinox 0.11 batch norm:
+    # training normalises with the running statistics just updated by the batch), "layer"
+    # or "rms".
     model.norm = "batch"
     # Dropout after the GELU and after the GLU.
     model.dropout_rate = 0.05
