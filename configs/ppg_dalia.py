@@ -2,7 +2,7 @@
 
 Pick the model with the config string (default linoss_im)::
 
-    flax-linoss train --config=configs/ppg_dalia.py:dlinoss --workdir=runs/ppg-dlinoss \
+    flax-linoss train --config=configs/ppg_dalia.py:d_linoss --workdir=runs/ppg-dlinoss \
         --config.data.options.manual_dir=/path/to/PPG_FieldStudy/..
 
 The data must be prepared once (``manual_dir``: the folder holding ``PPG_FieldStudy/``; or a
@@ -16,12 +16,12 @@ from flax_linoss.train.paper import paper_config
 HPARAMS = {
     "linoss_im": (1e-3, 16, 64, 6, True),
     "linoss_imex": (1e-4, 64, 16, 2, True),
-    "dlinoss": (1e-3, 64, 64, 4, True),
+    "d_linoss": (1e-3, 64, 64, 4, True),
 }
 
 
 def get_config(model: str = "linoss_im"):
-    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    """The experiment for ``model`` in linoss_im, linoss_imex, d_linoss (alias dlinoss)."""
     return paper_config(
         "ppg_dalia",
         model,

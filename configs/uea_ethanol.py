@@ -4,7 +4,7 @@ Pick the model with the config string (default linoss_im)::
 
     flax-linoss train --config=configs/uea_ethanol.py:linoss_im --workdir=runs/ethanol-im
     flax-linoss train --config=configs/uea_ethanol.py:linoss_imex --workdir=runs/ethanol-imex
-    flax-linoss train --config=configs/uea_ethanol.py:dlinoss --workdir=runs/ethanol-dlinoss
+    flax-linoss train --config=configs/uea_ethanol.py:d_linoss --workdir=runs/ethanol-dlinoss
 
 The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
 flax_linoss.train.paper.paper_config; the raw archive is read from
@@ -19,10 +19,10 @@ from flax_linoss.train.paper import paper_config
 HPARAMS = {
     "linoss_im": (1e-5, 16, 16, 4, False),
     "linoss_imex": (1e-5, 16, 256, 4, False),
-    "dlinoss": (1e-5, 16, 256, 4, False),
+    "d_linoss": (1e-5, 16, 256, 4, False),
 }
 
 
 def get_config(model: str = "linoss_im"):
-    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    """The experiment for ``model`` in linoss_im, linoss_imex, d_linoss (alias dlinoss)."""
     return paper_config("uea/EthanolConcentration", model, HPARAMS, batch_size=32)

@@ -4,7 +4,7 @@ Pick the model with the config string (default linoss_im)::
 
     flax-linoss train --config=configs/uea_motor.py:linoss_im --workdir=runs/motor-im
     flax-linoss train --config=configs/uea_motor.py:linoss_imex --workdir=runs/motor-imex
-    flax-linoss train --config=configs/uea_motor.py:dlinoss --workdir=runs/motor-dlinoss
+    flax-linoss train --config=configs/uea_motor.py:d_linoss --workdir=runs/motor-dlinoss
 
 The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
 flax_linoss.train.paper.paper_config; the raw archive is read from
@@ -19,10 +19,10 @@ from flax_linoss.train.paper import paper_config
 HPARAMS = {
     "linoss_im": (1e-5, 128, 16, 2, False),
     "linoss_imex": (1e-4, 16, 256, 6, True),
-    "dlinoss": (1e-3, 16, 64, 4, False),
+    "d_linoss": (1e-3, 16, 64, 4, False),
 }
 
 
 def get_config(model: str = "linoss_im"):
-    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    """The experiment for ``model`` in linoss_im, linoss_imex, d_linoss (alias dlinoss)."""
     return paper_config("uea/MotorImagery", model, HPARAMS, batch_size=32)

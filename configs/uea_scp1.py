@@ -4,7 +4,7 @@ Pick the model with the config string (default linoss_im)::
 
     flax-linoss train --config=configs/uea_scp1.py:linoss_im --workdir=runs/scp1-im
     flax-linoss train --config=configs/uea_scp1.py:linoss_imex --workdir=runs/scp1-imex
-    flax-linoss train --config=configs/uea_scp1.py:dlinoss --workdir=runs/scp1-dlinoss
+    flax-linoss train --config=configs/uea_scp1.py:d_linoss --workdir=runs/scp1-dlinoss
 
 The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
 flax_linoss.train.paper.paper_config; the raw archive is read from
@@ -19,10 +19,10 @@ from flax_linoss.train.paper import paper_config
 HPARAMS = {
     "linoss_im": (1e-4, 128, 256, 6, True),
     "linoss_imex": (1e-4, 64, 256, 6, False),
-    "dlinoss": (1e-4, 128, 256, 6, True),
+    "d_linoss": (1e-4, 128, 256, 6, True),
 }
 
 
 def get_config(model: str = "linoss_im"):
-    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    """The experiment for ``model`` in linoss_im, linoss_imex, d_linoss (alias dlinoss)."""
     return paper_config("uea/SelfRegulationSCP1", model, HPARAMS, batch_size=32)

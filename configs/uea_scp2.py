@@ -4,7 +4,7 @@ Pick the model with the config string (default linoss_im)::
 
     flax-linoss train --config=configs/uea_scp2.py:linoss_im --workdir=runs/scp2-im
     flax-linoss train --config=configs/uea_scp2.py:linoss_imex --workdir=runs/scp2-imex
-    flax-linoss train --config=configs/uea_scp2.py:dlinoss --workdir=runs/scp2-dlinoss
+    flax-linoss train --config=configs/uea_scp2.py:d_linoss --workdir=runs/scp2-dlinoss
 
 The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
 flax_linoss.train.paper.paper_config; the raw archive is read from
@@ -19,10 +19,10 @@ from flax_linoss.train.paper import paper_config
 HPARAMS = {
     "linoss_im": (1e-4, 128, 64, 6, False),
     "linoss_imex": (1e-5, 64, 256, 6, True),
-    "dlinoss": (1e-5, 128, 64, 6, False),
+    "d_linoss": (1e-5, 128, 64, 6, False),
 }
 
 
 def get_config(model: str = "linoss_im"):
-    """The experiment for ``model`` in linoss_im, linoss_imex, dlinoss."""
+    """The experiment for ``model`` in linoss_im, linoss_imex, d_linoss (alias dlinoss)."""
     return paper_config("uea/SelfRegulationSCP2", model, HPARAMS, batch_size=32)

@@ -40,13 +40,14 @@ def test_configs_validate_for_every_model(path):
     if path.stem == "default":
         config_lib.validate(module.get_config())
         return
-    for model, (disc, _) in {
-        "linoss_im": ("im", 0),
-        "linoss_imex": ("imex", 0),
-        "dlinoss": ("damped", 0),
+    for model, (disc, key) in {
+        "linoss_im": ("im", "linoss_im"),
+        "linoss_imex": ("imex", "linoss_imex"),
+        "d_linoss": ("damped", "d_linoss"),
+        "dlinoss": ("damped", "d_linoss"),  # the older spelling stays an alias
     }.items():
         config = config_lib.validate(module.get_config(model))
-        lr, hidden, state, blocks, time = module.HPARAMS[model]
+        lr, hidden, state, blocks, time = module.HPARAMS[key]
         assert config.model.discretization == disc
         assert (config.optimizer.learning_rate, config.model.hidden_size) == (lr, hidden)
         assert (config.model.state_size, config.model.num_blocks) == (state, blocks)

@@ -25,6 +25,11 @@ __all__ = [
 ]
 
 
+def split_seed(config: ml_collections.ConfigDict) -> int:
+    """The split (or generation) seed: ``data.split_seed``, or ``seed`` when it is -1."""
+    return config.seed if config.data.split_seed < 0 else config.data.split_seed
+
+
 def load_dataset(config: ml_collections.ConfigDict):
     """``get_dataset`` for ``config.data`` (name, split seed, options)."""
     from flax_linoss.data import get_dataset
@@ -32,7 +37,7 @@ def load_dataset(config: ml_collections.ConfigDict):
     options = config.data.options
     options = dict(options.to_dict() if hasattr(options, "to_dict") else options)
     options = {k: v for k, v in options.items() if v != ""}  # "" = the default location
-    return get_dataset(config.data.name, seed=config.data.split_seed, **options)
+    return get_dataset(config.data.name, seed=split_seed(config), **options)
 
 
 def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> dict[str, Any]:

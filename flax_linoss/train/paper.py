@@ -4,25 +4,28 @@ LinOSS (Rusch & Rus, 2025) and D-LinOSS (Boyer et al., 2025): Adam at a constant
 rate, no weight decay or clipping, batch 32 (4 for EigenWorms and PPG-DaLiA), evaluation every
 1000 steps for up to 100k steps, early stopping after more than 10 evaluations without
 validation improvement, test metric at the best validation evaluation; seeds 2345, 3456, 4567,
-5678, 6789 (the first is the default; pass another with ``--config.seed``).
+5678, 6789 (the first is the default; pass another with ``--config.seed``). As in the papers, the
+one seed drives the split, the initialisation, dropout and the data order
+(``data.split_seed = -1``); set ``--config.data.split_seed`` to fix the split separately.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from flax_linoss.data.protocol import PAPER_SEEDS
+from flax_linoss.ops.schemes import DAMPED
 from flax_linoss.train import default_config
+from flax_linoss.variants import by_config_name
 
-__all__ = ["MODELS", "SEEDS", "paper_config"]
+__all__ = ["SEEDS", "dropout_rate", "paper_config"]
 
-# config-string name -> (discretisation, dropout); D-LinOSS's experiments use dropout 0.1,
-# LinOSS's code hard-codes 0.05.
-MODELS = {
-    "linoss_im": ("im", 0.05),
-    "linoss_imex": ("imex", 0.05),
-    "dlinoss": ("damped", 0.1),
-}
-SEEDS = (2345, 3456, 4567, 5678, 6789)
+SEEDS = PAPER_SEEDS
+
+
+def dropout_rate(discretization: str) -> float:
+    """D-LinOSS's experiments use dropout 0.1; LinOSS's code hard-codes 0.05."""
+    return 0.1 if discretization == DAMPED else 0.05
 
 
 def paper_config(
@@ -37,19 +40,19 @@ def paper_config(
 
     Args:
         dataset: ``get_dataset`` name (``"uea/<Name>"`` or ``"ppg_dalia"``).
-        model: ``"linoss_im"``, ``"linoss_imex"`` or ``"dlinoss"``.
-        hparams: model -> ``(learning rate, hidden H, oscillators P, blocks, time channel)``.
+        model: ``"linoss_im"``, ``"linoss_imex"`` or ``"d_linoss"`` (alias ``"dlinoss"``).
+        hparams: config name -> ``(learning rate, hidden H, oscillators P, blocks, time
+            channel)``.
         batch_size: Training batch.
         options: ``get_dataset`` options.
     """
-    if model not in MODELS:
-        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    lr, hidden, state, blocks, time_channel = hparams[model]
-    discretization, dropout = MODELS[model]
+    variant = by_config_name(model)
+    lr, hidden, state, blocks, time_channel = hparams[variant.config]
+    discretization, dropout = variant.scheme, dropout_rate(variant.scheme)
     config = default_config.get_config()
-    config.seed = SEEDS[0]  # model init, dropout and data order
+    config.seed = SEEDS[0]  # the split, model init, dropout and data order (as in the papers)
     config.data.name = dataset  # the experiment's dataset
-    config.data.split_seed = SEEDS[0]  # the papers split with the run's seed
+    config.data.split_seed = -1  # -1: split with `seed`, as the papers do
     if options is None:
         # UEA: root (raw archive folder) and data_dir (TFDS cache); "" means the default.
         options = {"root": "", "data_dir": ""}
@@ -62,7 +65,7 @@ def paper_config(
     config.model.hidden_size = hidden  # tuned
     config.model.state_size = state  # tuned
     config.model.norm = "batch"  # the papers' block
-    config.model.dropout_rate = dropout  # see MODELS
+    config.model.dropout_rate = dropout  # see dropout_rate
     config.optimizer.name = "adam"  # no weight decay
     config.optimizer.learning_rate = lr  # tuned
     config.optimizer.schedule = "constant"  # the papers use a constant rate
