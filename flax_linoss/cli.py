@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from flax_linoss.train import default_config
 
-COMMANDS = ("train", "eval", "plot")
+COMMANDS = ("train", "eval", "plot", "reproduce")
 DEFAULT_CONFIG = default_config.__file__
 
 FLAGS = flags.FLAGS
@@ -53,6 +53,18 @@ def _define_flags() -> None:
         "which", "best", ["best", "latest"], "eval: which checkpoint."
     )
     _FLAGS["out"] = flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/curves.png).")
+    _FLAGS["seeds"] = flags.DEFINE_list(
+        "seeds", None, "reproduce: comma-separated seeds (default: the papers' five)."
+    )
+    _FLAGS["max_steps"] = flags.DEFINE_integer(
+        "max_steps", None, "reproduce: budget, at most this many steps per seed."
+    )
+    _FLAGS["eval_every"] = flags.DEFINE_integer(
+        "eval_every", None, "reproduce: budget, evaluate and checkpoint every this many steps."
+    )
+    _FLAGS["seed_parallel"] = flags.DEFINE_bool(
+        "seed_parallel", False, "reproduce: train all seeds as one compiled program."
+    )
 
 
 def _load_config_file(spec: str):
@@ -148,6 +160,33 @@ def _main(argv: list[str]) -> None:
                 "runs", time.strftime("%Y%m%d-%H%M%S")
             )
             trainer.train_and_evaluate(_FLAGS["config"].value, workdir)
+        elif command == "reproduce":
+            from flax_linoss.data.protocol import PAPER_SEEDS
+            from flax_linoss.train.reproduce import reproduce
+
+            workdir = _FLAGS["workdir"].value
+            if not workdir:
+                raise app.UsageError("flax-linoss reproduce needs --workdir")
+            try:
+                seeds = [int(x) for x in (_FLAGS["seeds"].value or PAPER_SEEDS)]
+            except ValueError:
+                raise app.UsageError(
+                    f"--seeds must be integers, got {_FLAGS['seeds'].value}"
+                ) from None
+            res = reproduce(
+                _FLAGS["config"].value,
+                workdir,
+                seeds=seeds,
+                max_steps=_FLAGS["max_steps"].value,
+                eval_every=_FLAGS["eval_every"].value,
+                seed_parallel=_FLAGS["seed_parallel"].value,
+                command=" ".join(sys.argv),
+            )
+            print(
+                f"{res['model']} on {res['dataset']}: test {res['metric']} "
+                f"{res['test_mean']:.2f} +- {res['test_std']:.2f} over {len(seeds)} seeds; "
+                f"{os.path.join(workdir, 'results.md')}"
+            )
         else:
             workdir = _FLAGS["workdir"].value
             if not workdir:

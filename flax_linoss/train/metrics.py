@@ -138,5 +138,9 @@ class Progress:
         width = len(str(self.total))
         parts = [f"step {step:>{width}}/{self.total}"]
         parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
-        parts += [f"{rate:.1f} steps/s", f"ETA {format_duration(eta)}"]
+        if rate >= 1 or rate <= 0:
+            speed = f"{rate:.1f} steps/s"
+        else:  # slow steps: "0.1 steps/s" would hide the rate
+            speed = f"{1 / rate:.2f} s/step"
+        parts += [speed, f"ETA {format_duration(eta)}"]
         return " | ".join(parts)

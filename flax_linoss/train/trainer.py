@@ -410,12 +410,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "bad_evals": 0,
         "done": False,
         "stopped_early": False,
+        "train_seconds": 0.0,  # wall time of the training loop, summed over resumes
     }
     if latest is not None:
         abstract = ckpt_lib.abstract_like(state, s.parallel.replicated)
         state, meta = ckpts.restore(latest, abstract, train_it)
         writer.truncate(latest)
         ckpts.drop_best_after(latest)
+        meta.setdefault("train_seconds", 0.0)
         _say(f"Resumed from {workdir} at step {latest}.")
     step = int(par_lib.to_host(state["step"]))
     eval_fn = make_eval_fn(s.fns, s.parallel)
@@ -457,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         acc_n = 0
         pending = None  # (step, metrics) of the previous step, checked one step late
         t0 = time.perf_counter()
+        seconds_before = meta["train_seconds"]
 
         def check(st_metrics, at_step):
             loss = float(par_lib.to_host(st_metrics["loss"]))
@@ -519,6 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 # it too), so a run killed after this line resumes from it at the latest.
                 ckpts.wait()
                 _say(f"checkpoint: saving step {step}")
+                meta["train_seconds"] = seconds_before + time.perf_counter() - t0
                 ckpts.save(step, st, train_it, meta)
             if stop:
                 break
@@ -535,6 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test_at_best_val": best["test"],
         "final_step": step,
         "stopped_early": meta["stopped_early"],
+        "train_seconds": meta["train_seconds"],
     }
     if jax.process_index() == 0:
         ckpt_lib.dump_json(os.path.join(workdir, "results.json"), results)
