@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +23,11 @@ BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-5
 
 
-def check_sequence_input(x, where: str, rank: int | None = None) -> None:
-    """Raises if ``x`` is not a real floating ``[..., length, features]`` array."""
+def check_sequence_input(
+    x, where: str, rank: int | None = None, features: int | None = None
+) -> None:
+    """Raises if ``x`` is not a real floating ``[..., length, features]`` array (of ``rank``
+    dimensions and ``features`` features, where given)."""
     ndim = np.ndim(x)
     if rank is not None and ndim != rank:
         raise ValueError(
@@ -33,15 +38,38 @@ def check_sequence_input(x, where: str, rank: int | None = None) -> None:
         raise ValueError(f"{where} expects [..., length, features], got shape {np.shape(x)}.")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"{where} expects a floating input, got dtype {jnp.result_type(x)}.")
-
-
-def check_features(x, features: int, where: str) -> None:
-    """Raises if the last axis of ``x`` is not ``features`` long."""
-    if np.shape(x)[-1] != features:
+    if features is not None and np.shape(x)[-1] != features:
         raise ValueError(
             f"{where} was built for {features} features but got input of shape "
             f"{np.shape(x)} ({np.shape(x)[-1]} features)."
         )
+
+
+def check_size(where: str, name: str, value) -> int:
+    """Returns ``value`` if it is a positive int, else raises a clear ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{where}: {name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def renamed_arguments(**renames: str):
+    """Accepts older keyword names: ``@renamed_arguments(features="in_features")`` lets
+    callers pass ``features=`` for ``in_features`` (both at once is an error). The wrapped
+    function keeps its signature (``inspect.signature`` follows ``__wrapped__``)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"pass {new}= or its older name {old}=, not both")
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def check_norm(kind: str) -> str:

@@ -14,21 +14,10 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
+from flax_linoss.linen.bridge import linen_path as _linen_key
+
 # linen collection name -> nnx variable type
 _COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
-
-
-def _linen_key(path: tuple) -> tuple[str, ...]:
-    """nnx path -> linen path: a name followed by a list index becomes ``name_index``."""
-    out: list[str] = []
-    for part in path:
-        if isinstance(part, int):
-            if not out:
-                raise ValueError(f"Cannot map nnx path {path} to linen: it starts with an index.")
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(str(part))
-    return tuple(out)
 
 
 def nnx_to_linen(model: nnx.Module) -> dict[str, Any]:

@@ -17,7 +17,9 @@ Parameters (and logical axes, see :data:`flax_linoss.mixers.base.PARAM_AXES`)::
     linoss/d [H] (kv,)                   linoss_reverse/... (bidirectional only, same)
     out_proj/kernel [H, O] (kv, embed)   out_proj/bias [O] (embed,)
 
-The names and shapes equal those of :class:`flax_linoss.mixers.nnx.LinOSSMixer`, so
+The computation is :class:`flax_linoss.mixers.nnx.LinOSSMixer`'s (the one source; this
+class maps the linen attention's fields, collections and conventions onto it through
+:class:`flax_linoss.linen.bridge.NnxSkin`), so names, shapes and results are the same and
 :func:`flax_linoss.convert.linen_to_nnx` / ``nnx_to_linen`` move weights between them.
 """
 
@@ -29,57 +31,33 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import meta
+from flax import nnx
+from flax.core import meta
 
 from flax_linoss import ops
-from flax_linoss.linen.layers import LinOSSLayer
-from flax_linoss.mixers import base, masks
+from flax_linoss.linen.bridge import NnxSkin
+from flax_linoss.mixers import base
+from flax_linoss.mixers import nnx as nnx_mixers
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
-def _logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
-    """Boxes ``init``'s result with logical axis ``names`` unless it is boxed already (a
-    user's ``nn.with_logical_partitioning(init, ...)`` keeps its own names)."""
+def _unboxing(init: Initializer, boxes: dict[str, meta.AxisMetadata], name: str) -> Initializer:
+    """``init`` with any axis metadata box (``nn.with_logical_partitioning``) taken off and
+    kept in ``boxes[name]``, to put back around the stored parameter."""
 
     def wrapped(*args, **kwargs):
         value = init(*args, **kwargs)
         if isinstance(value, meta.AxisMetadata):
-            return value
-        return nn.LogicallyPartitioned(value, names)
+            boxes[name] = value
+            return value.unbox()
+        return value
 
     return wrapped
 
 
-def _box_linoss_params(variables):
-    """``nn.map_variables`` hook: logical axes on the LinOSS layer's parameters."""
-    if "params" not in variables:
-        return variables
-    params = dict(variables["params"])
-    for name, value in params.items():
-        if name in base.PARAM_AXES and not isinstance(value, meta.AxisMetadata):
-            params[name] = nn.LogicallyPartitioned(value, base.linoss_param_axes(name))
-    return {**variables, "params": params}
-
-
-def _unbox_params(variables):
-    """``nn.map_variables`` hook: the layer sees plain arrays (boxes stay outside)."""
-    return meta.unbox(variables)
-
-
-# LinOSSLayer whose freshly created parameters carry logical axis names.
-_PartitionedLinOSSLayer = nn.map_variables(
-    LinOSSLayer,
-    "params",
-    trans_in_fn=_unbox_params,
-    trans_out_fn=_box_linoss_params,
-    init=False,
-    mutable=True,
-)
-
-
-class LinOSSMixer(nn.Module):
+class LinOSSMixer(NnxSkin):
     """LinOSS / D-LinOSS self-mixer with the interface of ``nn.MultiHeadDotProductAttention``.
 
     Causal by construction (unless ``bidirectional``); self-mixing only.
@@ -146,6 +124,56 @@ class LinOSSMixer(nn.Module):
     scan: str = ops.AUTO
     oscillator_init: Callable | None = None
 
+    def build(
+        self, inputs: jax.Array, rngs: nnx.Rngs, scratch: dict[str, Any]
+    ) -> nnx_mixers.LinOSSMixer:
+        if self.is_initializing() and not self.variables:
+            in_features = inputs.shape[-1]
+        else:
+            in_features = meta.unbox(self.variables["params"]["in_proj"]["kernel"]).shape[0]
+        boxes = scratch.setdefault("boxes", {})
+        return nnx_mixers.LinOSSMixer(
+            self.num_heads,
+            in_features,
+            self.qkv_features,
+            self.out_features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            broadcast_dropout=self.broadcast_dropout,
+            dropout_rate=self.dropout_rate,
+            precision=self.precision,
+            kernel_init=_unboxing(self.kernel_init, boxes, "in_proj/kernel"),
+            out_kernel_init=_unboxing(
+                self.out_kernel_init or self.kernel_init, boxes, "out_proj/kernel"
+            ),
+            bias_init=_unboxing(self.bias_init, boxes, "in_proj/bias"),
+            out_bias_init=_unboxing(self.out_bias_init or self.bias_init, boxes, "out_proj/bias"),
+            use_bias=self.use_bias,
+            qkv_dot_general=self.qkv_dot_general,
+            out_dot_general=self.out_dot_general,
+            qkv_dot_general_cls=self.qkv_dot_general_cls,
+            out_dot_general_cls=self.out_dot_general_cls,
+            keep_rngs=False,
+            discretization=self.discretization,
+            state_size=self.state_size,
+            bidirectional=self.bidirectional,
+            scan=self.scan,
+            oscillator_init=self.oscillator_init,
+            rngs=rngs,
+        )
+
+    def box(
+        self, path: tuple[str, ...], variable: nnx.Variable, value: Any, scratch: dict[str, Any]
+    ) -> Any:
+        """Parameters carry logical axis names (a user's own box wins)."""
+        if not isinstance(variable, nnx.Param):
+            return value
+        key = "/".join(path[-2:]) if path[0] in ("in_proj", "out_proj") else path[-1]
+        boxes = scratch.get("boxes", {})
+        if key in boxes:
+            return boxes[key].replace_boxed(value)
+        return nn.LogicallyPartitioned(value, base.PARAM_AXES[key])
+
     @nn.compact
     def __call__(
         self,
@@ -189,114 +217,51 @@ class LinOSSMixer(nn.Module):
         time) continues from the cached state and stores the new one.
         """
         where = type(self).__name__
-        del sow_weights
         base.check_self_mixing(where, inputs_q, inputs_k, inputs_v, inputs_kv)
-        base.check_options(where, self.discretization, self.scan, self.state_size)
-        base.check_input(where, inputs_q)
-        x = inputs_q
-        lead = x.shape[:-1]
-        width = self.qkv_features or x.shape[-1]
-        out_width = self.out_features or x.shape[-1]
-        num_osc = self.state_size or width
-        valid, seg = masks.reduce_mask(mask, lead, where=where)
-        seg = masks.combine_segment_ids(
-            seg, masks.check_segment_ids(segment_ids, lead, where=where)
-        )
-
-        dense = lambda n, kinit, binit, axes, dg, dgc, name: nn.Dense(
-            n,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernel_init=_logical(kinit, axes),
-            bias_init=_logical(binit, axes[1:]),
-            dot_general=dg,
-            dot_general_cls=dgc,
-            name=name,
-        )
-        layer = lambda name: _PartitionedLinOSSLayer(
-            num_osc,
-            discretization=self.discretization,
-            scan=self.scan,
-            oscillator_init=self.oscillator_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-
-        h = dense(
-            width,
-            self.kernel_init,
-            self.bias_init,
-            base.PARAM_AXES["in_proj/kernel"],
-            self.qkv_dot_general,
-            self.qkv_dot_general_cls,
-            "in_proj",
-        )(x)
-        forward = layer("linoss")
+        call = dict(mask=mask, sow_weights=sow_weights, segment_ids=segment_ids)
+        key = None
+        if self.dropout_rate > 0.0:
+            det = nn.merge_param("deterministic", self.deterministic, deterministic)
+            call["deterministic"] = det
+            if not det:
+                key = self.make_rng("dropout") if dropout_rng is None else dropout_rng
+                call["rngs"] = nnx.Rngs(dropout=key)
+        decoding = self.decode and not self.is_initializing()
         if self.decode:
             base.check_decode_options(where, self.bidirectional)
-            y = self._decode(forward, h, num_osc, valid, seg)
-        else:
-            y = forward(h, mask=valid, segment_ids=seg)
-        if self.bidirectional:
-            y = y + layer("linoss_reverse")(h, reverse=True, mask=valid, segment_ids=seg)
+            self._check_cache(where)
+        return self.run(
+            inputs_q,
+            lambda m: m(inputs_q, decode=decoding, **call),
+            prepare=(lambda m, fresh: self._prepare_cache(m, fresh, inputs_q.shape))
+            if self.decode
+            else None,
+        )
 
-        if self.dropout_rate > 0.0:
-            m_deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-            dims = base.broadcast_dims(y.ndim, self.broadcast_dropout)
-            y = nn.Dropout(self.dropout_rate, broadcast_dims=dims)(
-                y, deterministic=m_deterministic, rng=dropout_rng
-            )
-
-        return dense(
-            out_width,
-            self.out_kernel_init or self.kernel_init,
-            self.out_bias_init or self.bias_init,
-            base.PARAM_AXES["out_proj/kernel"],
-            self.out_dot_general,
-            self.out_dot_general_cls,
-            "out_proj",
-        )(y)
-
-    def _decode(self, layer, h, num_osc, valid, seg):
-        where = type(self).__name__
-        batch = h.shape[:-2]
-        initialized = self.has_variable("cache", "state_z")
-        if not initialized and not self.is_initializing():
+    def _check_cache(self, where: str) -> None:
+        if self.is_initializing():
+            return
+        if not self.has_variable("cache", "state_z"):
             raise ValueError(
                 f"{where}(decode=True) has no 'cache' collection: create it first with "
                 "`variables = model.init(key, x)` on an input of the decoding batch shape "
                 "(decode=True), then call `model.apply({'params': ..., 'cache': "
                 "variables['cache']}, x_new, mutable=['cache'])`."
             )
-        if initialized and not self.is_mutable_collection("cache"):
+        if not self.is_mutable_collection("cache"):
             raise ValueError(
                 f"{where}(decode=True): the 'cache' collection must be mutable to decode; "
                 "pass `mutable=['cache']` to `apply`."
             )
-        sdtype = base.state_dtype(self.param_dtype)
-        shape = (*batch, 2, num_osc)
-        state_z = self.variable("cache", "state_z", jnp.zeros, shape, sdtype)
-        state_y = self.variable("cache", "state_y", jnp.zeros, shape, sdtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialized:
-            # flax convention: init on the full input creates a zero cache and runs the
-            # ordinary forward pass.
-            return layer(h, mask=valid, segment_ids=seg)
-        base.check_cache_batch(where, state_z.value.shape[:-2], batch)
-        y, state = layer(
-            h,
-            initial_state=ops.LinOSSState(state_z.value, state_y.value),
-            return_state=True,
-            mask=valid,
-            segment_ids=seg,
-        )
-        state_z.value = state.z.astype(sdtype)
-        state_y.value = state.y.astype(sdtype)
-        index.value = index.value + h.shape[-2]
-        return y
+
+    def _prepare_cache(self, module: nnx_mixers.LinOSSMixer, fresh: bool, shape) -> None:
+        # flax convention: init creates a zero cache for the input's batch shape and runs
+        # the ordinary forward pass; apply continues from the stored cache.
+        if fresh:
+            module.init_cache(shape)
+        else:
+            batch = self.variables["cache"]["state_z"].shape[:-2]
+            module.init_cache((*batch, 1, module.in_features))
 
 
 class LinOSSIMEXMixer(LinOSSMixer):

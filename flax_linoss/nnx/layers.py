@@ -1,7 +1,8 @@
-"""Flax nnx skin of the LinOSS layer, the papers' block and the papers' model.
+"""The LinOSS layer, the papers' block and the papers' model, written once, in Flax nnx.
 
-Mirrors :mod:`flax_linoss.linen.layers` name for name; the parameter trees match (a linen
-``blocks_3`` is the nnx ``blocks[3]``), see :mod:`flax_linoss.convert`.
+This is the one source of these modules: :mod:`flax_linoss.linen` derives its classes from
+these (see :mod:`flax_linoss.linen.bridge`), with the same parameter names, shapes and
+results. All math is in :mod:`flax_linoss.ops`.
 
 Shapes: ``[batch, length, features]``; ``H`` features, ``P`` oscillators.
 """
@@ -22,12 +23,13 @@ from flax_linoss.common import (
     BN_EPSILON,
     BN_MOMENTUM,
     CLASSIFICATION,
-    check_features,
     check_model_options,
     check_norm,
     check_sequence_input,
+    check_size,
     feature_mask,
     pool_or_subsample,
+    renamed_arguments,
     running_batch_norm,
 )
 from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
@@ -35,29 +37,34 @@ from flax_linoss.ops.params import default_b_init, default_c_init, default_d_ini
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
+__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm"]
+
 
 class LinOSSLayer(nnx.Module):
     """One LinOSS / D-LinOSS state-space layer, ``[batch, length, H] -> [batch, length, H]``.
 
     Parameters: ``a_raw [P]``, ``dt_raw [P]``, ``g_raw [P]`` (damped only), ``b [P, H, 2]``,
-    ``c [H, P, 2]`` and ``d [H]``, as in :class:`flax_linoss.linen.LinOSSLayer`.
+    ``c [H, P, 2]`` (complex matrices as (re, im) pairs) and ``d [H]``.
 
     Args:
-      features: ``H``.
-      state_size: ``P``.
-      discretization: ``"im"``, ``"imex"`` or ``"damped"``.
+      in_features: ``H`` (``features=`` is accepted as an older alias).
+      state_size: ``P``, the number of oscillators.
+      discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
+        (D-LinOSS).
       scan: scan path, see :func:`flax_linoss.ops.linoss_apply`.
-      oscillator_init: ``(key, P, dtype) -> {"a_raw", "dt_raw"[, "g_raw"]}``.
-      b_init, c_init, d_init: initialisers.
-      dtype: computation dtype of the projections (default: inferred); the recurrence
-        always runs in float32 or wider.
+      oscillator_init: ``(key, P, dtype) -> {"a_raw", "dt_raw"[, "g_raw"]}``; default: the
+        papers' (uniform for LinOSS, ring for D-LinOSS).
+      b_init, c_init, d_init: initialisers of ``b``, ``c``, ``d``.
+      dtype: computation dtype of the projections (default: inferred from the input). The
+        recurrence always runs in float32 or wider.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
+    @renamed_arguments(features="in_features")
     def __init__(
         self,
-        features: int,
+        in_features: int,
         state_size: int,
         *,
         discretization: str = ops.IM,
@@ -70,8 +77,8 @@ class LinOSSLayer(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.features = features
-        self.state_size = state_size
+        self.in_features = check_size("LinOSSLayer", "in_features", in_features)
+        self.state_size = check_size("LinOSSLayer", "state_size", state_size)
         self.discretization = ops.check_discretization(discretization)
         self.scan = ops.check_scan(scan)
         self.dtype = dtype
@@ -82,9 +89,14 @@ class LinOSSLayer(nnx.Module):
         self.a_raw = nnx.Param(raw["a_raw"])
         self.dt_raw = nnx.Param(raw["dt_raw"])
         self.g_raw = nnx.Param(raw["g_raw"]) if discretization == ops.DAMPED else None
-        self.b = nnx.Param(b_init(rngs.params(), (state_size, features, 2), param_dtype))
-        self.c = nnx.Param(c_init(rngs.params(), (features, state_size, 2), param_dtype))
-        self.d = nnx.Param(d_init(rngs.params(), (features,), param_dtype))
+        self.b = nnx.Param(b_init(rngs.params(), (state_size, in_features, 2), param_dtype))
+        self.c = nnx.Param(c_init(rngs.params(), (in_features, state_size, 2), param_dtype))
+        self.d = nnx.Param(d_init(rngs.params(), (in_features,), param_dtype))
+
+    @property
+    def features(self) -> int:
+        """Older name of :attr:`in_features`."""
+        return self.in_features
 
     def constrained(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """The constrained ``(a, dt, g)``, each ``[P]`` (``g`` is ``None`` unless damped)."""
@@ -101,9 +113,20 @@ class LinOSSLayer(nnx.Module):
         mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
     ):
-        """Applies the layer; arguments as in :class:`flax_linoss.linen.LinOSSLayer`."""
-        check_sequence_input(x, "LinOSSLayer")
-        check_features(x, self.features, "LinOSSLayer")
+        """Applies the layer.
+
+        Args:
+          x: ``[..., length, H]`` input.
+          initial_state: optional :class:`~flax_linoss.ops.LinOSSState` (``[..., 2, P]``).
+          return_state: also return the final state.
+          reverse: run the recurrence from the last step to the first.
+          mask: optional ``[..., length]`` bool, ``True`` = valid step.
+          segment_ids: optional ``[..., length]`` int; the state restarts per segment.
+
+        Returns:
+          ``[..., length, H]``, and the final state if ``return_state``.
+        """
+        check_sequence_input(x, "LinOSSLayer", features=self.in_features)
         x, b, c, d = nnx.nn.dtypes.promote_dtype(
             (x, self.b[...], self.c[...], self.d[...]), dtype=self.dtype
         )
@@ -130,13 +153,17 @@ class RunningBatchNorm(nnx.Module):
     """The reference code's batch norm (see :func:`flax_linoss.common.running_batch_norm`).
 
     ``[..., L, H] -> [..., L, H]``; ``nnx.BatchStat`` statistics ``mean``, ``var`` (``[H]``)
-    and ``initialized``.
+    and ``initialized`` (the equinox "first time" flag).
+
+    Args:
+      num_features: ``H``.
+      axis_name: mapped axis over which the statistics are averaged (data parallelism).
     """
 
-    def __init__(self, features: int, *, axis_name: str | None = None):
+    def __init__(self, num_features: int, *, axis_name: str | None = None):
         self.axis_name = axis_name
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.initialized = nnx.BatchStat(jnp.zeros((), bool))
 
     def __call__(self, x, *, use_running_average: bool, mask=None):
@@ -156,10 +183,10 @@ class RunningBatchNorm(nnx.Module):
 
 
 def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
-    check_norm(kind)
     if kind == BATCH_RUNNING:
         return RunningBatchNorm(features, axis_name=axis_name)
     if kind == BATCH:
+        # The papers' batch norm: per channel over batch and time, no affine part.
         return nnx.BatchNorm(
             features,
             momentum=BN_MOMENTUM,
@@ -173,36 +200,42 @@ def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
         )
     if kind == "layer":
         return nnx.LayerNorm(
-            features, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            features, epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-    return nnx.RMSNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.RMSNorm(
+        features, epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
 
 class LinOSSBlock(nnx.Module):
     """The papers' block: norm, LinOSS, GELU, dropout, GLU, dropout, residual.
 
+    ``[batch, length, H] -> [batch, length, H]``. Batch norms keep their running statistics
+    as ``nnx.BatchStat`` (the ``"batch_stats"`` collection in linen).
+
     Args:
-      features: ``H``.
+      in_features: ``H`` (``features=`` is accepted as an older alias).
       state_size: ``P``.
       discretization, scan, oscillator_init: passed to :class:`LinOSSLayer`.
-      norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's,
-        see :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
+      norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's, see
+        :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
       dropout_rate: dropout after the GELU and after the GLU.
-      norm_axis_name: mapped axis over which batch statistics are averaged.
+      norm_axis_name: mapped axis over which batch statistics are averaged (data parallel).
       deterministic: default mode (``model.eval()`` / ``model.train()`` set it too).
       dtype, param_dtype: as in Flax.
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
     """
 
+    @renamed_arguments(features="in_features")
     def __init__(
         self,
-        features: int,
+        in_features: int,
         state_size: int,
         *,
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
-        norm: str = "batch",
+        norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
         deterministic: bool = False,
@@ -210,12 +243,13 @@ class LinOSSBlock(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.features = features
+        self.in_features = check_size("LinOSSBlock", "in_features", in_features)
         self.norm_kind = check_norm(norm)
+        self.dropout_rate = dropout_rate
         self.deterministic = deterministic
-        self.norm = _norm(norm, features, norm_axis_name, dtype, param_dtype, rngs)
+        self.norm = _norm(norm, in_features, norm_axis_name, dtype, param_dtype, rngs)
         self.ssm = LinOSSLayer(
-            features,
+            in_features,
             state_size,
             discretization=discretization,
             scan=scan,
@@ -225,7 +259,7 @@ class LinOSSBlock(nnx.Module):
             rngs=rngs,
         )
         linear = lambda: nnx.Linear(
-            features, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            in_features, in_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.glu_value = linear()
         self.glu_gate = linear()
@@ -234,10 +268,11 @@ class LinOSSBlock(nnx.Module):
     def __call__(
         self, x: jax.Array, *, deterministic: bool | None = None, mask: jax.Array | None = None
     ) -> jax.Array:
-        """Applies the block to ``x [batch, length, H]``; ``mask [batch, length]`` optional."""
+        """Applies the block to ``x [batch, length, H]``; ``mask [batch, length]`` optional
+        (``True`` = valid step; padded steps never influence valid ones or the statistics).
+        """
         deterministic = self.deterministic if deterministic is None else deterministic
-        check_sequence_input(x, "LinOSSBlock", rank=3)
-        check_features(x, self.features, "LinOSSBlock")
+        check_sequence_input(x, "LinOSSBlock", rank=3, features=self.in_features)
         skip = x
         if self.norm_kind in (BATCH, BATCH_RUNNING):
             x = self.norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
@@ -253,8 +288,22 @@ class LinOSSBlock(nnx.Module):
 class LinOSSModel(nnx.Module):
     """The papers' model: linear encoder, ``num_blocks`` blocks, then a head.
 
-    See :class:`flax_linoss.linen.LinOSSModel` for the semantics; here the input size is
-    given up front as ``in_features``.
+    Input ``[batch, length, in_features]``. Classification: mean over (valid) time steps then
+    a linear head, giving logits ``[batch, output_size]``. Regression: every
+    ``output_step``-th step, a linear head and ``tanh``, giving
+    ``[batch, length // output_step, output_size]``.
+
+    Args:
+      in_features: input channels.
+      num_blocks: number of :class:`LinOSSBlock`.
+      hidden_size: ``H``.
+      state_size: ``P``.
+      output_size: classes or regression targets.
+      task: ``"classification"`` or ``"regression"``.
+      output_step: subsampling of the regression head.
+      discretization, scan, oscillator_init, norm, dropout_rate, norm_axis_name: per block.
+      deterministic, dtype, param_dtype: as in Flax.
+      rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
     """
 
     def __init__(
@@ -270,7 +319,7 @@ class LinOSSModel(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
-        norm: str = "batch",
+        norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
         deterministic: bool = False,
@@ -279,7 +328,10 @@ class LinOSSModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_model_options(task, output_step, num_blocks)
-        self.in_features = in_features
+        self.in_features = check_size("LinOSSModel", "in_features", in_features)
+        for name, value in (("hidden_size", hidden_size), ("state_size", state_size)):
+            check_size("LinOSSModel", name, value)
+        check_size("LinOSSModel", "output_size", output_size)
         self.task = task
         self.output_step = output_step
         self.deterministic = deterministic
@@ -309,8 +361,7 @@ class LinOSSModel(nnx.Module):
     ) -> jax.Array:
         """Applies the model to ``x [batch, length, in_features]`` (``mask [batch, length]``)."""
         deterministic = self.deterministic if deterministic is None else deterministic
-        check_sequence_input(x, "LinOSSModel", rank=3)
-        check_features(x, self.in_features, "LinOSSModel")
+        check_sequence_input(x, "LinOSSModel", rank=3, features=self.in_features)
         x = self.encoder(x)
         for block in self.blocks:
             x = block(x, deterministic=deterministic, mask=mask)
