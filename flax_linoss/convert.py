@@ -73,3 +73,60 @@ def linen_to_nnx(variables: dict[str, Any], model: nnx.Module) -> nnx.Module:
             nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
             nnx.update(model, state)
     return model
+
+
+def _canonical(keypath) -> tuple:
+    """A key path in a form both APIs share: list items join their name (``blocks``, 3 ->
+    ``blocks_3``) and the ``value`` attribute of nnx variables is dropped."""
+    out: list[tuple[str, Any]] = []
+    for i, k in enumerate(keypath):
+        if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, int) and out:
+            kind, name = out[-1]
+            out[-1] = (kind, f"{name}_{k.key}")
+        elif (
+            isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value" and i == len(keypath) - 1
+        ):
+            continue
+        elif isinstance(k, jax.tree_util.DictKey):
+            out.append(("key", str(k.key)))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(("attr", k.name))
+        else:
+            out.append(("index", getattr(k, "idx", str(k))))
+    return tuple(out)
+
+
+def map_tree(tree: Any, template: Any, *, to_nnx: bool) -> Any:
+    """``tree`` re-laid-out like ``template``, leaf by leaf through the shared path form.
+
+    Works on variables and on anything holding variable-shaped trees (an optax state), in
+    either direction: linen dicts (``blocks_3``) and ``nnx.State`` (``blocks/3``).
+
+    Args:
+      tree: the source tree (one API's form).
+      template: the target structure (the other API's form; leaves may be abstract).
+      to_nnx: direction, for the error message.
+
+    Raises:
+      ValueError: naming every missing or unexpected entry, or a shape that differs.
+    """
+    src = {_canonical(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    want = {_canonical(kp): leaf for kp, leaf in flat}
+    missing = sorted("/".join(str(p[1]) for p in k) for k in set(want) - set(src))
+    extra = sorted("/".join(str(p[1]) for p in k) for k in set(src) - set(want))
+    if missing or extra:
+        raise ValueError(
+            f"Cannot convert to {'nnx' if to_nnx else 'linen'}: missing {missing}, "
+            f"unexpected {extra}."
+        )
+    leaves = []
+    for kp, leaf in flat:
+        value = src[_canonical(kp)]
+        if np.shape(value) != np.shape(leaf):
+            raise ValueError(
+                f"{'/'.join(str(p[1]) for p in _canonical(kp))} has shape {np.shape(value)} "
+                f"but the target needs {np.shape(leaf)}."
+            )
+        leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

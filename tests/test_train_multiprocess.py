@@ -64,8 +64,8 @@ def _params(workdir):
     # The checkpoint names other processes' devices: restore onto one local device.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     config = default_config.get_tiny_config()
-    s = trainer._setup(config)
-    target = ckpt_lib.abstract_like(trainer.init_state(config, s.fns, s.tx, s.example), one)
+    s = trainer.setup(config)
+    target = ckpt_lib.abstract_like(trainer.create_train_state(s), one)
     out = mngr.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
     return jax.tree.map(np.asarray, out["state"])
@@ -100,7 +100,8 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, out[-4000:]
     r2 = [_result(o) for o in outs]
     assert [r["devices"] for r in r2] == [4, 4] and [r["local"] for r in r2] == [2, 2]
-    assert r2[0]["results"] == r2[1]["results"]
+    timeless = [{k: v for k, v in r["results"].items() if k != "train_seconds"} for r in r2]
+    assert timeless[0] == timeless[1]  # (each process times its own loop)
 
     # The same config in this single process (8 local devices).
     one = str(tmp_path / "one")

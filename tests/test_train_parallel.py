@@ -7,29 +7,34 @@ import pytest
 from flax_linoss.train import config as config_lib
 from flax_linoss.train import default_config, trainer
 from flax_linoss.train import parallel as par_lib
+from flax_linoss.train.model import to_framework
 
 STEPS = 4
 
 
 def _run(impl, num_devices, framework="linen"):
-    """Trains STEPS steps; the initial state always comes from the linen model (same tree)."""
+    """Trains STEPS steps from the linen model's initial state (converted for nnx); returns
+    the final state in linen form, the losses and the initial state."""
     config = default_config.get_tiny_config()
     config.framework = framework
     config.model.dropout_rate = 0.0  # shard_map / pmap draw per-device dropout masks
     config.parallel.implementation = impl
     config.parallel.num_devices = num_devices
-    s = trainer._setup(config)
-    linen = trainer.make_model(default_config.get_tiny_config(), s.shape)
-    init = trainer.init_state(config, linen, s.tx, s.example)
+    s = trainer.setup(config)
+    linen = trainer.setup(default_config.get_tiny_config())
+    init = trainer.create_train_state(linen)
+    template = jax.eval_shape(lambda: trainer.create_train_state(s))
     it = trainer.data_lib.train_iterator(config, s.splits["train"])
-    state = s.parallel.put_state(s.parallel.replicate(init))
+    start = to_framework(init, template, "linen", framework)
+    state = s.parallel.put_state(s.parallel.replicate(start))
     losses = []
     for _ in range(STEPS):
         batch = trainer.data_lib.prepare_batch(config, next(it))
         state, m = s.parallel.step(state, s.parallel.put_batch(batch))
         losses.append(float(par_lib.to_host(m["loss"])))
-    state = s.parallel.canonical_state(state)
-    return jax.tree.map(par_lib.to_host, state), losses, jax.tree.map(np.asarray, init)
+    state = jax.tree.map(par_lib.to_host, s.parallel.canonical_state(state))
+    state = to_framework(state, jax.eval_shape(lambda: init), framework, "linen")
+    return state, losses, jax.tree.map(np.asarray, init)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,11 +83,11 @@ def test_pmap_with_model_axis_is_rejected_before_compiling():
     config.parallel.implementation = "pmap"
     config.parallel.model_axis_size = 2
     with pytest.raises(config_lib.ConfigError, match=r"pmap.*model axis"):
-        trainer._setup(config)
+        trainer.setup(config)
 
 
 def test_batch_must_split_over_devices():
     config = default_config.get_tiny_config()
     config.data.batch_size = 12  # not a multiple of 8
     with pytest.raises(ValueError, match="does not split over 8"):
-        trainer._setup(config)
+        trainer.setup(config)

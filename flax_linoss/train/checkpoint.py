@@ -26,6 +26,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "RunCheckpoints",
     "abstract_like",
+    "checkpoint_meta",
     "restore_model",
 ]
 
@@ -132,6 +133,13 @@ class RunCheckpoints:
             force=True,
         )
 
+    def drop_after(self, step: int) -> None:
+        """Deletes the full checkpoints newer than ``step`` (committed saves only)."""
+        self.latest.wait_until_finished()
+        for s in self.latest.all_steps():
+            if s > step:
+                self.latest.delete(s)
+
     def drop_best_after(self, step: int) -> None:
         """Deletes best checkpoints newer than ``step`` (a resumed run recreates them)."""
         self.best.wait_until_finished()
@@ -147,6 +155,31 @@ class RunCheckpoints:
         self.wait()
         self.latest.close()
         self.best.close()
+
+
+def checkpoint_meta(workdir: str, *, which: str = "best") -> tuple[dict[str, Any], int]:
+    """``(meta, step)`` of the checkpoint :func:`restore_model` would restore, read before
+    anything else (to check the model signature first).
+
+    Raises:
+        FileNotFoundError: ``workdir`` holds no complete checkpoint.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    for sub in ("best", "checkpoints") if which == "best" else ("checkpoints",):
+        directory = os.path.join(workdir, sub)
+        if not os.path.isdir(directory):
+            continue
+        mngr = ocp.CheckpointManager(os.path.abspath(directory))
+        step = mngr.latest_step()
+        if step is not None:
+            out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            mngr.close()
+            return dict(out["meta"]), step
+        mngr.close()
+    raise FileNotFoundError(
+        f"{workdir!r} holds no checkpoint (is it the --workdir of a `flax-linoss train` run?)"
+    )
 
 
 def restore_model(

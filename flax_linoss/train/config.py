@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "optimizer.name": ("adam", "adamw"),
     "optimizer.schedule": ("constant", "cosine"),
+    "train.best_ties": ("first", "last"),
     "parallel.implementation": ("jit", "shard_map", "pmap"),
 }
 

@@ -91,15 +91,20 @@ def get_config() -> ml_collections.ConfigDict:
     train.log_every = 100
     # Steps between evaluations on val and test (0: only at the end).
     train.eval_every = 200
-    # Early stopping: stop after this many evaluations without improvement (0: never).
+    # Early stopping: stop after more than this many evaluations without improvement (0: never).
     train.patience = 0
+    # Which of several equally good validation evaluations is the best: "first", or "last"
+    # (the reference LinOSS code: an equal value replaces the best checkpoint and its test
+    # metric, but is no improvement for early stopping).
+    train.best_ties = "first"
     # Steps between checkpoints (0: only at the end).
     train.checkpoint_every = 200
     # Recent checkpoints kept (the best one by validation metric is kept apart, in best/).
     train.keep_checkpoints = 2
     # Save checkpoints in a background thread.
     train.async_checkpointing = True
-    # Write TensorBoard summaries when tensorboardX or tensorflow is installed.
+    # Write TensorBoard event files to WORKDIR/tensorboard (tensorboardX, from the `train`
+    # extra; no TensorFlow): train/val/test metrics, the learning rate, the hyperparameters.
     train.tensorboard = True
 
     config.parallel = par = ml_collections.ConfigDict()  # devices, mesh, processes

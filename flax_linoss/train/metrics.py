@@ -1,4 +1,4 @@
-"""Metric sinks: a JSONL file in the workdir, TensorBoard where installed, a progress line.
+"""Metric sinks: a JSONL file in the workdir, TensorBoard event files, a progress line.
 
 Each JSONL line is one record ``{"step": int, "split": "train"|"val"|"test", <name>: float}``.
 On resume, :meth:`MetricWriter.truncate` drops the records written after the restored step so
@@ -8,6 +8,7 @@ the file matches an uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -20,30 +21,35 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def _tensorboard_writer(logdir: str):
+    """A TensorBoard event writer (``tensorboardX``, installed by the ``train`` extra; no
+    TensorFlow), or ``None`` where it is not installed."""
     try:
-        from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
-
-        return SummaryWriter(logdir)
-    except ImportError:
-        pass
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
-
-        return SummaryWriter(logdir)
+        from tensorboardX import SummaryWriter
     except ImportError:
         return None
+    return SummaryWriter(logdir)
 
 
 class MetricWriter:
-    """Appends metric records to ``workdir/metrics.jsonl`` (and TensorBoard if available).
+    """Appends metric records to ``workdir/metrics.jsonl`` and writes TensorBoard events.
 
     Args:
         workdir: Run directory.
         enabled: Write at all (only process 0 writes in a multi-process run).
-        tensorboard: Also write TensorBoard event files under ``workdir/tensorboard``.
+        tensorboard: Also write TensorBoard event files under ``workdir/tensorboard``
+            (``tensorboard --logdir WORKDIR/tensorboard``).
+        hparams: Hyperparameters to record once (TensorBoard's hparams and text views), as
+            flax's lm1b example does.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        hparams: Mapping[str, Any] | None = None,
+    ):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.enabled = enabled
         self._tb = None
@@ -51,6 +57,26 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
                 self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+                if self._tb is None:
+                    logging.warning(
+                        "train.tensorboard is on but tensorboardX is not installed "
+                        "(pip install 'flax-linoss[train]'); writing metrics.jsonl only."
+                    )
+            if self._tb is not None and hparams:
+                self._write_hparams(hparams)
+
+    def _write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        flat = {
+            k: v if isinstance(v, int | float | str | bool) else json.dumps(v, default=str)
+            for k, v in hparams.items()
+        }
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        self._tb.add_text("hparams", json.dumps(flat, indent=1, default=str), 0)
+        # In this run's own event file (SummaryWriter.add_hparams would start a sub-run).
+        for summary in hparams_summaries(flat, {}):
+            self._tb.file_writer.add_summary(summary)
+        self._tb.flush()
 
     def truncate(self, step: int) -> None:
         """Keeps only the records with ``record["step"] <= step`` (resume)."""

@@ -74,6 +74,7 @@ def paper_config(
     config.train.num_steps = 100_000  # upper bound; early stopping ends most runs
     config.train.eval_every = 1000  # the papers' evaluation interval
     config.train.patience = 10  # stop after more than 10 evaluations without improvement
+    config.train.best_ties = "last"  # the reference: an equal val refreshes the best's test
     config.train.checkpoint_every = 1000  # at every evaluation
     config.train.log_every = 100  # progress line
     return config

@@ -1,16 +1,18 @@
-"""One trainer for the linen and the nnx models.
+"""One trainer for the linen and the nnx models, in small named steps.
 
-Both frameworks are reduced to the same pure functions (:class:`ModelFns`): ``init(key, x)``
-gives linen-form variables ``{"params", "batch_stats"}`` and ``apply(variables, x, train,
-rng)`` gives ``(output, new_batch_stats)``. For nnx, ``apply`` merges the module's graph with
-the variables (``nnx.merge`` plus :func:`flax_linoss.convert.linen_to_nnx`), reseeds its dropout
-stream with ``rng`` and reads the statistics back. So the step functions, the optimiser state and
-the checkpoints are the same for both: a checkpoint written with one framework resumes with the
-other.
+Reads like flax's lm1b ``train.py``: :func:`setup` (config checks, devices, data, model,
+optimiser), :func:`create_train_state`, one training step (:func:`make_step_fn`, run by
+:class:`~flax_linoss.train.parallel.Parallel`), periodic evaluation (:func:`evaluate_model`),
+checkpoints (:mod:`flax_linoss.train.checkpoint`) and early stopping
+(:class:`EarlyStopping`), tied together by :func:`train_and_evaluate`.
 
-The train state is a dict ``{"step", "params", "batch_stats", "opt_state", "rng"}``. The
-dropout key of step ``s`` is ``fold_in(rng, s)`` and the data order is a function of the seed
-and the Grain iterator position, so a resumed run continues bit for bit (on the same devices).
+Each API trains in its own form (:mod:`flax_linoss.train.model`): linen variables for
+linen, ``nnx.State`` for nnx. The train state is ``{"step", "params", "batch_stats",
+"opt_state", "rng"}``; checkpoints store it as it is and record the API, and a run restored
+with the other API is converted through :func:`flax_linoss.train.model.to_framework`.
+
+The dropout key of step ``s`` is ``fold_in(rng, s)`` and the data order is a function of the
+seed and the Grain iterator position, so a resumed run continues bit for bit (same devices).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,16 +34,27 @@ from flax_linoss.train import config as config_lib
 from flax_linoss.train import data as data_lib
 from flax_linoss.train import metrics as metrics_lib
 from flax_linoss.train import parallel as par_lib
+from flax_linoss.train.model import (
+    ModelFns,
+    abstract_variables,
+    make_model,
+    model_signature,
+    to_framework,
+)
 
 __all__ = [
+    "EarlyStopping",
     "ModelFns",
     "NonFiniteLossError",
+    "Setup",
+    "create_train_state",
     "evaluate",
-    "init_state",
+    "evaluate_model",
     "make_model",
     "make_optimizer",
     "make_step_fn",
     "model_signature",
+    "setup",
     "setup_distributed",
     "train_and_evaluate",
 ]
@@ -52,166 +64,135 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelFns:
-    """A model as pure functions.
-
-    Attributes:
-        init: ``(key, x [B, L, C]) -> {"params", "batch_stats"}``.
-        apply: ``(variables, x [B, L, C], train: bool, rng) -> (out, batch_stats)``; ``out``
-            is logits ``[B, K]`` or regression outputs ``[B, T, D]``.
-        task: ``"classification"`` or ``"regression"``.
-    """
-
-    init: Callable[[jax.Array, jax.Array], dict[str, Any]]
-    apply: Callable[[dict[str, Any], jax.Array, bool, jax.Array], tuple[jax.Array, Any]]
-    task: str
-
-
-def _model_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    m = config.model
-    return dict(
-        num_blocks=m.num_blocks,
-        hidden_size=m.hidden_size,
-        state_size=m.state_size,
-        output_size=shape["output_size"],
-        task=shape["task"],
-        output_step=shape["output_step"],
-        discretization=m.discretization,
-        scan=m.scan,
-        norm=m.norm,
-        dropout_rate=m.dropout_rate,
-        dtype=jnp.dtype(m.dtype),
-    )
-
-
-def make_model(
-    config: ml_collections.ConfigDict, shape: dict[str, Any], *, axis_name: str | None = None
-) -> ModelFns:
-    """The configured model (``config.framework``) as :class:`ModelFns`.
-
-    Args:
-        config: A validated config.
-        shape: From :func:`flax_linoss.train.data.model_shape`.
-        axis_name: Mapped axis for batch-norm statistics (``"data"`` under shard_map / pmap).
-    """
-    kw = _model_kwargs(config, shape)
-    if config.framework == "linen":
-        from flax_linoss.linen import LinOSSModel
-
-        module = LinOSSModel(**kw, norm_axis_name=axis_name)
-
-        def init(key, x):
-            v = LinOSSModel(**kw).init({"params": key}, x, deterministic=True)
-            return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
-
-        def apply(variables, x, train, rng):
-            if not train:
-                return module.apply(variables, x, deterministic=True), variables["batch_stats"]
-            out, mut = module.apply(
-                variables, x, deterministic=False, rngs={"dropout": rng}, mutable=["batch_stats"]
-            )
-            return out, mut.get("batch_stats", {})
-
-        return ModelFns(init, apply, shape["task"])
-
-    from flax import nnx
-
-    from flax_linoss.convert import linen_to_nnx, nnx_to_linen
-    from flax_linoss.nnx import LinOSSModel as NnxModel
-
-    def build(key, axis):
-        return NnxModel(
-            shape["in_features"], **kw, norm_axis_name=axis, rngs=nnx.Rngs(params=key, dropout=0)
-        )
-
-    abstract = nnx.eval_shape(lambda: build(jax.random.key(0), axis_name))
-    graphdef, abstract_state = nnx.split(abstract)
-
-    def init(key, x):
-        del x
-        variables = nnx_to_linen(build(key, None))
-        variables.setdefault("batch_stats", {})
-        return variables
-
-    def apply(variables, x, train, rng):
-        model = nnx.merge(graphdef, abstract_state, copy=True)
-        linen_to_nnx(variables, model)
-        if train:
-            nnx.reseed(model, dropout=rng)
-        out = model(x, deterministic=not train)
-        stats = nnx_to_linen(model).get("batch_stats", {})
-        return out, stats
-
-    return ModelFns(init, apply, shape["task"])
+# ----------------------------------------------------------------------------------------
+# Set-up.
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam/AdamW with optional warmup + cosine schedule and gradient clipping."""
     o = config.optimizer
+    tx = (optax.adamw if o.name == "adamw" else optax.adam)(**_optimizer_args(config))
+    if o.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    return tx
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate as a function of the step (also logged to TensorBoard)."""
+    o = config.optimizer
     if o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=o.learning_rate,
             warmup_steps=o.warmup_steps,
             decay_steps=config.train.num_steps,
             end_value=o.learning_rate * o.end_lr_factor,
         )
-    elif o.warmup_steps:
-        lr = optax.join_schedules(
+    if o.warmup_steps:
+        return optax.join_schedules(
             [
                 optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
                 optax.constant_schedule(o.learning_rate),
             ],
             [o.warmup_steps],
         )
-    else:
-        lr = o.learning_rate
+    return optax.constant_schedule(o.learning_rate)
+
+
+def _optimizer_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    o = config.optimizer
+    schedule = o.schedule == "cosine" or o.warmup_steps
+    args: dict[str, Any] = {"learning_rate": learning_rate(config) if schedule else o.learning_rate}
     if o.name == "adamw":
-        tx = optax.adamw(lr, weight_decay=o.weight_decay)
-    else:
-        tx = optax.adam(lr)
-    if o.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-    return tx
+        args["weight_decay"] = o.weight_decay
+    return args
 
 
-def model_signature(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    """The fields that fix the checkpoint's tree structure and shapes."""
-    m, o = config.model, config.optimizer
-    return {
-        "discretization": m.discretization,
-        "num_blocks": m.num_blocks,
-        "hidden_size": m.hidden_size,
-        "state_size": m.state_size,
-        "norm": m.norm,
-        "in_features": shape["in_features"],
-        "output_size": shape["output_size"],
-        "task": shape["task"],
-        "output_step": shape["output_step"],
-        "optimizer": o.name,
-        "schedule": "constant" if (o.schedule == "constant" and not o.warmup_steps) else "sched",
-        "grad_clip": bool(o.grad_clip_norm),
-    }
+def setup_distributed(config: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize`` when ``parallel.distributed`` (once per process)."""
+    p = config.parallel
+    if not p.distributed or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if p.coordinator_address:
+        kwargs["coordinator_address"] = p.coordinator_address
+    if p.num_processes:
+        kwargs["num_processes"] = p.num_processes
+    if p.process_id >= 0:
+        kwargs["process_id"] = p.process_id
+    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
-def init_state(
-    config: ml_collections.ConfigDict,
-    fns: ModelFns,
-    tx: optax.GradientTransformation,
-    example: np.ndarray,
-) -> dict[str, Any]:
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built from a config before anything is compiled."""
+
+    config: ml_collections.ConfigDict
+    splits: Any
+    shape: dict[str, Any]
+    mesh: jax.sharding.Mesh
+    parallel: par_lib.Parallel
+    fns: ModelFns  # global-view model (evaluation)
+    tx: optax.GradientTransformation
+    example: np.ndarray
+    signature: dict[str, Any]
+
+    @property
+    def metric(self) -> str:
+        return metric_name(self.shape["task"])
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Checks the config, then builds devices, data, model, optimiser and the step."""
+    config_lib.validate(config)
+    impl = config.parallel.implementation
+    if impl == "pmap":
+        ok, why = par_lib.pmap_available()
+        if not ok:
+            raise config_lib.ConfigError(why)
+    setup_distributed(config)
+    try:
+        mesh = par_lib.make_mesh(config.parallel.num_devices, config.parallel.model_axis_size)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    splits = data_lib.load_dataset(config)
+    shape = data_lib.model_shape(splits.info, config.data.time_channel)
+    fns = make_model(config, shape)
+    step_fns = fns if impl == "jit" else make_model(config, shape, axis_name=par_lib.DATA_AXIS)
+    tx = make_optimizer(config)
+    parallel = par_lib.Parallel(impl, mesh, make_step_fn(step_fns, tx))
+    par_lib.check_batch(config.data.batch_size, parallel)
+    if config.data.eval_batch_size % (parallel.data_size * jax.process_count()):
+        raise config_lib.ConfigError(
+            f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of "
+            f"{parallel.data_size * jax.process_count()}"
+        )
+    first = {k: np.asarray(v)[None] for k, v in splits["train"][0].items()}
+    first["valid"] = np.ones((1,), bool)
+    example = data_lib.prepare_batch(config, first)["series"]
+    return Setup(
+        config, splits, shape, mesh, parallel, fns, tx, example, model_signature(config, shape)
+    )
+
+
+def create_train_state(s: Setup) -> dict[str, Any]:
     """A fresh train state (on the default device) from ``config.seed``."""
-    key = jax.random.PRNGKey(config.seed)
+    key = jax.random.PRNGKey(s.config.seed)
     init_key, dropout_key = jax.random.split(key)
-    variables = jax.jit(fns.init)(init_key, jnp.asarray(example))
+    variables = jax.jit(s.fns.init)(init_key, jnp.asarray(s.example))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
-        "opt_state": tx.init(variables["params"]),
+        "opt_state": s.tx.init(variables["params"]),
         "rng": dropout_key,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# One training step.
 
 
 def task_loss(task: str, out: jax.Array, label: jax.Array, valid: jax.Array):
@@ -244,12 +225,8 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
         rng = par_lib.device_fold(rng, axis_name)
 
         def loss_fn(params):
-            out, stats = fns.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
-                batch["series"],
-                True,
-                rng,
-            )
+            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            out, stats = fns.apply(variables, batch["series"], True, rng)
             loss, metric = task_loss(fns.task, out, batch["label"], batch["valid"])
             n = batch["series"].shape[0]
             return loss.sum() / n, (stats, metric.sum() / n)
@@ -258,10 +235,9 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
         grads = par_lib.pmean(grads, axis_name)
         loss, metric = par_lib.pmean((loss, metric), axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         new = {
             "step": state["step"] + 1,
-            "params": params,
+            "params": optax.apply_updates(state["params"], updates),
             "batch_stats": stats,
             "opt_state": opt_state,
             "rng": state["rng"],
@@ -269,6 +245,10 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
         return new, {"loss": loss, name: metric}
 
     return step_fn
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation.
 
 
 def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
@@ -290,36 +270,56 @@ def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
     )
 
 
-def setup_distributed(config: ml_collections.ConfigDict) -> None:
-    """``jax.distributed.initialize`` when ``parallel.distributed`` (once per process)."""
-    p = config.parallel
-    if not p.distributed:
-        return
-    from jax._src import distributed
-
-    if distributed.global_state.client is not None:
-        return
-    kwargs = {}
-    if p.coordinator_address:
-        kwargs["coordinator_address"] = p.coordinator_address
-    if p.num_processes:
-        kwargs["num_processes"] = p.num_processes
-    if p.process_id >= 0:
-        kwargs["process_id"] = p.process_id
-    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
-
-
-def _evaluate_split(eval_fn, parallel, variables, config, source) -> dict[str, float]:
+def evaluate_split(s: Setup, eval_fn, variables, split: str) -> dict[str, float]:
+    """Mean loss and metric of ``variables`` on one split (padded last batch masked)."""
     sums = {"loss": 0.0, "metric": 0.0, "count": 0.0}
-    for batch in data_lib.eval_batches(config, source):
-        batch = data_lib.prepare_batch(config, batch)
-        out = eval_fn(variables, parallel.put_batch(batch, for_step=False))
+    for batch in data_lib.eval_batches(s.config, s.splits[split]):
+        batch = data_lib.prepare_batch(s.config, batch)
+        out = eval_fn(variables, s.parallel.put_batch(batch, for_step=False))
         for k in sums:
             sums[k] += float(par_lib.to_host(out[k]))
     n = max(sums["count"], 1.0)
     return {"loss": sums["loss"] / n, "metric": sums["metric"] / n}
+
+
+def evaluate_model(s: Setup, eval_fn, variables) -> dict[str, dict[str, float]]:
+    """``{"val": ..., "test": ...}``, each ``{"loss", "metric"}``."""
+    return {split: evaluate_split(s, eval_fn, variables, split) for split in ("val", "test")}
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """The best validation evaluation so far and the patience count.
+
+    ``ties="first"``: only a strictly better validation metric becomes the best. ``"last"``
+    (the reference LinOSS code): an equal one also replaces the best (its step and test
+    metric) but, as it is no improvement, does not reset the patience.
+    """
+
+    higher_is_better: bool
+    patience: int
+    ties: str = "first"
+
+    def update(self, meta: dict[str, Any], step: int, val: float, test: float) -> bool:
+        """Records an evaluation in ``meta``; returns whether it became the best."""
+        best = meta["best"]
+        if best is None:
+            improved = tie = False
+        else:
+            improved = val > best["val"] if self.higher_is_better else val < best["val"]
+            tie = val == best["val"]
+        new_best = best is None or improved or (tie and self.ties == "last")
+        meta["bad_evals"] = 0 if (best is None or improved) else meta["bad_evals"] + 1
+        if new_best:
+            meta["best"] = {"step": step, "val": val, "test": test}
+        return new_best
+
+    def should_stop(self, meta: dict[str, Any]) -> bool:
+        return bool(self.patience) and meta["bad_evals"] > self.patience
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
 
 
 def _say(msg: str) -> None:
@@ -327,43 +327,60 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-@dataclasses.dataclass
-class _Setup:
-    config: ml_collections.ConfigDict
-    splits: Any
-    shape: dict[str, Any]
-    mesh: jax.sharding.Mesh
-    parallel: par_lib.Parallel
-    fns: ModelFns  # global-view model (evaluation)
-    tx: optax.GradientTransformation
-    example: np.ndarray
+def _new_meta(s: Setup) -> dict[str, Any]:
+    return {
+        "signature": s.signature,
+        "framework": s.config.framework,
+        "best": None,  # {"step", "val", "test"}
+        "bad_evals": 0,
+        "done": False,
+        "stopped_early": False,
+        "train_seconds": 0.0,  # wall time of the training loop, summed over resumes
+    }
 
 
-def _setup(config: ml_collections.ConfigDict) -> _Setup:
-    config_lib.validate(config)
-    impl = config.parallel.implementation
-    if impl == "pmap":
-        ok, why = par_lib.pmap_available()
-        if not ok:
-            raise config_lib.ConfigError(why)
-    setup_distributed(config)
-    mesh = par_lib.make_mesh(config.parallel.num_devices, config.parallel.model_axis_size)
-    splits = data_lib.load_dataset(config)
-    shape = data_lib.model_shape(splits.info, config.data.time_channel)
-    fns = make_model(config, shape)
-    step_fns = fns if impl == "jit" else make_model(config, shape, axis_name=par_lib.DATA_AXIS)
-    tx = make_optimizer(config)
-    parallel = par_lib.Parallel(impl, mesh, make_step_fn(step_fns, tx))
-    par_lib.check_batch(config.data.batch_size, parallel)
-    if config.data.eval_batch_size % (parallel.data_size * jax.process_count()):
-        raise config_lib.ConfigError(
-            f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of "
-            f"{parallel.data_size * jax.process_count()}"
-        )
-    first = {k: np.asarray(v)[None] for k, v in splits["train"][0].items()}
-    first["valid"] = np.ones((1,), bool)
-    example = data_lib.prepare_batch(config, first)["series"]
-    return _Setup(config, splits, shape, mesh, parallel, fns, tx, example)
+def _restore(s: Setup, ckpts: ckpt_lib.RunCheckpoints, step: int, state, train_it):
+    """The checkpoint at ``step`` in this run's API form (converted if another API wrote it)."""
+    saved = ckpts.saved_meta(step).get("framework", "linen")  # older runs: linen form
+    target = ckpt_lib.abstract_like(state, s.parallel.replicated)
+    if saved == s.config.framework:
+        return ckpts.restore(step, target, train_it)
+    other = make_model(s.config, s.shape, framework=saved)
+    other_vars = abstract_variables(other, s.example)
+    other_state = {
+        **state,
+        "params": other_vars["params"],
+        "batch_stats": other_vars["batch_stats"],
+    }
+    other_state["opt_state"] = jax.eval_shape(s.tx.init, other_state["params"])
+    restored, meta = ckpts.restore(
+        step, ckpt_lib.abstract_like(other_state, s.parallel.replicated), train_it
+    )
+    state = to_framework(restored, target, saved, s.config.framework)
+    _say(f"Converted the {saved} checkpoint at step {step} to {s.config.framework}.")
+    return s.parallel.replicate(state), {**meta, "framework": s.config.framework}
+
+
+def _check_loss(metrics, step: int, ckpts: ckpt_lib.RunCheckpoints, workdir: str):
+    """Host values of a step's metrics; a non-finite loss stops the run.
+
+    The loss of step ``s`` comes from the parameters of step ``s - 1``, so the checkpoint of
+    step ``s - 1`` (if any) is deleted and the one named is older: its parameters gave a
+    finite loss.
+    """
+    loss = float(par_lib.to_host(metrics["loss"]))
+    if math.isfinite(loss):
+        return {k: float(par_lib.to_host(v)) for k, v in metrics.items()}
+    ckpts.wait()
+    ckpts.drop_after(step - 2)
+    good = ckpts.latest_step()
+    where = (
+        f"the last checkpoint whose parameters gave a finite loss (step {good}) is kept in "
+        f"{workdir}"
+        if good is not None
+        else "no checkpoint was saved before it"
+    )
+    raise NonFiniteLossError(f"Training loss is {loss} at step {step}; stopping; {where}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -371,169 +388,143 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Evaluates on val and test every ``train.eval_every`` steps; the reported test metric is
     the one at the best validation evaluation. Resumes from the latest checkpoint in
-    ``workdir`` if there is one (refusing a checkpoint of another model).
+    ``workdir`` if there is one (refusing a checkpoint of another model before anything in
+    the workdir changes).
 
     Returns:
-        ``{"metric", "best_step", "best_val", "test_at_best_val", "final_step", "stopped_early"}``.
+        ``{"metric", "best_step", "best_val", "test_at_best_val", "final_step",
+        "stopped_early", "train_seconds"}``.
 
     Raises:
         ConfigError: A bad config (before anything is compiled).
         IncompatibleCheckpointError: ``workdir`` holds a checkpoint of another model.
-        NonFiniteLossError: The loss became NaN/inf (names the step; checkpoints are kept).
+        NonFiniteLossError: The loss became NaN/inf (names the step and the checkpoint kept).
     """
-    s = _setup(config)
-    cfg, tcfg = config, config.train
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
-    name = metric_name(s.shape["task"])
-    higher = name == "accuracy"
-    signature = model_signature(cfg, s.shape)
-
+    s = setup(config)
+    tcfg = config.train
     ckpts = ckpt_lib.RunCheckpoints(
         workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing
     )
     latest = ckpts.latest_step()
-    if latest is not None:  # refuse another model before compiling or touching anything
-        ckpt_lib.check_signature(ckpts.saved_meta(latest)["signature"], signature, workdir)
-
+    if latest is not None:  # refuse another model before touching anything in the workdir
+        ckpt_lib.check_signature(ckpts.saved_meta(latest)["signature"], s.signature, workdir)
+    if jax.process_index() == 0:
+        ckpt_lib.dump_json(os.path.join(workdir, "config.json"), config.to_dict())
     writer = metrics_lib.MetricWriter(
-        workdir, enabled=jax.process_index() == 0, tensorboard=tcfg.tensorboard
+        workdir,
+        enabled=jax.process_index() == 0,
+        tensorboard=tcfg.tensorboard,
+        hparams=config_lib.flat_keys(config),
     )
-    train_it = data_lib.train_iterator(cfg, s.splits["train"])
-    state = init_state(cfg, s.fns, s.tx, s.example)
-    state = s.parallel.replicate(state)
-    meta: dict[str, Any] = {
-        "signature": signature,
-        "best": None,  # {"step", "val", "test"}
-        "bad_evals": 0,
-        "done": False,
-        "stopped_early": False,
-        "train_seconds": 0.0,  # wall time of the training loop, summed over resumes
-    }
+    train_it = data_lib.train_iterator(config, s.splits["train"])
+    state = s.parallel.replicate(create_train_state(s))
+    meta = _new_meta(s)
     if latest is not None:
-        abstract = ckpt_lib.abstract_like(state, s.parallel.replicated)
-        state, meta = ckpts.restore(latest, abstract, train_it)
-        writer.truncate(latest)
-        ckpts.drop_best_after(latest)
+        state, meta = _restore(s, ckpts, latest, state, train_it)
         meta.setdefault("train_seconds", 0.0)
+        ckpts.drop_best_after(latest)
         _say(f"Resumed from {workdir} at step {latest}.")
+    # The metrics file matches the checkpoint it resumes from (nothing after it).
+    writer.truncate(latest or 0)
     step = int(par_lib.to_host(state["step"]))
-    eval_fn = make_eval_fn(s.fns, s.parallel)
-
-    def evaluate_now(st) -> None:
-        variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
-        val = _evaluate_split(eval_fn, s.parallel, variables, cfg, s.splits["val"])
-        test = _evaluate_split(eval_fn, s.parallel, variables, cfg, s.splits["test"])
-        writer.write(step, "val", {"loss": val["loss"], name: val["metric"]})
-        writer.write(step, "test", {"loss": test["loss"], name: test["metric"]})
-        best = meta["best"]
-        better = best is None or (
-            val["metric"] > best["val"] if higher else val["metric"] < best["val"]
-        )
-        if better:
-            meta["best"] = {"step": step, "val": val["metric"], "test": test["metric"]}
-            meta["bad_evals"] = 0
-            ckpts.save_best(step, variables, {"signature": signature, **meta["best"]})
-        else:
-            meta["bad_evals"] += 1
-        _say(
-            f"eval step {step}: val {name} {val['metric']:.4f} | test {name} "
-            f"{test['metric']:.4f} | best val {meta['best']['val']:.4f} at step "
-            f"{meta['best']['step']}"
-        )
-
+    stopping = EarlyStopping(s.metric == "accuracy", tcfg.patience, tcfg.best_ties)
     if meta["stopped_early"] or step >= tcfg.num_steps:
         _say(f"The run in {workdir} has already finished (step {step}).")
     else:
-        total = tcfg.num_steps
-        _say(
-            f"Training {cfg.framework} LinOSS-{cfg.model.discretization} on {cfg.data.name} "
-            f"for {total} steps ({s.parallel.implementation} over {s.mesh.size} devices, "
-            f"{jax.process_count()} process(es)); workdir {workdir}"
-        )
-        dstate = s.parallel.put_state(state)
-        progress = metrics_lib.Progress(step, total)
-        acc: dict[str, float] = {}
-        acc_n = 0
-        pending = None  # (step, metrics) of the previous step, checked one step late
-        t0 = time.perf_counter()
-        seconds_before = meta["train_seconds"]
-
-        def check(st_metrics, at_step):
-            loss = float(par_lib.to_host(st_metrics["loss"]))
-            if not math.isfinite(loss):
-                ckpts.wait()
-                raise NonFiniteLossError(
-                    f"Training loss is {loss} at step {at_step}; stopping. The last good "
-                    f"checkpoint (step {ckpts.latest_step()}) is kept in {workdir}."
-                )
-            return {k: float(par_lib.to_host(v)) for k, v in st_metrics.items()}
-
-        while step < total:
-            batch = next(train_it)
-            batch = data_lib.prepare_batch(cfg, batch)
-            dstate, m = s.parallel.step(dstate, s.parallel.put_batch(batch))
-            step += 1
-            if pending is not None:
-                vals = check(*pending)
-                for k, v in vals.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                acc_n += 1
-            pending = (m, step)
-            boundary = (
-                step == total
-                or step % tcfg.log_every == 0
-                or (tcfg.eval_every and step % tcfg.eval_every == 0)
-                or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
-            )
-            if not boundary:
-                continue
-            vals = check(*pending)
-            pending = None
-            for k, v in vals.items():
-                acc[k] = acc.get(k, 0.0) + v
-            acc_n += 1
-            if step % tcfg.log_every == 0 or step == total:
-                means = {k: v / acc_n for k, v in acc.items()}
-                writer.write(step, "train", means)
-                _say(progress.line(step, means))
-                acc, acc_n = {}, 0
-            st = s.parallel.canonical_state(dstate)
-            stop = False
-            if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == total:
-                evaluate_now(st)
-                if tcfg.patience and meta["bad_evals"] > tcfg.patience:
-                    stop = True
-                    meta["stopped_early"] = True
-                    _say(
-                        f"Early stop at step {step}: no val improvement in "
-                        f"{meta['bad_evals']} evaluations."
-                    )
-            if step == total or stop:
-                meta["done"] = True
-            if (
-                (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
-                or step == total
-                or stop
-            ):
-                # The previous save is committed before this one starts (Orbax would wait for
-                # it too), so a run killed after this line resumes from it at the latest.
-                ckpts.wait()
-                _say(f"checkpoint: saving step {step}")
-                meta["train_seconds"] = seconds_before + time.perf_counter() - t0
-                ckpts.save(step, st, train_it, meta)
-            if stop:
-                break
-            progress.restart(step)
-        state = s.parallel.canonical_state(dstate)
-        _say(f"Trained to step {step} in {metrics_lib.format_duration(time.perf_counter() - t0)}.")
+        state, step = _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir)
     ckpts.close()
     writer.close()
+    return _final_results(s, meta, step, workdir)
+
+
+def _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir):
+    cfg, tcfg, name = s.config, s.config.train, s.metric
+    total = tcfg.num_steps
+    _say(
+        f"Training {cfg.framework} LinOSS-{cfg.model.discretization} on {cfg.data.name} "
+        f"for {total} steps ({s.parallel.implementation} over {s.mesh.size} devices, "
+        f"{jax.process_count()} process(es)); workdir {workdir}"
+    )
+    eval_fn = make_eval_fn(s.fns, s.parallel)
+    lr = learning_rate(cfg)
+    dstate = s.parallel.put_state(state)
+    progress = metrics_lib.Progress(step, total)
+    acc: dict[str, float] = {}
+    acc_n = 0
+    pending = None  # (metrics, step) of the previous step, checked one step late
+    t0, seconds_before = time.perf_counter(), meta["train_seconds"]
+
+    def every(n: int) -> bool:
+        return bool(n) and step % n == 0
+
+    while step < total:
+        batch = data_lib.prepare_batch(cfg, next(train_it))
+        dstate, m = s.parallel.step(dstate, s.parallel.put_batch(batch))
+        step += 1
+        if pending is not None:
+            for k, v in _check_loss(*pending, ckpts, workdir).items():
+                acc[k] = acc.get(k, 0.0) + v
+            acc_n += 1
+        pending = (m, step)
+        last = step == total
+        if not (last or every(tcfg.log_every) or every(tcfg.eval_every)) and not every(
+            tcfg.checkpoint_every
+        ):
+            continue
+        for k, v in _check_loss(*pending, ckpts, workdir).items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc_n += 1
+        pending = None
+        if every(tcfg.log_every) or last:
+            means = {k: v / acc_n for k, v in acc.items()}
+            writer.write(step, "train", {**means, "learning_rate": float(lr(step - 1))})
+            _say(progress.line(step, means))
+            acc, acc_n = {}, 0
+        st = s.parallel.canonical_state(dstate)
+        stop = False
+        if every(tcfg.eval_every) or last:
+            variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
+            res = evaluate_model(s, eval_fn, variables)
+            for split in ("val", "test"):
+                writer.write(step, split, {"loss": res[split]["loss"], name: res[split]["metric"]})
+            if stopping.update(meta, step, res["val"]["metric"], res["test"]["metric"]):
+                ckpts.save_best(
+                    step,
+                    variables,
+                    {"signature": s.signature, "framework": cfg.framework, **meta["best"]},
+                )
+            best = meta["best"]
+            _say(
+                f"eval step {step}: val {name} {res['val']['metric']:.4f} | test {name} "
+                f"{res['test']['metric']:.4f} | best val {best['val']:.4f} at step "
+                f"{best['step']}"
+            )
+            stop = stopping.should_stop(meta)
+            if stop:
+                meta["stopped_early"] = True
+                _say(
+                    f"Early stop at step {step}: no val improvement in "
+                    f"{meta['bad_evals']} evaluations."
+                )
+        meta["done"] = last or stop
+        if every(tcfg.checkpoint_every) or last or stop:
+            # The previous save is committed before this one starts (Orbax would wait for it
+            # too), so a run killed after this line resumes from it at the latest.
+            ckpts.wait()
+            _say(f"checkpoint: saving step {step}")
+            meta["train_seconds"] = seconds_before + time.perf_counter() - t0
+            ckpts.save(step, st, train_it, meta)
+        if stop:
+            break
+        progress.restart(step)
+    _say(f"Trained to step {step} in {metrics_lib.format_duration(time.perf_counter() - t0)}.")
+    return s.parallel.canonical_state(dstate), step
+
+
+def _final_results(s: Setup, meta: dict[str, Any], step: int, workdir: str) -> dict[str, Any]:
     best = meta["best"] or {"step": None, "val": float("nan"), "test": float("nan")}
     results = {
-        "metric": name,
+        "metric": s.metric,
         "best_step": best["step"],
         "best_val": best["val"],
         "test_at_best_val": best["test"],
@@ -544,8 +535,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         ckpt_lib.dump_json(os.path.join(workdir, "results.json"), results)
     _say(
-        f"Final: test {name} {best['test']:.4f} at the best validation step {best['step']} "
-        f"(val {name} {best['val']:.4f})."
+        f"Final: test {s.metric} {best['test']:.4f} at the best validation step {best['step']} "
+        f"(val {s.metric} {best['val']:.4f})."
     )
     return results
 
@@ -555,21 +546,32 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates a run's best (or latest) checkpoint on val and test with this process's mesh.
 
-    The parameters are restored into the current mesh, whatever device count wrote them.
+    The checkpoint's model signature is checked before anything is restored; the parameters
+    are restored into the current mesh, whatever device count (or API) wrote them.
     """
-    s = _setup(config)
-    name = metric_name(s.shape["task"])
-    variables = jax.eval_shape(s.fns.init, jax.random.PRNGKey(0), jnp.asarray(s.example))
-    abstract = ckpt_lib.abstract_like(variables, s.parallel.replicated)
-    variables, meta, step = ckpt_lib.restore_model(workdir, abstract, which=which)
-    if "signature" in meta:
-        ckpt_lib.check_signature(meta["signature"], model_signature(config, s.shape), workdir)
-    eval_fn = make_eval_fn(s.fns, s.parallel)
+    s = setup(config)
+    saved_meta, step = ckpt_lib.checkpoint_meta(workdir, which=which)
+    if "signature" in saved_meta:
+        ckpt_lib.check_signature(saved_meta["signature"], s.signature, workdir)
+    saved = saved_meta.get("framework", "linen")
+    writer_fns = (
+        s.fns if saved == config.framework else make_model(config, s.shape, framework=saved)
+    )
+    abstract = ckpt_lib.abstract_like(
+        abstract_variables(writer_fns, s.example), s.parallel.replicated
+    )
+    variables, _, step = ckpt_lib.restore_model(workdir, abstract, which=which)
+    if saved != config.framework:
+        variables = to_framework(
+            variables, abstract_variables(s.fns, s.example), saved, config.framework
+        )
+        variables = s.parallel.replicate(variables)
+    res = evaluate_model(s, make_eval_fn(s.fns, s.parallel), variables)
+    name = s.metric
     out = {"step": step, "metric": name}
     for split in ("val", "test"):
-        r = _evaluate_split(eval_fn, s.parallel, variables, config, s.splits[split])
-        out[f"{split}_{name}"] = r["metric"]
-        out[f"{split}_loss"] = r["loss"]
+        out[f"{split}_{name}"] = res[split]["metric"]
+        out[f"{split}_loss"] = res[split]["loss"]
     _say(
         f"Checkpoint step {step}: val {name} {out[f'val_{name}']:.4f} | test {name} "
         f"{out[f'test_{name}']:.4f}"
