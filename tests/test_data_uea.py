@@ -592,7 +592,7 @@ def test_raw_files_in_the_default_manual_folder_are_found(tmp_path):
 def test_missing_raw_files_download_then_say_where_to_put_them(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    from flax_linoss.data import uea
+    from flax_linoss.data import builders, uea
 
     fetched = make_tiny(tmp_path / "extracted")
     urls = []
@@ -602,25 +602,42 @@ def test_missing_raw_files_download_then_say_where_to_put_them(tmp_path, monkeyp
         return os.fspath(fetched)
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    monkeypatch.setattr(builders, "check_reachable", lambda url: None)
     b = uea.load(TINY, data_dir=tmp_path / "d1")
     assert urls == ["https://www.timeseriesclassification.com/aeon-toolkit/Tiny.zip"]
     assert len(b.as_data_source()["train"]) == 4
 
-    def offline(self, url):
+    def offline(url):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    monkeypatch.setattr(builders, "check_reachable", offline)
     with pytest.raises(DataNotFoundError) as e:
         uea.load(TINY, data_dir=tmp_path / "d2")
     msg = str(e.value)
     assert "d2/downloads/manual" in msg and "Downloading them failed too" in msg
     assert "no network" in msg and "\n" not in msg
+    assert len(urls) == 1  # failed before TFDS's downloader and its minutes of retries
     # A folder named by the user must hold the files: no download then.
     urls.clear()
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
     with pytest.raises(DataNotFoundError, match="does not exist"):
         uea.load(TINY, root=tmp_path / "typo", data_dir=tmp_path / "d3")
     assert urls == []
+
+
+def test_unreachable_host_fails_at_once():
+    import socket
+    import time
+
+    from flax_linoss.data import builders
+
+    with socket.socket() as s:  # a local port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        builders.check_reachable(f"http://127.0.0.1:{port}/x.zip", timeout=5)
+    assert time.monotonic() - start < 5
 
 
 def test_data_dir_holding_raw_files_is_never_written(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ Each builder subclasses :class:`RawFilesBuilder` and fills in five hooks:
 * ``find_raw_files(folder)``: the raw files of this config under ``folder``, in a fixed
   order, or :class:`~flax_linoss.data.errors.DataNotFoundError`;
 * ``_download_raw(dl_manager)``: fetch and extract the raw files with the real download
-  code, returning the folder they are in;
+  code (``self._fetch(dl_manager, url)``), returning the folder they are in;
 * ``_read_raw(files)``: parse and check every split (nothing is written before this returns);
 * ``_generate_examples(data)``: the examples of one split.
 
@@ -43,9 +43,11 @@ import inspect
 import logging
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -53,7 +55,14 @@ from etils import epath
 from flax_linoss.data import checksums, paths
 from flax_linoss.data.errors import DataError, DataNotFoundError
 
-__all__ = ["LOCK_FILE", "RAW_SHA256", "RawFilesBuilder", "load", "remove_incomplete"]
+__all__ = [
+    "LOCK_FILE",
+    "RAW_SHA256",
+    "RawFilesBuilder",
+    "check_reachable",
+    "load",
+    "remove_incomplete",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,18 @@ RAW_SHA256 = "raw_sha256"
 #: Lock file in ``<data_dir>/<builder>/<config>/`` held while preparing.
 LOCK_FILE = ".prepare.lock"
 _INCOMPLETE = "incomplete."  # TFDS's prefix of unfinished folders (constants.INCOMPLETE_PREFIX)
+
+
+def check_reachable(url: str, timeout: float = 10.0) -> None:
+    """Raises ``OSError`` at once if ``url``'s host cannot be reached.
+
+    TFDS's downloader retries ten times with growing back-off (over three minutes) before it
+    gives up; this check makes an offline machine fail in seconds instead.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with socket.create_connection((parts.hostname, port), timeout=timeout):
+        pass
 
 
 class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -109,6 +130,11 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _check_raw_file(self, path: Path) -> None:
         """Reads one raw file, raising ``DataFormatError`` if it is broken (checksum
         verdicts use it to tell a broken file from a wrong ``SHA256SUMS`` line)."""
+
+    def _fetch(self, dl_manager, url: str) -> Path:
+        """Downloads and extracts ``url`` with TFDS's download manager (for the hooks)."""
+        check_reachable(url)
+        return Path(dl_manager.download_and_extract(url))
 
     # ------------------------------------------------------------------ the pattern
 

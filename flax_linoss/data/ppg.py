@@ -118,7 +118,7 @@ class PpgDalia(builders.RawFilesBuilder):
         return ppg_files.subject_files(folder, self.builder_config.ppg.subjects)
 
     def _download_raw(self, dl_manager) -> Path:
-        root = Path(dl_manager.download_and_extract(PPG_URL))
+        root = self._fetch(dl_manager, PPG_URL)
         inner = sorted(root.rglob("PPG_FieldStudy.zip"))
         return Path(dl_manager.extract(inner[0])) if inner else root
 

@@ -126,7 +126,7 @@ class Uea(builders.RawFilesBuilder):
 
     def _download_raw(self, dl_manager) -> Path:
         url = self._download_url or DATASET_URL.format(name=self.builder_config.dataset.name)
-        return Path(dl_manager.download_and_extract(url))
+        return self._fetch(dl_manager, url)
 
     def _check_raw_file(self, path: Path) -> None:
         uea_formats.check_file(path)
