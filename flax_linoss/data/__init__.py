@@ -1,5 +1,5 @@
 """Input pipelines: UEA and PPG-DaLiA (TFDS, no TensorFlow), the papers' protocol, Grain loaders,
-and built-in synthetic tasks.
+and built-in synthetic tasks (series and token tasks).
 
 Importing this package is cheap: TFDS, Grain and JAX are imported by the submodules that need
 them. Shapes: ``N`` examples, ``L`` steps, ``C`` channels, ``B`` batch.
@@ -8,15 +8,17 @@ Stable interface for training code:
 
 * ``get_dataset(name, *, seed=0, **options) -> DatasetSplits`` (``{"train", "val", "test"}
   -> source``, with ``.info``; :mod:`~flax_linoss.data.registry`). Names: ``available_datasets()``:
-  ``"synthetic/oscillator"``, ``"synthetic/long_range"``, ``"uea/<Name>"`` (e.g.
+  ``"synthetic/oscillator"``, ``"synthetic/long_range"``, ``"synthetic/mqar"``,
+  ``"synthetic/selective_copy"``, ``"synthetic/induction"``, ``"uea/<Name>"`` (e.g.
   ``"uea/SelfRegulationSCP1"``) and ``"ppg_dalia"``. A *source* has ``__len__`` and
-  ``__getitem__(i) -> {"series": float32 [L, C], "label": ...}``.
+  ``__getitem__(i) -> dict``: ``{"series": float32 [L, C], "label": ...}`` for series,
+  ``{"inputs": int32 [L], "targets": int32 [L], "weights": float32 [L]}`` for token tasks.
 * ``make_loader(source, *, batch_size, seed=0, shuffle=True, drop_remainder=True,
   num_epochs=1, shard_index=None, shard_count=None, worker_count=0)``
   (:mod:`~flax_linoss.data.loader`): a Grain iterator of batches (every field with a
   leading ``[B]``, plus ``"valid"`` bool ``[B]`` and ``"index"`` int64 ``[B]``) with
   ``get_state()`` / ``set_state()``; ``drop_remainder=False`` pads the last batch with zero
-  rows (``valid`` marks real rows). ``ArraySource(series, label)`` wraps arrays.
+  rows (``valid`` marks real rows). ``ArraySource(series, label, **fields)`` wraps arrays.
 * ``DataError`` (:mod:`~flax_linoss.data.errors`): every data problem a user causes (a
   missing folder, an unknown name or option, a broken or changed file, a wrong checksum);
   its message is one line naming the problem.
@@ -28,7 +30,8 @@ Stable interface for training code:
 * ``protocol.uea_splits(name_or_arrays, *, seed, split="paper", add_time=False,
   normalise=False) -> {"train", "val", "test"} -> (x float32 [N, L, C], y int32 [N])``
   (:mod:`~flax_linoss.data.protocol`): the papers' UEA protocol; ``protocol.PAPER_SEEDS``.
-* ``synthetic.oscillator_forecasting``, ``synthetic.long_range_classification``.
+* ``synthetic.oscillator_forecasting``, ``synthetic.long_range_classification`` and the
+  token tasks ``lm_tasks.MQAR``, ``lm_tasks.SelectiveCopy``, ``lm_tasks.Induction``.
 * TFDS builders ``uea.Uea`` (``uea/<Name>``) and ``ppg.PpgDalia`` (``ppg_dalia``), both
   following :mod:`~flax_linoss.data.builders`; prepare with ``python -m
   flax_linoss.data.uea --dataset NAME [--manual_dir DIR] [--data_dir DIR]`` (or
@@ -38,7 +41,7 @@ Modules: ``paths`` (where data lives), ``errors``, ``checksums`` (every builder'
 checks), ``uea_table`` (the UEA dataset table), ``uea_formats`` (ARFF and ``.ts`` parsing),
 ``builders`` (the TFDS builder pattern), ``uea`` and ``ppg`` (the builders), ``ppg_files``
 (PPG-DaLiA raw files and preprocessing), ``protocol``, ``registry``, ``loader``,
-``synthetic``.
+``synthetic``, ``lm_tasks``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ __all__ = [
     "data_dir",
     "errors",
     "get_dataset",
+    "lm_tasks",
     "loader",
     "make_loader",
     "paths",
@@ -87,6 +91,7 @@ _SUBMODULES = {
     "builders",
     "checksums",
     "errors",
+    "lm_tasks",
     "loader",
     "paths",
     "ppg",

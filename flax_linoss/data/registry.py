@@ -5,6 +5,8 @@ takes. Families:
 
 * ``synthetic/oscillator``, ``synthetic/long_range``: generated series
   (:mod:`flax_linoss.data.synthetic`);
+* ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``: token tasks for
+  comparing sequence mixers (:mod:`flax_linoss.data.lm_tasks`);
 * ``uea/<Name>`` for every line of :data:`flax_linoss.data.uea_table.UEA_DATASETS`: read from
   the prepared TFDS copy (prepared on first use), split by the papers' protocol;
 * ``ppg_dalia``: TFDS data sources of the PPG-DaLiA windows.
@@ -31,11 +33,12 @@ __all__ = ["DATASETS", "DatasetSplits", "available_datasets", "check_options", "
 class DatasetSplits(dict):
     """``{"train", "val", "test"} -> source``, plus ``info`` describing the task.
 
-    ``info`` keys: ``task`` (``"classification"`` or ``"regression"``), ``length`` (``L``),
-    ``channels`` (``C`` of ``series [L, C]``); ``num_classes`` and, for UEA,
-    ``class_names`` (classification); ``target_shape`` (regression: shape of one example's
-    ``label``) and ``output_step`` (regression: steps of input per target step, where it
-    applies).
+    ``info`` keys: ``task`` (``"classification"``, ``"regression"`` or ``"lm"``) and
+    ``length`` (``L``); for classification and regression ``channels`` (``C`` of ``series
+    [L, C]``); ``num_classes`` and, for UEA, ``class_names`` (classification);
+    ``target_shape`` (regression: shape of one example's ``label``) and ``output_step``
+    (regression: steps of input per target step, where it applies); ``vocab_size``
+    (``"lm"``: every token id, padding 0 and special tokens included).
     """
 
     def __init__(self, splits: dict[str, Any], info: dict[str, Any]):
@@ -103,6 +106,17 @@ def _synthetic_long_range(name, seed, num_train=1024, num_val=128, num_test=128,
         "num_classes": kw.get("num_classes", 4),
     }
     return DatasetSplits(out, info)
+
+
+def _token_task(name, seed, num_train=100_000, num_val=3_000, num_test=3_000, **options):
+    from flax_linoss.data import lm_tasks
+
+    task = lm_tasks.make_task(name.split("/", 1)[1], **options)
+    out = {
+        split: lm_tasks.TokenTaskSource(task, n, seed=(seed, _SPLIT_IDS[split]))
+        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
+    }
+    return DatasetSplits(out, task.info)
 
 
 _UEA_OPTIONS = (
@@ -190,6 +204,15 @@ def _long_range_options():
     return [*_COUNTS, *_params(synthetic.long_range_example)]
 
 
+def _token_options(task: str):
+    def options():
+        from flax_linoss.data import lm_tasks
+
+        return [*_COUNTS, *(f.name for f in dataclasses.fields(lm_tasks.TASKS[task]))]
+
+    return options
+
+
 #: Dataset name -> :class:`Dataset`.
 DATASETS: dict[str, Dataset] = {
     "synthetic/oscillator": Dataset(
@@ -197,6 +220,15 @@ DATASETS: dict[str, Dataset] = {
     ),
     "synthetic/long_range": Dataset(
         _synthetic_long_range, _long_range_options, "a label hidden at the start of a long series"
+    ),
+    "synthetic/mqar": Dataset(
+        _token_task, _token_options("mqar"), "multi-query associative recall (Zoology)"
+    ),
+    "synthetic/selective_copy": Dataset(
+        _token_task, _token_options("selective_copy"), "selective copying (Mamba)"
+    ),
+    "synthetic/induction": Dataset(
+        _token_task, _token_options("induction"), "induction heads (H3, Mamba)"
     ),
     **{
         f"uea/{n}": Dataset(_uea, lambda: _UEA_OPTIONS, f"UEA {n}, the papers' 70/15/15 split")
@@ -228,6 +260,9 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
             arguments of :func:`~flax_linoss.data.synthetic.oscillator_forecasting`.
             ``synthetic/long_range``: the same, with
             :func:`~flax_linoss.data.synthetic.long_range_classification`'s arguments.
+            ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``:
+            ``num_train``, ``num_val``, ``num_test`` (default 100,000 / 3,000 / 3,000) and
+            the task's fields (:mod:`flax_linoss.data.lm_tasks`).
             ``uea/<Name>``: ``split`` (``"paper"``/``"original"``), ``add_time``,
             ``normalise``, ``val_fraction``, ``prng`` (see
             :func:`~flax_linoss.data.protocol.uea_splits`), ``root`` (folder of the raw
