@@ -7,7 +7,10 @@ Each builder subclasses :class:`RawFilesBuilder` and fills in five hooks:
   order, or :class:`~flax_linoss.data.errors.DataNotFoundError`;
 * ``_download_raw(dl_manager)``: fetch and extract the raw files with the real download
   code (``self._fetch(dl_manager, url)``), returning the folder they are in;
-* ``_read_raw(files)``: parse and check every split (nothing is written before this returns);
+* ``_read_raw(files)``: parse and check every split, before anything is written (a dataset
+  too large to hold, PPG-DaLiA, reads its files one by one while writing instead; a failure
+  then still leaves nothing, as TFDS writes into an ``incomplete.*`` folder and renames it
+  only when every split is complete);
 * ``_generate_examples(data)``: the examples of one split.
 
 The base class writes ``array_record`` (readable without TensorFlow), verifies every raw file
@@ -168,7 +171,7 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         digests = checksums.verify_files(
             files, verify=self._verify, content_check=self._check_raw_file
         )
-        data = self._read_raw(files)  # every split read and checked before writing
+        data = self._read_raw(files)
         self.info.metadata[RAW_SHA256] = digests
         return {split: self._generate_examples(d) for split, d in data.items()}
 
