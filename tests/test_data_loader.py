@@ -11,13 +11,10 @@ import pytest
 from flax_linoss.data import loader, protocol
 from flax_linoss.data.loader import ArraySource, make_loader
 
-
-def _data_dir() -> Path:
-    env = os.environ.get("FLAX_LINOSS_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-UEA_ROOT = _data_dir() / "uea"
+REPO = Path(__file__).resolve().parents[1]
+# Raw UEA files for the tests: $FLAX_LINOSS_TEST_DATA/uea, else ../shared/data/uea beside the
+# repository (where CI keeps them).
+UEA_ROOT = Path(os.environ.get("FLAX_LINOSS_TEST_DATA", REPO.parent / "shared" / "data")) / "uea"
 SCP1 = "SelfRegulationSCP1"
 # In CI (where $CI is set) the data must be there: the tests run and fail if it is not.
 HAVE_SCP1 = (UEA_ROOT / SCP1 / f"{SCP1}Dimension1_TRAIN.arff").exists() or bool(
@@ -25,8 +22,8 @@ HAVE_SCP1 = (UEA_ROOT / SCP1 / f"{SCP1}Dimension1_TRAIN.arff").exists() or bool(
 )
 needs_scp1 = pytest.mark.skipif(
     not HAVE_SCP1,
-    reason=f"real UEA data absent: expected {UEA_ROOT / SCP1}/ (repo/../shared/data/uea or "
-    "$FLAX_LINOSS_DATA_DIR/uea)",
+    reason=f"real UEA data absent: expected {UEA_ROOT / SCP1}/ ($FLAX_LINOSS_TEST_DATA/uea or "
+    "../shared/data/uea beside the repository)",
 )
 
 

@@ -1,4 +1,5 @@
-"""UEA readers, the TFDS builder and the papers' protocol (real SCP1 files and tiny fixtures)."""
+"""UEA readers, checksums, the TFDS builder and the papers' protocol (real SCP1 files and tiny
+generated fixtures)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_linoss.data import protocol, uea_files
-from flax_linoss.data.uea_files import ChecksumError, UEADatasetInfo, UEAFormatError
+from flax_linoss.data import checksums, paths, protocol, uea_formats
+from flax_linoss.data.errors import (
+    ChecksumError,
+    DataError,
+    DataNotFoundError,
+    UnknownDatasetError,
+)
+from flax_linoss.data.uea_formats import UEAFormatError
+from flax_linoss.data.uea_table import UEADatasetInfo, uea_dataset_info
 
 SCP1 = "SelfRegulationSCP1"
-
-
-def _data_dir() -> Path:
-    env = os.environ.get("FLAX_LINOSS_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-UEA_ROOT = _data_dir() / "uea"
+REPO = Path(__file__).resolve().parents[1]
+# Raw UEA files for the tests: $FLAX_LINOSS_TEST_DATA/uea, else ../shared/data/uea beside the
+# repository (where CI keeps them).
+UEA_ROOT = Path(os.environ.get("FLAX_LINOSS_TEST_DATA", REPO.parent / "shared" / "data")) / "uea"
 # In CI (where $CI is set) the data must be there: the tests run and fail if it is not.
 HAVE_SCP1 = (UEA_ROOT / SCP1 / f"{SCP1}Dimension1_TRAIN.arff").exists() or bool(
     os.environ.get("CI")
 )
 needs_scp1 = pytest.mark.skipif(
     not HAVE_SCP1,
-    reason=f"real UEA data absent: expected {UEA_ROOT / SCP1}/ (repo/../shared/data/uea or "
-    "$FLAX_LINOSS_DATA_DIR/uea)",
+    reason=f"real UEA data absent: expected {UEA_ROOT / SCP1}/ ($FLAX_LINOSS_TEST_DATA/uea or "
+    "../shared/data/uea beside the repository)",
 )
+
+
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path, monkeypatch):
+    """Nothing here may prepare into the user's data directory."""
+    monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "default_data_dir"))
 
 
 # ----------------------------------------------------------------------------- tiny fixtures
@@ -89,13 +99,17 @@ def write_ts(folder: Path, name, x, y, classes, split):
     (folder / f"{name}_{split}.ts").write_text("\n".join(lines) + "\n")
 
 
-def make_tiny(root: Path, writer=write_arff_dims) -> Path:
+def make_tiny(root: Path, writer=write_arff_dims, seed=0) -> Path:
     folder = root / TINY.name
     folder.mkdir(parents=True, exist_ok=True)
-    x_tr, y_tr, x_te, y_te = _tiny_arrays()
+    x_tr, y_tr, x_te, y_te = _tiny_arrays(seed)
     writer(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
     writer(folder, TINY.name, x_te, y_te, TINY.class_names, "TEST")
     return folder
+
+
+def _sums(folder: Path, **digests):
+    (folder / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in digests.items()))
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -106,7 +120,7 @@ def test_tiny_formats_round_trip(tmp_path, writer):
     make_tiny(tmp_path, writer)
     x_tr, y_tr, x_te, y_te = _tiny_arrays()
     for split, x, y in (("TRAIN", x_tr, y_tr), ("TEST", x_te, y_te)):
-        d = uea_files.read_uea_split(tmp_path, TINY.name, split, expected=TINY)
+        d = uea_formats.read_uea_split(tmp_path, TINY.name, split, expected=TINY)
         assert d.x.dtype == np.float32 and d.labels.dtype == np.int32
         np.testing.assert_array_equal(d.x, x.astype(np.float32))
         np.testing.assert_array_equal(d.labels, y)
@@ -120,7 +134,7 @@ def test_missing_values_become_nan(tmp_path):
     x_tr[1, 2, 0] = np.nan
     write_ts(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
     write_ts(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TEST")
-    d = uea_files.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    d = uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
     assert np.isnan(d.x[1, 2, 0]) and np.isnan(d.x).sum() == 1
 
 
@@ -131,8 +145,9 @@ def test_truncated_arff_names_file_and_line(tmp_path):
     f.write_text(text[: len(text) - 25])  # cut inside the last row
     n_lines = len(f.read_text().splitlines())
     with pytest.raises(UEAFormatError) as e:
-        uea_files.read_uea_split(tmp_path, TINY.name, "TEST")
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TEST")
     assert str(f) in str(e.value) and f":{n_lines}:" in str(e.value)
+    assert isinstance(e.value, DataError)
 
 
 def test_corrupt_number_names_file_and_line(tmp_path):
@@ -142,7 +157,7 @@ def test_corrupt_number_names_file_and_line(tmp_path):
     lines[10] = lines[10].replace(",", ",x1.5", 1)  # second data row
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(UEAFormatError, match=r"Tiny_TRAIN\.ts:11: cannot parse numbers"):
-        uea_files.read_uea_split(tmp_path, TINY.name, "TRAIN")
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
 
 
 def test_file_with_rows_missing_at_end_is_rejected(tmp_path):
@@ -150,33 +165,121 @@ def test_file_with_rows_missing_at_end_is_rejected(tmp_path):
     f = folder / "TinyDimension1_TRAIN.arff"
     f.write_text("\n".join(f.read_text().splitlines()[:-1]) + "\n")  # drop a whole row
     with pytest.raises(UEAFormatError, match=r"TinyDimension2_TRAIN\.arff: has 4 rows"):
-        uea_files.read_uea_split(tmp_path, TINY.name, "TRAIN")
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
 
 
-def test_checksum_mismatch_names_file(tmp_path):
+def test_shorter_channel_file_is_refused_not_padded(tmp_path):
+    # Dimension 2 holds 4 of the 5 steps in a well-formed file: a whole channel is short.
     folder = make_tiny(tmp_path)
-    good = uea_files.sha256_file(folder / "TinyDimension1_TRAIN.arff")
-    (folder / "SHA256SUMS").write_text(
-        f"{good}  TinyDimension1_TRAIN.arff\n{'0' * 64}  TinyDimension2_TRAIN.arff\n"
-    )
-    with pytest.raises(ChecksumError, match=r"TinyDimension2_TRAIN\.arff"):
-        uea_files.read_uea_split(tmp_path, TINY.name, "TRAIN")
-    # Unverified reading still works, and TEST files are not listed.
-    uea_files.read_uea_split(tmp_path, TINY.name, "TRAIN", verify=False)
-    uea_files.read_uea_split(tmp_path, TINY.name, "TEST")
+    x_tr, y_tr, _, _ = _tiny_arrays()
+    write_arff_dims(folder, "Short", x_tr[:, :4], y_tr, TINY.class_names, "TRAIN")
+    (folder / "ShortDimension2_TRAIN.arff").replace(folder / "TinyDimension2_TRAIN.arff")
+    for f in folder.glob("Short*"):
+        f.unlink()
+    with pytest.raises(UEAFormatError, match=r"TinyDimension2_TRAIN\.arff: series have 4 values"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", expected=TINY)
+    with pytest.raises(UEAFormatError, match="shorter"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    # Declared variable-length, the same files are padded with NaN.
+    d = uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", equal_length=False)
+    assert np.isnan(d.x[:, 4, 1]).all() and not np.isnan(d.x[:, :, 0]).any()
 
 
-def test_missing_folder_says_what_and_where(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
-        uea_files.read_uea_split(tmp_path / "nowhere", SCP1, "TRAIN")
+@pytest.mark.parametrize("writer", [write_arff_relational, write_ts])
+def test_shorter_channel_in_a_row_is_refused(tmp_path, writer):
+    folder = tmp_path / TINY.name
+    folder.mkdir()
+    x_tr, y_tr, _, _ = _tiny_arrays()
+    x_tr[2, 4, 1] = 777.25  # the third series' dimension 2 loses its last value below
+    writer(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
+    writer(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TEST")
+    f = next(folder.glob("Tiny_TRAIN.*"))
+    lines = f.read_text().splitlines()
+    row = next(i for i, s in enumerate(lines) if "777.25" in s)
+    lines[row] = lines[row].replace(",777.25", "")
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UEAFormatError, match=rf"{f.name}:{row + 1}: dimension 2 has 4 values"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", expected=TINY)
+
+
+def test_missing_folder_says_what_and_where_in_one_line(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        uea_formats.read_uea_split(tmp_path / "nowhere", SCP1, "TRAIN")
     msg = str(e.value)
+    assert isinstance(e.value, FileNotFoundError) and "\n" not in msg
     assert "nowhere" in msg and f"{SCP1}Dimension1_TRAIN.arff" in msg
     assert f"{SCP1}_TRAIN.ts" in msg and "timeseriesclassification.com" in msg
 
 
-def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match=r"Known: .*SelfRegulationSCP1"):
-        uea_files.uea_dataset_info("NoSuchSet")
+def test_unknown_name_suggests_and_lists_known():
+    with pytest.raises(UnknownDatasetError, match=r"did you mean [^)]*SelfRegulationSCP1") as e:
+        uea_dataset_info("SelfRegulationSCP")
+    assert "Known: " in str(e.value) and "EigenWorms" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def test_checksum_mismatch_names_file(tmp_path):
+    folder = make_tiny(tmp_path)
+    good = checksums.sha256_file(folder / "TinyDimension1_TRAIN.arff")
+    _sums(folder, TinyDimension1_TRAIN_arff=good)
+    (folder / "SHA256SUMS").write_text(
+        f"{good}  TinyDimension1_TRAIN.arff\n{'0' * 64}  TinyDimension2_TRAIN.arff\n"
+    )
+    with pytest.raises(ChecksumError, match=r"TinyDimension2_TRAIN\.arff"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    # Unverified reading still works, and TEST files are not listed.
+    uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", verify=False)
+    uea_formats.read_uea_split(tmp_path, TINY.name, "TEST")
+
+
+def test_wrong_list_for_an_intact_file_says_the_list_is_wrong(tmp_path, monkeypatch):
+    folder = make_tiny(tmp_path)
+    f = folder / "TinyDimension1_TRAIN.arff"
+    true = checksums.sha256_file(f)
+    monkeypatch.setitem(checksums.KNOWN_SHA256, f.name, true)  # the archive's digest
+    (folder / "SHA256SUMS").write_text(f"# copied by hand\n{'1' * 64}  {f.name}\n")
+    with pytest.raises(ChecksumError) as e:
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    msg = str(e.value)
+    assert "SHA256SUMS:2" in msg and "the file is intact and the list is wrong" in msg
+
+
+def test_changed_file_with_a_regenerated_list_is_refused(tmp_path, monkeypatch):
+    folder = make_tiny(tmp_path)
+    f = folder / "TinyDimension1_TRAIN.arff"
+    monkeypatch.setitem(checksums.KNOWN_SHA256, f.name, checksums.sha256_file(f))
+    f.write_text(f.read_text().replace("@data", "% edited\n@data"))
+    (folder / "SHA256SUMS").write_text(f"{checksums.sha256_file(f)}  {f.name}\n")
+    with pytest.raises(ChecksumError, match=r"is not the archive's file.*written from the changed"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+
+
+def test_list_mismatch_without_known_digest_tells_broken_file_from_wrong_line(tmp_path):
+    folder = make_tiny(tmp_path)
+    f = folder / "TinyDimension1_TRAIN.arff"
+    (folder / "SHA256SUMS").write_text(f"{'2' * 64}  {f.name}\n")
+    with pytest.raises(ChecksumError, match=r"reads as a complete, well-formed file.*list is"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    f.write_text(f.read_text()[:-20])  # now really broken
+    with pytest.raises(ChecksumError, match=r"is corrupt.*does not read"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+
+
+@needs_scp1
+def test_scp1_wrong_list_line_is_reported_as_the_list(tmp_path):
+    copy = tmp_path / SCP1
+    shutil.copytree(UEA_ROOT / SCP1, copy)
+    os.chmod(copy, 0o755)
+    sums = copy / "SHA256SUMS"
+    os.chmod(sums, 0o644)
+    lines = sums.read_text().splitlines()
+    lines[3] = "0" * 64 + lines[3][64:]  # the 4th file's digest, wrong
+    sums.write_text("\n".join(lines) + "\n")
+    name = lines[3].split()[-1]
+    with pytest.raises(ChecksumError, match=rf"lists SHA-256 0+ for {name}.*list is wrong"):
+        protocol.load_uea_arrays(SCP1, tmp_path)
 
 
 # ----------------------------------------------------------------------------- real SCP1
@@ -196,7 +299,9 @@ def test_scp1_raw(scp1_arrays):
     assert set(np.unique(y_tr)) == {0, 1} and set(np.unique(y_te)) == {0, 1}
     assert not np.isnan(x_tr).any()
     files = sorted((UEA_ROOT / SCP1).glob("*.arff"))
-    assert uea_files.verify_checksums(files) == 12
+    digests = checksums.verify_files(files)
+    assert digests == {f.name: checksums.KNOWN_SHA256[f.name] for f in files}
+    assert len(digests) == 12
 
 
 def _row_keys(x):
@@ -252,7 +357,7 @@ def test_paper_split_indices_rules():
     np.testing.assert_array_equal(np.sort(allidx), np.arange(561))
     cur = protocol.paper_split_indices(561, 2345, prng="current")
     assert not np.array_equal(cur["train"], idx["train"])  # the PRNG flag matters
-    with pytest.raises(ValueError, match="prng"):
+    with pytest.raises(DataError, match="prng"):
         protocol.paper_split_indices(10, 0, prng="new")
 
 
@@ -305,6 +410,9 @@ def test_scp1_tfds_array_record(scp1_tfds, scp1_arrays):
             assert rec["label"] == y[i]
     np.testing.assert_array_equal(ds[7]["series"], x_te[7])
     assert list(Path(b.data_dir).glob("*.array_record*"))
+    # The raw files' digests are stored with the prepared data.
+    files = sorted((UEA_ROOT / SCP1).glob("*.arff"))
+    assert b.raw_sha256() == {f.name: checksums.KNOWN_SHA256[f.name] for f in files}
 
 
 def _tiny_builder(data_dir, fmt="auto"):
@@ -327,7 +435,7 @@ def test_tfds_tiny_prepare_and_failures_leave_nothing(tmp_path, monkeypatch):
     data_dir = tmp_path / "tfds"
 
     # Missing manual folder: says where to put which files.
-    with pytest.raises(FileNotFoundError, match=r"absent(.|\n)*Tiny_TRAIN\.ts") as e:
+    with pytest.raises(DataNotFoundError, match=r"absent.*Tiny_TRAIN\.ts") as e:
         _prepare(_tiny_builder(data_dir), tmp_path / "absent")
     assert "timeseriesclassification.com" in str(e.value)
 
@@ -370,11 +478,11 @@ def _assert_not_prepared(data_dir):
     assert dict(b.as_data_source()) == {}  # no split that could be read as complete
 
 
-def test_tfds_unknown_config_lists_known(tmp_path):
+def test_tfds_unknown_config_suggests(tmp_path):
     from flax_linoss.data import uea
 
-    with pytest.raises(ValueError, match=r"Known: .*EigenWorms"):
-        uea.prepare("NoSuchSet", tmp_path)
+    with pytest.raises(UnknownDatasetError, match=r"did you mean EigenWorms.*Known: "):
+        uea.prepare("EigenWorm", tmp_path)
 
 
 def test_tfds_wrong_class_names_rejected(tmp_path):
@@ -387,9 +495,188 @@ def test_tfds_wrong_class_names_rejected(tmp_path):
     shutil.rmtree(tmp_path / "tfds", ignore_errors=True)
 
 
+def _train_x(builder):
+    src = builder.as_data_source()["train"]
+    return np.stack([r["series"] for r in src.__getitems__(list(range(len(src))))])
+
+
+def test_raw_files_changed_after_preparing_are_noticed(tmp_path):
+    from flax_linoss.data import uea
+
+    manual = tmp_path / "manual"
+    folder = make_tiny(manual)
+    data_dir = tmp_path / "data"
+    b = uea.load(TINY, root=manual, data_dir=data_dir)
+    assert b.raw_sha256() == {
+        f.name: checksums.sha256_file(f) for f in uea_formats.dataset_files(manual, "Tiny")
+    }
+    first = _train_x(b)
+
+    # Repairing / changing a raw file (still valid): the next load prepares again from it.
+    f = folder / "TinyDimension2_TRAIN.arff"
+    lines = f.read_text().splitlines()
+    lines[-1] = "9.5," + lines[-1].split(",", 1)[1]  # last TRAIN series, dimension 2, step 0
+    f.write_text("\n".join(lines) + "\n")
+    again = uea.load(TINY, root=manual, data_dir=data_dir)
+    x = _train_x(again)
+    assert x[3, 0, 1] == 9.5
+    np.testing.assert_array_equal(
+        np.delete(x.reshape(-1), 3 * 10 + 1), np.delete(first.reshape(-1), 3 * 10 + 1)
+    )
+    assert again.raw_sha256()[f.name] == checksums.sha256_file(f)
+    assert not list((data_dir / "uea" / "Tiny").glob("incomplete.*"))
+
+    # A change that breaks a file: refused, and the prepared copy stays as it was.
+    f.write_text(f.read_text()[:-30])
+    with pytest.raises(UEAFormatError, match=r"TinyDimension2_TRAIN\.arff"):
+        uea.load(TINY, root=manual, data_dir=data_dir)
+    kept = _tiny_builder(data_dir)
+    np.testing.assert_array_equal(_train_x(kept), x)
+    # Without raw files at hand the prepared copy is used as it is.
+    np.testing.assert_array_equal(_train_x(uea.load(TINY, data_dir=data_dir)), x)
+
+
+def test_interrupted_preparations_are_cleaned_up(tmp_path):
+    from flax_linoss.data import uea
+
+    manual = tmp_path / "manual"
+    make_tiny(manual)
+    dataset_folder = tmp_path / "data" / "uea" / "Tiny"
+    # What a killed preparation leaves: TFDS's unfinished version folder (and ours).
+    for left in ("incomplete.K1LLED_1.1.0", "incomplete.0123abcd_reprepare"):
+        (dataset_folder / left / "uea-train.array_record-00000-of-00001").parent.mkdir(parents=True)
+        (dataset_folder / left / "uea-train.array_record-00000-of-00001").write_bytes(b"x")
+    uea.load(TINY, root=manual, data_dir=tmp_path / "data")
+    assert sorted(p.name for p in dataset_folder.iterdir() if not p.name.startswith(".")) == [
+        "1.1.0"
+    ]
+    # Also when the dataset is already prepared.
+    (dataset_folder / "incomplete.AGAIN1_1.1.0").mkdir()
+    uea.load(TINY, data_dir=tmp_path / "data")
+    assert not list(dataset_folder.glob("incomplete.*"))
+
+
+def test_data_directory_rule(tmp_path, monkeypatch):
+    monkeypatch.delenv(paths.ENV_VAR)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_default"))
+    assert paths.data_dir() == tmp_path / "tfds_default"
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert paths.data_dir() == tmp_path / "home" / "tensorflow_datasets"
+    monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "mine"))
+    assert paths.data_dir() == tmp_path / "mine" == paths.data_dir("")
+    assert paths.data_dir(tmp_path / "given") == tmp_path / "given"
+    assert paths.manual_dir() == tmp_path / "mine" / "downloads" / "manual"
+
+
+def test_no_path_refers_to_the_repository_layout():
+    import flax_linoss.data as fd
+
+    package = Path(fd.__file__).parent
+    for f in package.glob("*.py"):
+        text = f.read_text()
+        for token in ('"shared"', "shared/", ".parents["):
+            assert token not in text, (f, token)
+
+
+def test_raw_files_in_the_default_manual_folder_are_found(tmp_path):
+    from flax_linoss.data import uea
+
+    data_dir = Path(os.environ[paths.ENV_VAR])
+    make_tiny(data_dir / "downloads" / "manual" / "uea")
+    b = uea.load(TINY)  # no root, no data_dir: the documented defaults
+    assert Path(b.data_dir) == data_dir / "uea" / "Tiny" / "1.1.0"
+    assert len(b.as_data_source()["test"]) == 3
+
+
+def test_missing_raw_files_download_then_say_where_to_put_them(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from flax_linoss.data import builders, uea
+
+    fetched = make_tiny(tmp_path / "extracted")
+    urls = []
+
+    def download_and_extract(self, url):
+        urls.append(url)
+        return os.fspath(fetched)
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    monkeypatch.setattr(builders, "check_reachable", lambda url: None)
+    b = uea.load(TINY, data_dir=tmp_path / "d1")
+    assert urls == ["https://www.timeseriesclassification.com/aeon-toolkit/Tiny.zip"]
+    assert len(b.as_data_source()["train"]) == 4
+
+    def offline(url):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(builders, "check_reachable", offline)
+    with pytest.raises(DataNotFoundError) as e:
+        uea.load(TINY, data_dir=tmp_path / "d2")
+    msg = str(e.value)
+    assert "d2/downloads/manual" in msg and "Downloading them failed too" in msg
+    assert "no network" in msg and "\n" not in msg
+    assert len(urls) == 1  # failed before TFDS's downloader and its minutes of retries
+    # A folder named by the user must hold the files: no download then.
+    urls.clear()
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        uea.load(TINY, root=tmp_path / "typo", data_dir=tmp_path / "d3")
+    assert urls == []
+
+
+def test_unreachable_host_fails_at_once():
+    import socket
+    import time
+
+    from flax_linoss.data import builders
+
+    with socket.socket() as s:  # a local port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        builders.check_reachable(f"http://127.0.0.1:{port}/x.zip", timeout=5)
+    assert time.monotonic() - start < 5
+
+
+def test_data_dir_holding_raw_files_is_never_written(tmp_path, monkeypatch):
+    from flax_linoss.data import uea
+
+    # The layout earlier versions read $FLAX_LINOSS_DATA_DIR as: <dir>/uea/<Name>/*.arff.
+    old = tmp_path / "old"
+    folder = make_tiny(old / "uea")
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setenv(paths.ENV_VAR, str(old))
+    with pytest.raises(DataError, match=r"holds raw files.*downloads/manual"):
+        uea.load(TINY, root=old / "uea")
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_data_dir_reads_but_does_not_prepare(tmp_path):
+    from flax_linoss.data import uea
+
+    manual = tmp_path / "manual"
+    make_tiny(manual)
+    data_dir = tmp_path / "data"
+    uea.load(TINY, root=manual, data_dir=data_dir)
+    for p in [data_dir, *data_dir.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o555)
+    try:
+        assert len(uea.load(TINY, root=manual, data_dir=data_dir).as_data_source()["test"]) == 3
+        with pytest.raises(DataError, match="not writable"):
+            uea.load(TINY, root=manual, data_dir=data_dir / "uea" / "fresh")
+    finally:
+        for p in [data_dir, *data_dir.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+
+
 @needs_scp1
 def test_grain_over_tfds_source_and_registry(scp1_tfds, scp1_arrays):
-    from flax_linoss.data import loader, registry
+    from flax_linoss.data import get_dataset, loader
 
     src = scp1_tfds.as_data_source()["test"]
     it = loader.make_loader(
@@ -399,13 +686,26 @@ def test_grain_over_tfds_source_and_registry(scp1_tfds, scp1_arrays):
     np.testing.assert_array_equal(np.sort(got["index"]), np.arange(293))
     np.testing.assert_array_equal(got["series"], scp1_arrays[2][got["index"]])
 
-    # The registry reads the same data from raw files or from the prepared TFDS copy.
-    raw = registry.get_dataset(f"uea/{SCP1}", seed=2345, root=UEA_ROOT, add_time=True)
-    via_tfds = registry.get_dataset(
-        f"uea/{SCP1}", seed=2345, add_time=True, data_dir=scp1_tfds.data_dir_root
+    # get_dataset reads the prepared TFDS copy; the split is the papers' protocol on the raw
+    # archive, exactly.
+    raw = protocol.uea_splits(SCP1, seed=2345, root=UEA_ROOT, add_time=True)
+    via_tfds = get_dataset(
+        f"uea/{SCP1}", seed=2345, add_time=True, root=UEA_ROOT, data_dir=scp1_tfds.data_dir_root
     )
-    assert raw.info["channels"] == 7 and raw.info["num_classes"] == 2
+    assert via_tfds.info["channels"] == 7 and via_tfds.info["num_classes"] == 2
     for k in ("train", "val", "test"):
-        np.testing.assert_array_equal(raw[k].arrays["series"], via_tfds[k].arrays["series"])
-        np.testing.assert_array_equal(raw[k].arrays["label"], via_tfds[k].arrays["label"])
-    assert [len(raw[k]) for k in ("train", "val", "test")] == [392, 84, 85]
+        np.testing.assert_array_equal(raw[k][0], via_tfds[k].arrays["series"])
+        np.testing.assert_array_equal(raw[k][1], via_tfds[k].arrays["label"])
+    assert [len(via_tfds[k]) for k in ("train", "val", "test")] == [392, 84, 85]
+    # "" means the default, as configs write it; the prepared copy is found without raw files.
+    again = get_dataset(f"uea/{SCP1}", seed=2345, root="", data_dir=scp1_tfds.data_dir_root)
+    np.testing.assert_array_equal(again["test"].arrays["series"], raw["test"][0][..., 1:])
+
+
+def test_get_dataset_unknown_name_and_option_suggest():
+    from flax_linoss.data import get_dataset
+
+    with pytest.raises(UnknownDatasetError, match=r"did you mean [^)]*uea/SelfRegulationSCP1"):
+        get_dataset("uea/SelfRegulationSCP", seed=0)
+    with pytest.raises(UnknownDatasetError, match=r"no option 'rot' \(did you mean root\?\)"):
+        get_dataset(f"uea/{SCP1}", seed=0, rot="/data")

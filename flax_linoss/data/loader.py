@@ -1,8 +1,10 @@
 """Grain loaders over random-access sources: seeded per-epoch shuffles, sharding, resumable state.
 
-A *source* is anything with ``__len__`` and ``__getitem__(i) -> dict`` holding at least
-``"series"`` (e.g. float32 ``[L, C]``) and ``"label"``: :class:`ArraySource` over numpy arrays,
-``tfds`` data sources (``builder.as_data_source()[split]``), or the synthetic sources.
+A *source* is anything with ``__len__`` and ``__getitem__(i) -> dict`` of arrays with the
+same keys and shapes for every ``i``: ``{"series": float32 [L, C], "label": ...}`` for the
+series datasets, ``{"inputs": int32 [L], "targets": int32 [L], "weights": float32 [L]}`` for
+the token tasks, or any other fields. :class:`ArraySource` wraps numpy arrays; ``tfds`` data
+sources (``builder.as_data_source()[split]``) and the synthetic sources are sources too.
 
 How an epoch is formed, on each of ``K`` shards (hosts):
 
@@ -18,6 +20,7 @@ How an epoch is formed, on each of ``K`` shards (hosts):
 
 Batches are dicts of stacked arrays: the source's fields with a leading ``[B]`` axis, plus
 ``"valid"`` bool ``[B]`` and ``"index"`` int64 ``[B]`` (the source index, -1 for padding).
+Padding rows are zeros in every field (token id 0 is padding, weight 0 scores nothing).
 
 The iterator is Grain's: ``state = it.get_state()`` and later ``it.set_state(state)`` on a
 fresh iterator from the same arguments resumes with exactly the batches that would have come
@@ -40,20 +43,23 @@ class ArraySource:
     """Random-access source over numpy arrays with a common first axis ``N``.
 
     Args:
-        series: ``[N, L, C]`` inputs.
-        label: ``[N]`` class labels or ``[N, ...]`` regression targets.
-        **extra: More ``[N, ...]`` fields to carry along.
+        series: ``[N, L, C]`` inputs (optional).
+        label: ``[N]`` class labels or ``[N, ...]`` regression targets (optional).
+        **fields: More ``[N, ...]`` fields, e.g. ``inputs``, ``targets``, ``weights``.
 
-    ``source[i]`` is ``{"series": series[i], "label": label[i], **extra[i]}``.
+    ``source[i]`` is ``{"series": series[i], "label": label[i], **{k: v[i]}}`` (fields
+    given as ``None`` are left out).
     """
 
-    def __init__(self, series: np.ndarray, label: np.ndarray, **extra: np.ndarray):
-        self._fields = {"series": np.asarray(series), "label": np.asarray(label)}
-        self._fields.update({k: np.asarray(v) for k, v in extra.items()})
+    def __init__(self, series: np.ndarray | None = None, label: np.ndarray | None = None, **fields):
+        named = {"series": series, "label": label, **fields}
+        self._fields = {k: np.asarray(v) for k, v in named.items() if v is not None}
+        if not self._fields:
+            raise ValueError("ArraySource needs at least one field")
         n = {k: len(v) for k, v in self._fields.items()}
         if len(set(n.values())) != 1:
             raise ValueError(f"all fields need the same first dimension, got {n}")
-        self._n = n["series"]
+        self._n = next(iter(n.values()))
 
     def __len__(self) -> int:
         return self._n
@@ -185,7 +191,9 @@ def make_loader(
     """A Grain iterator of batches from a random-access ``source``.
 
     Args:
-        source: ``__len__`` and ``__getitem__(i) -> {"series": [L, C], "label": ...}``.
+        source: ``__len__`` and ``__getitem__(i) -> dict`` of arrays (same keys and shapes
+            for every ``i``), e.g. ``{"series": [L, C], "label": ...}`` or ``{"inputs": [L],
+            "targets": [L], "weights": [L]}``.
         batch_size: ``B``, per shard (host).
         seed: Shuffle seed; epoch ``e`` uses ``default_rng([seed, e])``.
         shuffle: Shuffle each epoch (a different order every epoch).
@@ -202,8 +210,10 @@ def make_loader(
         prefetch: Batches buffered ahead.
 
     Returns:
-        A ``grain`` ``DatasetIterator`` yielding ``{"series": [B, L, C], "label": [B, ...],
-        "valid": bool [B], "index": int64 [B]}`` with ``get_state()`` / ``set_state()``.
+        A ``grain`` ``DatasetIterator`` yielding the source's fields batched (e.g.
+        ``{"series": [B, L, C], "label": [B, ...]}`` or ``{"inputs": [B, L], "targets":
+        [B, L], "weights": [B, L]}``) plus ``"valid"`` bool ``[B]`` and ``"index"`` int64
+        ``[B]``, with ``get_state()`` / ``set_state()``.
     """
     import grain
 

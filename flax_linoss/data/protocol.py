@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
-from flax_linoss.data import uea_files
+from flax_linoss.data import paths, uea_formats
+from flax_linoss.data.errors import DataError
+from flax_linoss.data.uea_table import UEA_DATASETS
 
 __all__ = [
     "PAPER_SEEDS",
     "add_time_channel",
     "deduplicate",
-    "default_data_dir",
     "load_uea_arrays",
     "paper_split_indices",
     "uea_splits",
@@ -45,14 +45,6 @@ __all__ = [
 PAPER_SEEDS = (2345, 3456, 4567, 5678, 6789)
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def default_data_dir() -> Path:
-    """``$FLAX_LINOSS_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
-    env = os.environ.get("FLAX_LINOSS_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def deduplicate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +79,7 @@ def paper_split_indices(n: int, seed: int, *, prng: str = "legacy") -> dict[str,
     import jax
 
     if prng not in ("legacy", "current"):
-        raise ValueError(f"prng must be 'legacy' or 'current', got {prng!r}")
+        raise DataError(f"prng must be 'legacy' or 'current', got {prng!r}")
 
     def perm() -> np.ndarray:
         key = jax.random.PRNGKey(seed)
@@ -124,24 +116,30 @@ def add_time_channel(x: np.ndarray, duration: float = 1.0) -> np.ndarray:
 def load_uea_arrays(
     name: str, root: str | os.PathLike | None = None, *, verify: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Reads the archive's TRAIN and TEST splits of ``name`` from a local folder.
+    """Reads the archive's TRAIN and TEST splits of ``name`` from a folder of raw files.
+
+    This reads the raw files directly (no TFDS); ``get_dataset`` reads the prepared TFDS copy.
 
     Args:
-        name: Archive name (see :data:`flax_linoss.data.uea_files.UEA_DATASETS`).
-        root: Folder with the files (or a ``name/`` sub-folder); defaults to
-            ``default_data_dir() / "uea"``.
+        name: Archive name (see :data:`flax_linoss.data.uea_table.UEA_DATASETS`).
+        root: Folder with the files (or a ``name/`` sub-folder); defaults to the manual
+            folder ``<data_dir>/downloads/manual`` (see :mod:`flax_linoss.data.paths`).
         verify: Check SHA-256 digests where known.
 
     Returns:
         ``(x_train [N1, L, C], y_train [N1], x_test [N2, L, C], y_test [N2], class_names)``,
         float32 series and int32 labels.
+
+    Raises:
+        DataError: Missing, corrupt or inconsistent files (see
+            :func:`flax_linoss.data.uea_formats.read_uea_split`).
     """
-    info = uea_files.UEA_DATASETS.get(name)
-    root = default_data_dir() / "uea" if root is None else Path(root)
-    tr = uea_files.read_uea_split(root, name, "TRAIN", verify=verify, expected=info)
-    te = uea_files.read_uea_split(root, name, "TEST", verify=verify, expected=info)
+    info = UEA_DATASETS.get(name)
+    root = paths.manual_dir() if not paths.given(root) else root
+    tr = uea_formats.read_uea_split(root, name, "TRAIN", verify=verify, expected=info)
+    te = uea_formats.read_uea_split(root, name, "TEST", verify=verify, expected=info)
     if tr.class_names != te.class_names:
-        raise uea_files.UEAFormatError(
+        raise uea_formats.UEAFormatError(
             f"{name}: TRAIN declares classes {tr.class_names}, TEST {te.class_names}"
         )
     return tr.x, tr.labels, te.x, te.labels, tr.class_names
@@ -187,7 +185,8 @@ def uea_splits(
         normalise: Standardise each channel (not time) with the train split's mean and std.
             Off by default, as in the papers.
         val_fraction: Validation share of TRAIN for ``split="original"``; may be 0.
-        root: Folder of the raw files when ``data`` is a name.
+        root: Folder of the raw files when ``data`` is a name (default: the manual folder
+            ``<data_dir>/downloads/manual``).
         prng: See :func:`paper_split_indices`.
         verify: Check SHA-256 digests where known, when reading files.
 
@@ -217,7 +216,7 @@ def uea_splits(
         out: Splits = {k: (x[v], y[v]) for k, v in idx.items()}
     elif split == "original":
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         perm = np.random.default_rng(seed).permutation(len(x_tr))
         n_val = round(val_fraction * len(x_tr))
         val_idx = np.sort(perm[len(perm) - n_val :])
@@ -228,7 +227,7 @@ def uea_splits(
             "test": (x_te, y_te),
         }
     else:
-        raise ValueError(f"split must be 'paper' or 'original', got {split!r}")
+        raise DataError(f"split must be 'paper' or 'original', got {split!r}")
 
     if add_time:
         out = {k: (add_time_channel(x), y) for k, (x, y) in out.items()}

@@ -1,27 +1,44 @@
-"""``get_dataset(name, ...)``: one entry point from a name to train / val / test sources.
+"""``get_dataset(name, ...)``: one table from a dataset name to its train / val / test sources.
 
-Names: ``"synthetic/oscillator"``, ``"synthetic/long_range"``, ``"uea/<Name>"`` for every
-entry of :data:`flax_linoss.data.uea_files.UEA_DATASETS`, and ``"ppg_dalia"``.
+Each row of :data:`DATASETS` names a dataset, the function that builds it and the options it
+takes. Families:
+
+* ``synthetic/oscillator``, ``synthetic/long_range``: generated series
+  (:mod:`flax_linoss.data.synthetic`);
+* ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``: token tasks for
+  comparing sequence mixers (:mod:`flax_linoss.data.lm_tasks`);
+* ``uea/<Name>`` for every line of :data:`flax_linoss.data.uea_table.UEA_DATASETS`: read from
+  the prepared TFDS copy (prepared on first use), split by the papers' protocol;
+* ``ppg_dalia``: TFDS data sources of the PPG-DaLiA windows.
+
+To add a dataset, add a row here (and, for a TFDS family, a builder following
+:mod:`flax_linoss.data.builders`).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flax_linoss.data import uea_files
+from flax_linoss.data.errors import UnknownDatasetError
 from flax_linoss.data.loader import ArraySource
+from flax_linoss.data.uea_table import UEA_DATASETS
 
-__all__ = ["DatasetSplits", "available_datasets", "get_dataset"]
+__all__ = ["DATASETS", "DatasetSplits", "available_datasets", "check_options", "get_dataset"]
 
 
 class DatasetSplits(dict):
     """``{"train", "val", "test"} -> source``, plus ``info`` describing the task.
 
-    ``info`` keys: ``task`` (``"classification"`` or ``"regression"``), ``channels`` (``C`` of
-    ``series [L, C]``), ``length`` (``L``), ``num_classes`` (classification), ``class_names``
-    (UEA), ``target_shape`` (regression: shape of one example's ``label``), ``output_step``
-    (regression: steps of input per target step, where it applies).
+    ``info`` keys: ``task`` (``"classification"``, ``"regression"`` or ``"lm"``) and
+    ``length`` (``L``); for classification and regression ``channels`` (``C`` of ``series
+    [L, C]``); ``num_classes`` and, for UEA, ``class_names`` (classification);
+    ``target_shape`` (regression: shape of one example's ``label``) and ``output_step``
+    (regression: steps of input per target step, where it applies); ``vocab_size``
+    (``"lm"``: every token id, padding 0 and special tokens included).
     """
 
     def __init__(self, splits: dict[str, Any], info: dict[str, Any]):
@@ -29,20 +46,35 @@ class DatasetSplits(dict):
         self.info = info
 
 
-def available_datasets() -> list[str]:
-    """All names :func:`get_dataset` accepts."""
-    return [
-        "synthetic/oscillator",
-        "synthetic/long_range",
-        *(f"uea/{n}" for n in uea_files.UEA_DATASETS),
-        "ppg_dalia",
-    ]
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def check_options(dataset: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Raises :class:`UnknownDatasetError` for an option ``dataset`` does not take."""
+    known = sorted(known)
+    for key in options:
+        if key not in known:
+            raise UnknownDatasetError(
+                f"{dataset} has no option {key!r}{_suggest(key, known)}; its options: "
+                f"{', '.join(known)}"
+            )
 
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_COUNTS = ("num_train", "num_val", "num_test")
 
 
-def _synthetic_oscillator(seed, num_train=1024, num_val=128, num_test=128, **kw):
+def _params(fn: Callable) -> list[str]:
+    return [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name != "seed"
+    ]
+
+
+def _synthetic_oscillator(name, seed, num_train=1024, num_val=128, num_test=128, **kw):
     from flax_linoss.data import synthetic
 
     out = {}
@@ -59,7 +91,7 @@ def _synthetic_oscillator(seed, num_train=1024, num_val=128, num_test=128, **kw)
     return DatasetSplits(out, info)
 
 
-def _synthetic_long_range(seed, num_train=1024, num_val=128, num_test=128, **kw):
+def _synthetic_long_range(name, seed, num_train=1024, num_val=128, num_test=128, **kw):
     from flax_linoss.data import synthetic
 
     out = {
@@ -76,6 +108,30 @@ def _synthetic_long_range(seed, num_train=1024, num_val=128, num_test=128, **kw)
     return DatasetSplits(out, info)
 
 
+def _token_task(name, seed, num_train=100_000, num_val=3_000, num_test=3_000, **options):
+    from flax_linoss.data import lm_tasks
+
+    task = lm_tasks.make_task(name.split("/", 1)[1], **options)
+    out = {
+        split: lm_tasks.TokenTaskSource(task, n, seed=(seed, _SPLIT_IDS[split]))
+        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
+    }
+    return DatasetSplits(out, task.info)
+
+
+_UEA_OPTIONS = (
+    "split",
+    "add_time",
+    "normalise",
+    "val_fraction",
+    "prng",
+    "root",
+    "data_dir",
+    "download",
+    "verify",
+)
+
+
 def _uea(
     name: str,
     seed: int,
@@ -83,51 +139,113 @@ def _uea(
     split: str = "paper",
     add_time: bool = False,
     normalise: bool = False,
-    root: str | os.PathLike | None = None,
-    data_dir: str | os.PathLike | None = None,
-    **kw,
+    root=None,
+    data_dir=None,
+    download: bool = True,
+    verify: bool = True,
+    **protocol_options,
 ):
-    from flax_linoss.data import protocol
+    from flax_linoss.data import protocol, uea
 
-    info_entry = uea_files.uea_dataset_info(name)
-    if data_dir is not None:
-        # Read the archive's splits from a prepared TFDS dataset (prepare it if needed).
-        import numpy as np
-
-        from flax_linoss.data import uea
-
-        builder = uea.Uea(config=name, data_dir=os.fspath(data_dir))
-        if not builder.is_prepared():
-            builder = uea.prepare(name, root, data_dir)
-        src = builder.as_data_source()
-        arrays = []
-        for s in ("train", "test"):
-            recs = src[s].__getitems__(list(range(len(src[s]))))
-            arrays += [
-                np.stack([r["series"] for r in recs]),
-                np.array([r["label"] for r in recs], np.int32),
-            ]
-        data: Any = tuple(arrays)
-    else:
-        data = name
+    info = UEA_DATASETS[name.split("/", 1)[1]]
+    builder = uea.load(info.name, root=root, data_dir=data_dir, download=download, verify=verify)
     splits = protocol.uea_splits(
-        data, seed=seed, split=split, add_time=add_time, normalise=normalise, root=root, **kw
+        uea.uea_arrays(builder),
+        seed=seed,
+        split=split,
+        add_time=add_time,
+        normalise=normalise,
+        **protocol_options,
     )
     out = {k: ArraySource(x, y) for k, (x, y) in splits.items()}
-    info = {
-        "task": "classification",
-        "channels": info_entry.channels + int(add_time),
-        "length": info_entry.length,
-        "num_classes": len(info_entry.class_names),
-        "class_names": info_entry.class_names,
-    }
-    return DatasetSplits(out, info)
+    return DatasetSplits(
+        out,
+        {
+            "task": "classification",
+            "channels": info.channels + int(add_time),
+            "length": info.length,
+            "num_classes": len(info.class_names),
+            "class_names": info.class_names,
+        },
+    )
 
 
-def _ppg(seed, *, data_dir=None, manual_dir=None, config: str | None = None, **kw):
+def _ppg(name, seed, **kw):
     from flax_linoss.data import ppg
 
-    return ppg.ppg_splits(seed=seed, data_dir=data_dir, manual_dir=manual_dir, config=config, **kw)
+    return ppg.ppg_splits(seed=seed, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One row of :data:`DATASETS`.
+
+    Attributes:
+        load: ``load(name, seed, **options) -> DatasetSplits``.
+        options_from: Gives the option names ``get_dataset`` accepts for it (a callable, so
+            that the family's module is imported only when it is used).
+        doc: One line for listings.
+    """
+
+    load: Callable[..., DatasetSplits]
+    options_from: Callable[[], Iterable[str]]
+    doc: str
+
+
+def _oscillator_options():
+    from flax_linoss.data import synthetic
+
+    return [*_COUNTS, *_params(synthetic.oscillator_forecasting)]
+
+
+def _long_range_options():
+    from flax_linoss.data import synthetic
+
+    return [*_COUNTS, *_params(synthetic.long_range_example)]
+
+
+def _token_options(task: str):
+    def options():
+        from flax_linoss.data import lm_tasks
+
+        return [*_COUNTS, *(f.name for f in dataclasses.fields(lm_tasks.TASKS[task]))]
+
+    return options
+
+
+#: Dataset name -> :class:`Dataset`.
+DATASETS: dict[str, Dataset] = {
+    "synthetic/oscillator": Dataset(
+        _synthetic_oscillator, _oscillator_options, "forecast pendulum positions (RK4)"
+    ),
+    "synthetic/long_range": Dataset(
+        _synthetic_long_range, _long_range_options, "a label hidden at the start of a long series"
+    ),
+    "synthetic/mqar": Dataset(
+        _token_task, _token_options("mqar"), "multi-query associative recall (Zoology)"
+    ),
+    "synthetic/selective_copy": Dataset(
+        _token_task, _token_options("selective_copy"), "selective copying (Mamba)"
+    ),
+    "synthetic/induction": Dataset(
+        _token_task, _token_options("induction"), "induction heads (H3, Mamba)"
+    ),
+    **{
+        f"uea/{n}": Dataset(_uea, lambda: _UEA_OPTIONS, f"UEA {n}, the papers' 70/15/15 split")
+        for n in UEA_DATASETS
+    },
+    "ppg_dalia": Dataset(
+        _ppg,
+        lambda: ("data_dir", "manual_dir", "root", "config", "split_seed", "download", "verify"),
+        "PPG-DaLiA heart rate from wrist signals",
+    ),
+}
+_ALIASES = {"ppg": "ppg_dalia"}
+
+
+def available_datasets() -> list[str]:
+    """All names :func:`get_dataset` accepts (aliases aside)."""
+    return list(DATASETS)
 
 
 def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
@@ -137,29 +255,36 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
         name: One of :func:`available_datasets`.
         seed: Split seed (UEA, PPG) or generation seed (synthetic; the three splits use
             seeds ``(seed, 0)``, ``(seed, 1)``, ``(seed, 2)``).
-        **options: Per family:
+        **options: Per family (``None`` or ``""`` for a folder means the default):
             ``synthetic/oscillator``: ``num_train``, ``num_val``, ``num_test`` and the
             arguments of :func:`~flax_linoss.data.synthetic.oscillator_forecasting`.
             ``synthetic/long_range``: the same, with
             :func:`~flax_linoss.data.synthetic.long_range_classification`'s arguments.
+            ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``:
+            ``num_train``, ``num_val``, ``num_test`` (default 100,000 / 3,000 / 3,000) and
+            the task's fields (:mod:`flax_linoss.data.lm_tasks`).
             ``uea/<Name>``: ``split`` (``"paper"``/``"original"``), ``add_time``,
-            ``normalise``, ``root`` (raw files; default ``$FLAX_LINOSS_DATA_DIR/uea`` or
-            ``<repo>/../shared/data/uea``), ``data_dir`` (read a TFDS-prepared copy there,
-            preparing it from ``root`` if needed), ``prng``, ``verify``.
-            ``ppg_dalia``: ``data_dir``, ``manual_dir``, ``config``.
+            ``normalise``, ``val_fraction``, ``prng`` (see
+            :func:`~flax_linoss.data.protocol.uea_splits`), ``root`` (folder of the raw
+            files; default ``<data_dir>/downloads/manual``, then the download),
+            ``data_dir`` (where prepared datasets live; see :mod:`flax_linoss.data.paths`),
+            ``download``, ``verify``.
+            ``ppg_dalia``: ``data_dir``, ``manual_dir`` (alias ``root``), ``config``
+            (:class:`~flax_linoss.data.ppg_files.PpgConfig`), ``split_seed``,
+            ``download``, ``verify``.
 
     Returns:
         A :class:`DatasetSplits`: ``{"train", "val", "test"} -> source`` with ``.info``.
 
     Raises:
-        ValueError: Unknown name (the message lists the known ones).
+        UnknownDatasetError: Unknown name or option (with the closest known ones).
+        DataError: Missing or broken data (see :mod:`flax_linoss.data.errors`).
     """
-    if name == "synthetic/oscillator":
-        return _synthetic_oscillator(seed, **options)
-    if name == "synthetic/long_range":
-        return _synthetic_long_range(seed, **options)
-    if name.startswith("uea/") and name[4:] in uea_files.UEA_DATASETS:
-        return _uea(name[4:], seed, **options)
-    if name in ("ppg_dalia", "ppg"):
-        return _ppg(seed, **options)
-    raise ValueError(f"Unknown dataset {name!r}. Known: {', '.join(available_datasets())}")
+    key = _ALIASES.get(name, name)
+    entry = DATASETS.get(key)
+    if entry is None:
+        raise UnknownDatasetError(
+            f"Unknown dataset {name!r}{_suggest(name, DATASETS)}. Known: {', '.join(DATASETS)}"
+        )
+    check_options(key, options, entry.options_from())
+    return entry.load(key, seed, **options)

@@ -1,5 +1,8 @@
 """Built-in synthetic tasks (no download): oscillator forecasting and long-range classification.
 
+The token tasks for comparing sequence mixers (MQAR, selective copying, induction heads) are
+in :mod:`flax_linoss.data.lm_tasks`.
+
 Both are deterministic by seed, example by example: example ``i`` of a generator called with
 ``seed`` is drawn from ``numpy.random.default_rng([*seed, i])`` (``seed`` an int or a tuple of
 ints), so it does not depend on how many examples are asked for. Arrays are float32 series
@@ -17,6 +20,7 @@ import numpy as np
 __all__ = [
     "OSCILLATOR_KINDS",
     "LongRangeSource",
+    "example_rng",
     "long_range_classification",
     "long_range_example",
     "oscillator_forecasting",
@@ -29,7 +33,8 @@ Seed = int | Sequence[int]
 OSCILLATOR_KINDS = ("damped", "driven", "windy", "coupled")
 
 
-def _rng(seed: Seed, i: int) -> np.random.Generator:
+def example_rng(seed: Seed, i: int) -> np.random.Generator:
+    """The generator of example ``i``: ``numpy.random.default_rng([*seed, i])``."""
     seed = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
     return np.random.default_rng([*seed, int(i)])
 
@@ -169,7 +174,7 @@ def oscillator_forecasting(
         raise ValueError("num_examples, input_length and output_length must be >= 1")
     kinds, plist, states, noise = [], [], [], []
     for i in range(num_examples):
-        rng = _rng(seed, i)
+        rng = example_rng(seed, i)
         k = OSCILLATOR_KINDS[rng.integers(len(OSCILLATOR_KINDS))] if kind == "mixed" else kind
         p, s = _oscillator_params(rng, k)
         kinds.append(k)
@@ -226,7 +231,7 @@ def long_range_example(
         )
     if num_classes > 2 ** (cue_length - 1):
         raise ValueError(f"cue_length {cue_length} is too short for {num_classes} classes")
-    rng = _rng(seed, index)
+    rng = example_rng(seed, index)
     label = int(rng.integers(num_classes))
     start = int(rng.integers(region - cue_length + 1))
     x = (noise_std * rng.standard_normal(length)).astype(np.float32)
