@@ -7,10 +7,10 @@ Pick the model with the config string (default linoss_im)::
     flax-linoss train --config=configs/uea_scp1.py:d_linoss --workdir=runs/scp1-dlinoss
 
 The protocol (Adam, constant rate, eval every 1000 steps, patience 10, seed 2345) is in
-flax_linoss.train.paper.paper_config; the raw archive is read from
-``$FLAX_LINOSS_DATA_DIR/uea/SelfRegulationSCP1``
-(``--config.data.options.root=DIR`` reads it elsewhere; see
-``flax_linoss.data.get_dataset``).
+flax_linoss.train.paper.paper_config. The raw files are read from
+``<data dir>/downloads/manual/uea/SelfRegulationSCP1`` (the data directory is
+``$FLAX_LINOSS_DATA_DIR``, else ``~/tensorflow_datasets``; ``--config.data.options.root=DIR``
+reads them elsewhere, else they are downloaded) and prepared once into the data directory.
 """
 
 from flax_linoss.train.paper import paper_config

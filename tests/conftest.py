@@ -23,17 +23,23 @@ if _OWN_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Raw test data (read only): $FLAX_LINOSS_TEST_DATA, else ../shared/data beside the checkout.
 SHARED_DATA = pathlib.Path(
-    os.environ.get("FLAX_LINOSS_DATA_DIR", REPO.parent / "shared" / "data")
+    os.environ.get("FLAX_LINOSS_TEST_DATA", REPO.parent / "shared" / "data")
 ).resolve()
+# Prepared datasets go to a fresh data directory, never ~/tensorflow_datasets or ../shared
+# (inherited by the subprocesses the tests start); removed when the session ends.
+_DATA_DIR = tempfile.mkdtemp(prefix="flax-linoss-data-")
+os.environ["FLAX_LINOSS_DATA_DIR"] = _DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> pathlib.Path:
-    """``../shared/data`` beside the repository (or ``$FLAX_LINOSS_DATA_DIR``)."""
+    """``../shared/data`` beside the repository (or ``$FLAX_LINOSS_TEST_DATA``)."""
     return SHARED_DATA
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_DATA_DIR, ignore_errors=True)
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -25,7 +25,11 @@ def test_colab_runs(tmp_path, monkeypatch, shared_data_dir):
     kernelspec.install(prefix=str(tmp_path / "jupyter"), kernel_name="python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
     monkeypatch.setenv("FLAX_LINOSS_COLAB_SMALL", "1")
-    monkeypatch.setenv("FLAX_LINOSS_DATA_DIR", str(shared_data_dir))
+    # A data directory whose manual folder holds the raw SCP1 files.
+    manual = tmp_path / "data" / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "uea").symlink_to(shared_data_dir / "uea")
+    monkeypatch.setenv("FLAX_LINOSS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     nb = nbformat.read(NOTEBOOK, as_version=4)

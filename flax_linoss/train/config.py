@@ -99,7 +99,8 @@ def check_override_keys(config: ml_collections.ConfigDict, keys: Iterable[str]) 
     """
     paths = _all_paths(config)
     known = set(paths)
-    leaves = list(flat_keys(config))
+    # Leaves, and the options inside data.options (they are fields too).
+    leaves = [p for p in paths if p not in _OPEN and not any(q.startswith(p + ".") for q in paths)]
     for key in keys:
         if key not in known:
             raise ConfigError(f"Unknown config key {key!r}{suggest(key, leaves)}.")

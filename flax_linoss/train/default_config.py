@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Base seed: parameters, dropout and the data order derive from it.
     config.seed = 0
-    # Model implementation the trainer runs: "linen" or "nnx" (same parameters and checkpoints).
+    # Model implementation the trainer runs: "linen" or "nnx" (the same model and results; each
+    # checkpoints its own tree, and a run resumes or evaluates with the other API by conversion).
     config.framework = "linen"
 
     config.data = data = ml_collections.ConfigDict()  # input pipeline

@@ -55,7 +55,9 @@ def paper_config(
     config.data.split_seed = -1  # -1: split with `seed`, as the papers do
     if options is None:
         # UEA: root (raw archive folder) and data_dir (TFDS cache); "" means the default.
-        options = {"root": "", "data_dir": ""}
+        # normalise: standardise channels with the train split's statistics (off, as the
+        # papers feed the raw UEA series).
+        options = {"root": "", "data_dir": "", "normalise": False}
     config.data.options = ml_collections.ConfigDict(options)  # get_dataset options
     config.data.time_channel = time_channel  # prepend t_k = k / L (tuned per experiment)
     config.data.batch_size = batch_size  # the papers' batch
