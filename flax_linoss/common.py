@@ -153,3 +153,49 @@ def running_batch_norm(
         initialized = jnp.ones_like(initialized)
     y = (xf - mean) * jax.lax.rsqrt(var + epsilon)
     return y.astype(x.dtype), (mean, var, initialized)
+
+
+def per_shard(fn, x: jax.Array, per_example: dict, replicated: dict):
+    """``fn(x, **per_example, **replicated)``, run per device under a mesh with explicit axes.
+
+    ``x [batch..., L, H]`` and every ``per_example`` array (leading axes ``batch...``) keep
+    the sharding of ``x``'s batch axes; the length and feature axes are gathered and the
+    ``replicated`` arrays (parameters) replicated, and ``fn`` runs inside ``shard_map`` on
+    each device's rows, as on one device. The output ``[batch..., L, H]`` (and any other
+    output with the batch axes in front) gets ``x``'s sharding back. Elsewhere (no mesh, or
+    automatic axes) this is just ``fn(...)``.
+
+    Why: explicit sharding refuses the recurrence's input projection when ``H`` is sharded
+    (tensor-parallel metadata shards it) and needs carry shardings the scans do not know;
+    per device the layer is an ordinary data-parallel computation.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = jax.sharding.AxisType.Explicit
+    if mesh.empty or explicit not in tuple(mesh.axis_types):
+        return fn(x, **per_example, **replicated)
+    P = jax.sharding.PartitionSpec
+    spec = tuple(jax.typeof(x).sharding.spec)
+    spec = spec + (None,) * (x.ndim - len(spec))
+    lead = spec[:-2]
+
+    def rows(a):
+        return P(*lead, *([None] * (a.ndim - len(lead))))
+
+    per_example = {k: v for k, v in per_example.items() if v is not None}
+    replicated = {k: v for k, v in replicated.items() if v is not None}
+    args = (x, per_example, replicated)
+    specs = (rows(x), jax.tree.map(rows, per_example), jax.tree.map(lambda _: P(), replicated))
+    args = jax.tree.map(jax.sharding.reshard, args, specs)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    out_shape = jax.eval_shape(lambda a, e, r: fn(a, **e, **r), *plain)
+    mapped = jax.shard_map(
+        lambda a, e, r: fn(a, **e, **r),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=jax.tree.map(rows, out_shape),
+        check_vma=False,
+    )
+    out = mapped(*args)
+    first = jax.tree.leaves(out)[0]
+    restored = jax.sharding.reshard(first, P(*spec))
+    return jax.tree.unflatten(jax.tree.structure(out), [restored, *jax.tree.leaves(out)[1:]])

@@ -1,4 +1,4 @@
-"""flax_linoss.registry: mixer names, registration, and the attention swap helper.
+"""flax_linoss.mixers.registry: mixer names, registration, and the attention swap helper.
 
 Cheap (no compilation): what is registered, that get_mixer returns the right classes, that
 registering guards against silent overwrites, and that swap_attention patches exactly the
@@ -61,7 +61,7 @@ def test_register_and_errors():
 
         assert get_mixer("test-deco", api="nnx") is factory
     finally:
-        from flax_linoss import registry
+        from flax_linoss.mixers import registry
 
         registry._REGISTRY.pop(("linen", "test-mine"), None)
         registry._REGISTRY.pop(("nnx", "test-deco"), None)

@@ -2,7 +2,7 @@
 
 ``LinOSSMixer`` takes the attention's constructor and call arguments, so a transformer
 written against flax attention swaps it in by changing the class (or a registry name, see
-:mod:`flax_linoss.registry`). What it computes, for ``x [batch..., L, E]``::
+:mod:`flax_linoss.mixers.registry`). What it computes, for ``x [batch..., L, E]``::
 
     h = x @ in_proj                       # [batch..., L, H],  H = qkv_features or E
     y = LinOSS(h)                         # P = state_size or H oscillators, causal

@@ -5,16 +5,26 @@ The same computation, parameter names, shapes and logical axes as
 
     in_proj (nnx.Linear E -> H), linoss (LinOSSLayer), [linoss_reverse], out_proj (H -> O)
 
-Logical axis names (:data:`flax_linoss.mixers.base.PARAM_AXES`) are set after creation on
-every parameter as ``logical_axes`` metadata, and as ``out_sharding`` metadata when the
-module is built under a mesh (``with jax.set_mesh(mesh):``) or with eager sharding off.
-(With flax's default eager sharding, a variable annotated with ``out_sharding`` makes every
-variable derived from it, such as optimizer state, demand a mesh; so without a mesh the
-mixer stays usable and only records ``logical_axes``.) The user's own ``kernel_metadata``
-or ``nnx.with_partitioning`` sharding wins. The parameters are created unsharded; shard
-them the usual way under logical axis rules, e.g. ``with nn.logical_axis_rules(rules):
-specs = nnx.get_partition_spec(nnx.state(model))`` then ``jax.lax.with_sharding_constraint``
-inside ``nnx.jit``.
+Sharding, as ``nnx.MultiHeadAttention`` does it:
+
+* By default no parameter carries mesh-axis names (they are replicated), whatever mesh is set.
+  Every parameter records its logical axis names (:data:`flax_linoss.mixers.base.PARAM_AXES`:
+  ``embed``, ``kv``, ``oscillator``) as ``logical_axes`` metadata, which no mesh reads.
+* ``kernel_metadata``, ``bias_metadata``, ``out_kernel_metadata``, ``out_bias_metadata``
+  are honoured as for attention. Their ``out_sharding`` (or ``sharding_names``) is written
+  for attention's shapes, and is mapped onto ours like this: the input kernel
+  ``(E, heads, head_dim)`` -> ``in_proj/kernel [E, H]`` takes ``(E's axis, heads' axis)``;
+  the input bias ``(heads, head_dim)`` -> ``in_proj/bias [H]`` takes ``(heads' axis,)``;
+  the output kernel ``(heads, head_dim, O)`` -> ``out_proj/kernel [H, O]`` takes ``(heads'
+  axis, O's axis)``; the output bias is used as it is. Specs already of our rank are used as
+  they are; where the heads entry is ``None`` the ``head_dim`` entry is used. The inner width
+  ``H`` then has one mesh axis, and the LinOSS layers shard every ``H`` axis the same way:
+  ``b [P, H, 2]`` as ``(None, h, None)``, ``c [H, P, 2]`` as ``(h, None, None)``, ``d [H]``
+  as ``(h,)``; the oscillator parameters ``[P]`` are replicated. Other metadata keys go to
+  the projections unchanged.
+* Logical axis names become ``out_sharding`` only when you ask for them: build the mixer
+  inside ``flax.linen.logical_axis_rules(rules)`` (and under a mesh), and
+  ``nnx.get_partition_spec`` maps them through the rules.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import meta
+from flax.core.spmd import get_logical_axis_rules
 from flax.nnx.nn import dtypes
 from jax import lax
 
@@ -47,17 +57,50 @@ def _dot_general(dot_general, dot_general_cls):
     return dot_general_cls() if dot_general_cls is not None else lax.dot_general
 
 
-def _mesh_active() -> bool:
-    """Whether a mesh is set (``jax.set_mesh`` / ``with mesh:``)."""
-    return not jax.sharding.get_abstract_mesh().empty or meta.get_global_mesh() is not None
+_SHARDING_KEYS = ("out_sharding", "sharding_names")
 
 
-def _annotate(variable: nnx.Variable, names: tuple[str | None, ...], sharding: bool) -> None:
-    """Records logical axis ``names``: always as ``logical_axes`` metadata, and as
-    ``out_sharding`` if ``sharding`` and the variable has no sharding of its own."""
-    variable.set_metadata(logical_axes=names)
-    if sharding and variable.get_metadata("out_sharding", None) is None:
-        variable.set_metadata(out_sharding=names)
+def _remap(metadata: Mapping[str, Any], rank: int, pick) -> dict[str, Any]:
+    """``metadata`` with its sharding spec (written for attention's shapes) re-cut for a
+    parameter of ``rank`` dimensions by ``pick(spec) -> spec`` (see the module docstring)."""
+    out = dict(metadata)
+    for key in _SHARDING_KEYS:
+        spec = out.get(key)
+        if spec is not None and len(tuple(spec)) != rank:
+            out[key] = tuple(pick(tuple(spec)))
+    return out
+
+
+def _heads(spec: tuple, i: int):
+    """The mesh axis of attention's ``heads`` entry ``i`` (or of ``head_dim`` after it)."""
+    return spec[i] if spec[i] is not None else spec[i + 1]
+
+
+def _sharding(metadata: Mapping[str, Any]) -> tuple | None:
+    for key in _SHARDING_KEYS:
+        if metadata.get(key) is not None:
+            return tuple(metadata[key])
+    return None
+
+
+def _inner_axis(in_kernel: Mapping[str, Any], out_kernel: Mapping[str, Any]):
+    """The mesh axis of the inner width ``H`` given by the user's metadata, or ``None``."""
+    spec = _sharding(in_kernel)
+    if spec is not None:
+        return spec[1]
+    spec = _sharding(out_kernel)
+    return None if spec is None else spec[0]
+
+
+def _layer_metadata(h_axis) -> dict[str, dict[str, Any]]:
+    """``out_sharding`` of a LinOSS layer's parameters whose ``H`` axis is ``h_axis``."""
+    if h_axis is None:
+        return {}
+    return {
+        "b": {"out_sharding": (None, h_axis, None)},
+        "c": {"out_sharding": (h_axis, None, None)},
+        "d": {"out_sharding": (h_axis,)},
+    }
 
 
 class LinOSSMixer(nnx.Module):
@@ -168,6 +211,11 @@ class LinOSSMixer(nnx.Module):
                 rngs=rngs,
             )
 
+        kernel_metadata = _remap(kernel_metadata, 2, lambda s: (s[0], _heads(s, 1)))
+        bias_metadata = _remap(bias_metadata, 1, lambda s: (_heads(s, 0),))
+        out_kernel_metadata = _remap(out_kernel_metadata, 2, lambda s: (_heads(s, 0), s[-1]))
+        param_metadata = _layer_metadata(_inner_axis(kernel_metadata, out_kernel_metadata))
+
         def layer():
             return LinOSSLayer(
                 self.qkv_features,
@@ -177,6 +225,7 @@ class LinOSSMixer(nnx.Module):
                 oscillator_init=oscillator_init,
                 dtype=dtype,
                 param_dtype=param_dtype,
+                param_metadata=param_metadata,
                 rngs=rngs,
             )
 
@@ -201,25 +250,17 @@ class LinOSSMixer(nnx.Module):
             out_promote_dtype,
             out_dot_general,
             out_dot_general_cls,
-            out_kernel_metadata or kernel_metadata,
-            out_bias_metadata or bias_metadata,
+            out_kernel_metadata,
+            out_bias_metadata,
         )
-        # With flax's eager sharding on, every variable later made from an annotated one
-        # (optimizer state, say) must be created under a mesh; so `out_sharding` is only
-        # set when a mesh is active now or eager sharding is off.
-        sharding = _mesh_active() or not nnx.using_eager_sharding()
-        for proj in ("in_proj", "out_proj"):
-            for pname in ("kernel", "bias"):
-                var = getattr(getattr(self, proj), pname)
-                if var is not None:
-                    _annotate(var, base.PARAM_AXES[f"{proj}/{pname}"], sharding)
-        for lay in (self.linoss, self.linoss_reverse):
-            if lay is None:
-                continue
-            for pname in ("a_raw", "dt_raw", "g_raw", "b", "c", "d"):
-                var = getattr(lay, pname)
-                if var is not None:
-                    _annotate(var, base.linoss_param_axes(pname), sharding)
+        # Logical names: recorded always; as shardings only under logical axis rules.
+        logical = bool(get_logical_axis_rules())
+        for path, var in nnx.to_flat_state(nnx.state(self, nnx.Param)):
+            key = "/".join(map(str, path[-2:])) if "proj" in str(path[0]) else str(path[-1])
+            names = base.PARAM_AXES[key]
+            var.set_metadata(logical_axes=names)
+            if logical and all(var.get_metadata(k, None) is None for k in _SHARDING_KEYS):
+                var.set_metadata(out_sharding=names)
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
         self.state_z: nnx.Cache | None = nnx.data(None)
         self.state_y: nnx.Cache | None = nnx.data(None)

@@ -9,7 +9,7 @@ Shapes: ``[batch, length, features]``; ``H`` features, ``P`` oscillators.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ from flax_linoss.common import (
     check_sequence_input,
     check_size,
     feature_mask,
+    per_shard,
     pool_or_subsample,
     renamed_arguments,
     running_batch_norm,
@@ -58,6 +59,8 @@ class LinOSSLayer(nnx.Module):
       dtype: computation dtype of the projections (default: inferred from the input). The
         recurrence always runs in float32 or wider.
       param_dtype: parameter dtype.
+      param_metadata: per parameter name, metadata for its ``nnx.Param`` (e.g.
+        ``{"b": {"out_sharding": (None, "model", None)}}``).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -75,6 +78,7 @@ class LinOSSLayer(nnx.Module):
         d_init: Initializer = default_d_init,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
+        param_metadata: Mapping[str, Mapping[str, Any]] | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_size("LinOSSLayer", "in_features", in_features)
@@ -86,12 +90,14 @@ class LinOSSLayer(nnx.Module):
         raw = ops.init_oscillators(
             rngs.params(), state_size, discretization, oscillator_init, param_dtype
         )
-        self.a_raw = nnx.Param(raw["a_raw"])
-        self.dt_raw = nnx.Param(raw["dt_raw"])
-        self.g_raw = nnx.Param(raw["g_raw"]) if discretization == ops.DAMPED else None
-        self.b = nnx.Param(b_init(rngs.params(), (state_size, in_features, 2), param_dtype))
-        self.c = nnx.Param(c_init(rngs.params(), (in_features, state_size, 2), param_dtype))
-        self.d = nnx.Param(d_init(rngs.params(), (in_features,), param_dtype))
+        meta = lambda name: dict((param_metadata or {}).get(name, {}))
+        param = lambda name, value: nnx.Param(value, **meta(name))
+        self.a_raw = param("a_raw", raw["a_raw"])
+        self.dt_raw = param("dt_raw", raw["dt_raw"])
+        self.g_raw = param("g_raw", raw["g_raw"]) if discretization == ops.DAMPED else None
+        self.b = param("b", b_init(rngs.params(), (state_size, in_features, 2), param_dtype))
+        self.c = param("c", c_init(rngs.params(), (in_features, state_size, 2), param_dtype))
+        self.d = param("d", d_init(rngs.params(), (in_features,), param_dtype))
 
     @property
     def features(self) -> int:
@@ -131,21 +137,30 @@ class LinOSSLayer(nnx.Module):
             (x, self.b[...], self.c[...], self.d[...]), dtype=self.dtype
         )
         a, dt, g = self.constrained()
-        return ops.linoss_apply(
+
+        def core(x, a, dt, b, c, d, g=None, initial_state=None, mask=None, segment_ids=None):
+            return ops.linoss_apply(
+                x,
+                a,
+                dt,
+                b,
+                c,
+                d,
+                g=g,
+                discretization=self.discretization,
+                scan=self.scan,
+                initial_state=initial_state,
+                return_state=return_state,
+                reverse=reverse,
+                mask=mask,
+                segment_ids=segment_ids,
+            )
+
+        return per_shard(
+            core,
             x,
-            a,
-            dt,
-            b,
-            c,
-            d,
-            g=g,
-            discretization=self.discretization,
-            scan=self.scan,
-            initial_state=initial_state,
-            return_state=return_state,
-            reverse=reverse,
-            mask=mask,
-            segment_ids=segment_ids,
+            {"initial_state": initial_state, "mask": mask, "segment_ids": segment_ids},
+            {"a": a, "dt": dt, "b": b, "c": c, "d": d, "g": g},
         )
 
 

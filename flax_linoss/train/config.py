@@ -37,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "framework": ("linen", "nnx"),
     "model.discretization": ("im", "imex", "damped"),
     "model.norm": NORMS,
+    "model.kind": ("paper", "transformer"),
+    "model.positional": ("none", "learned", "sinusoidal"),
     "model.scan": tuple(SCANS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "optimizer.name": ("adam", "adamw"),
@@ -183,6 +185,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ):
         need(got[key] >= 0, f"Config field {key!r} must be >= 0, got {got[key]}.")
     need(got["optimizer.learning_rate"] > 0, "optimizer.learning_rate must be > 0.")
+    need(got["model.num_heads"] >= 1, "model.num_heads must be >= 1.")
+    need(got["model.mlp_dim"] >= 0, "model.mlp_dim must be >= 0 (0: 4 * hidden_size).")
+    if got["model.kind"] == "transformer":
+        from flax_linoss.nnx.transformer import mixer_pattern
+
+        try:
+            mixer_pattern(got["model.mixer"], got["model.num_blocks"])
+        except ValueError as e:
+            raise ConfigError(f"model.mixer: {e}") from None
     need(0 <= got["model.dropout_rate"] < 1, "model.dropout_rate must be in [0, 1).")
     need(0 <= got["optimizer.end_lr_factor"] <= 1, "optimizer.end_lr_factor must be in [0, 1].")
     need(

@@ -41,7 +41,15 @@ def load_dataset(config: ml_collections.ConfigDict):
 
 
 def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> dict[str, Any]:
-    """Keeps ``series``, ``label``, ``valid``; adds the time channel if configured."""
+    """The model input ``series``, the ``label`` and the row mask ``valid`` (plus the scored
+    positions ``weight`` of token tasks); adds the time channel if configured."""
+    if "inputs" in batch:  # token task: inputs [B, L] int, next-token targets, weights
+        return {
+            "series": np.asarray(batch["inputs"], np.int32),
+            "label": np.asarray(batch["targets"], np.int32),
+            "weight": np.asarray(batch["weights"], np.float32),
+            "valid": batch["valid"],
+        }
     series = np.asarray(batch["series"], np.float32)
     if config.data.time_channel:
         from flax_linoss.data.protocol import add_time_channel
@@ -53,6 +61,8 @@ def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> d
 def model_shape(info: dict[str, Any], time_channel: bool = False) -> dict[str, Any]:
     """``in_features``, ``output_size``, ``task``, ``output_step`` from a dataset's info."""
     task = info["task"]
+    if task == "lm":
+        return {"task": task, "vocab_size": int(info["vocab_size"]), "length": int(info["length"])}
     channels = int(info["channels"]) + int(time_channel)
     if task == "classification":
         return {

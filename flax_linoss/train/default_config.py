@@ -48,21 +48,37 @@ def get_config() -> ml_collections.ConfigDict:
     # Grain worker processes per host (0: read in the main process with threads).
     data.worker_count = 0
 
-    config.model = model = ml_collections.ConfigDict()  # the LinOSS model
-    # Discretisation: "im" (LinOSS-IM), "imex" (LinOSS-IMEX) or "damped" (D-LinOSS).
+    config.model = model = ml_collections.ConfigDict()  # the model
+    # "paper": the papers' LinOSS classifier / regressor (series tasks); "transformer": a
+    # decoder-only language model whose blocks use `model.mixer` (token tasks).
+    model.kind = "paper"
+    # Discretisation of the "paper" model: "im" (LinOSS-IM), "imex" (LinOSS-IMEX) or
+    # "damped" (D-LinOSS).
     model.discretization = "im"
-    # Number of LinOSS blocks.
+    # Sequence mixer of the "transformer" model: a registered mixer ("attention",
+    # "linoss-im", "linoss-imex", "d-linoss", or one you registered) or a comma-separated
+    # pattern repeated block by block (hybrids), e.g. "linoss-im,linoss-im,attention".
+    model.mixer = "linoss-im"
+    # Attention heads of the "transformer" model (LinOSS mixers ignore it).
+    model.num_heads = 4
+    # MLP hidden width of the "transformer" model (0: 4 * hidden_size).
+    model.mlp_dim = 0
+    # Positional encoding of the "transformer" model: "none", "learned" or "sinusoidal".
+    model.positional = "learned"
+    # Tie the "transformer" model's output layer to its token embedding.
+    model.tie_embeddings = True
+    # Number of blocks.
     model.num_blocks = 2
-    # Hidden features H.
+    # Hidden features H (the transformer's width).
     model.hidden_size = 32
-    # Oscillators P per layer.
+    # Oscillators P per LinOSS layer (also of the transformer's LinOSS mixers).
     model.state_size = 32
     # Normalisation in each block: "batch" (Flax's BatchNorm: training normalises with the
     # batch statistics), "batch_running" (the reference code's equinox 0.11 batch norm:
     # training normalises with the running statistics just updated by the batch), "layer"
     # or "rms".
     model.norm = "batch"
-    # Dropout after the GELU and after the GLU.
+    # Dropout after the GELU and after the GLU (transformer: on embeddings and block outputs).
     model.dropout_rate = 0.05
     # Scan implementation: "auto" picks per platform (see flax_linoss.ops).
     model.scan = "auto"

@@ -76,6 +76,40 @@ def model_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> di
     )
 
 
+def transformer_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the transformer language model (both APIs) from a config."""
+    m = config.model
+    return dict(
+        vocab_size=shape["vocab_size"],
+        num_layers=m.num_blocks,
+        width=m.hidden_size,
+        mlp_dim=m.mlp_dim or None,
+        mixer=m.mixer,
+        num_heads=m.num_heads,
+        positional=m.positional,
+        max_len=shape["length"],
+        tie_embeddings=m.tie_embeddings,
+        dropout_rate=m.dropout_rate,
+        mixer_options={"state_size": m.state_size, "scan": m.scan},
+        dtype=jnp.dtype(m.dtype),
+    )
+
+
+def _classes(config: ml_collections.ConfigDict, framework: str):
+    """``(model class, constructor arguments -> kwargs)`` for the config's model kind."""
+    if config.model.kind == "transformer":
+        if framework == LINEN:
+            from flax_linoss.linen import TransformerLM
+        else:
+            from flax_linoss.nnx import TransformerLM
+        return TransformerLM, transformer_kwargs
+    if framework == LINEN:
+        from flax_linoss.linen import LinOSSModel
+    else:
+        from flax_linoss.nnx import LinOSSModel
+    return LinOSSModel, model_kwargs
+
+
 def make_model(
     config: ml_collections.ConfigDict,
     shape: dict[str, Any],
@@ -92,11 +126,13 @@ def make_model(
         framework: Override ``config.framework``.
     """
     framework = framework or config.framework
-    kw = model_kwargs(config, shape)
+    cls, kwargs_of = _classes(config, framework)
+    kw = kwargs_of(config, shape)
+    lm = config.model.kind == "transformer"
+    axis = {} if lm else {"norm_axis_name": axis_name}
     if framework == LINEN:
-        from flax_linoss.linen import LinOSSModel
-
-        module = LinOSSModel(**kw, norm_axis_name=axis_name)
+        LinOSSModel = cls
+        module = LinOSSModel(**kw, **axis)
 
         def init(key, x):
             v = LinOSSModel(**kw).init({"params": key}, x, deterministic=True)
@@ -114,12 +150,11 @@ def make_model(
 
     from flax import nnx
 
-    from flax_linoss.nnx import LinOSSModel as NnxModel
-
     def build(key, axis):
-        return NnxModel(
-            shape["in_features"], **kw, norm_axis_name=axis, rngs=nnx.Rngs(params=key, dropout=0)
-        )
+        rngs = nnx.Rngs(params=key, dropout=0)
+        if lm:
+            return cls(**kw, rngs=rngs)
+        return cls(shape["in_features"], **kw, norm_axis_name=axis, rngs=rngs)
 
     graphdef, _, _, rng_state = nnx.split(
         nnx.eval_shape(lambda: build(jax.random.key(0), axis_name)),
@@ -153,20 +188,61 @@ def abstract_variables(fns: ModelFns, example) -> dict[str, Any]:
 def model_signature(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
     """The fields that fix the checkpoint's tree structure and shapes."""
     m, o = config.model, config.optimizer
-    return {
-        "discretization": m.discretization,
+    signature = {
         "num_blocks": m.num_blocks,
         "hidden_size": m.hidden_size,
         "state_size": m.state_size,
-        "norm": m.norm,
-        "in_features": shape["in_features"],
-        "output_size": shape["output_size"],
         "task": shape["task"],
-        "output_step": shape["output_step"],
         "optimizer": o.name,
         "schedule": "constant" if (o.schedule == "constant" and not o.warmup_steps) else "sched",
         "grad_clip": bool(o.grad_clip_norm),
     }
+    if m.kind == "transformer":
+        return signature | {
+            "kind": m.kind,
+            "mixer": m.mixer,
+            "mlp_dim": m.mlp_dim,
+            "positional": m.positional,
+            "tie_embeddings": m.tie_embeddings,
+            "vocab_size": shape["vocab_size"],
+            "length": shape["length"],
+        }
+    return signature | {
+        "discretization": m.discretization,
+        "norm": m.norm,
+        "in_features": shape["in_features"],
+        "output_size": shape["output_size"],
+        "output_step": shape["output_step"],
+    }
+
+
+def make_decoder(config: ml_collections.ConfigDict, shape: dict[str, Any]):
+    """``decode(nnx_params, tokens [B, L]) -> logits [B, L, V]``: the transformer run one
+    token at a time through its decoding caches (what generation does), jitted. Linen
+    parameters are moved to the nnx form first (:func:`to_framework`)."""
+    from flax import nnx
+
+    from flax_linoss.nnx import TransformerLM
+
+    kw = transformer_kwargs(config, shape)
+    abstract = nnx.eval_shape(lambda: TransformerLM(**kw, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def decode(params, tokens):
+        model = nnx.merge(*nnx.split(abstract), copy=True)
+        nnx.update(model, params)
+        model.init_cache(tokens.shape[0], tokens.shape[1])
+        graphdef, state = nnx.split(model)
+
+        def step(state, token):
+            m = nnx.merge(graphdef, state)
+            logits = m(token[:, None], decode=True, deterministic=True)
+            return nnx.state(m), logits[:, 0]
+
+        _, logits = jax.lax.scan(step, state, tokens.T)
+        return jnp.swapaxes(logits, 0, 1)
+
+    return decode
 
 
 def to_framework(tree: Any, template: Any, source: str, target: str) -> Any:

@@ -138,6 +138,7 @@ class Setup:
     tx: optax.GradientTransformation
     example: np.ndarray
     signature: dict[str, Any]
+    decoder: Any = None  # token tasks: the cached-decoding function, made on first use
 
     @property
     def metric(self) -> str:
@@ -159,6 +160,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         raise config_lib.ConfigError(str(e)) from None
     splits = data_lib.load_dataset(config)
     shape = data_lib.model_shape(splits.info, config.data.time_channel)
+    if (shape["task"] == "lm") != (config.model.kind == "transformer"):
+        raise config_lib.ConfigError(
+            f"model.kind={config.model.kind!r} cannot train on {config.data.name!r} (a "
+            f"{shape['task']} task): token tasks need model.kind='transformer', series tasks "
+            "model.kind='paper'."
+        )
     fns = make_model(config, shape)
     step_fns = fns if impl == "jit" else make_model(config, shape, axis_name=par_lib.DATA_AXIS)
     tx = make_optimizer(config)
@@ -195,9 +202,17 @@ def create_train_state(s: Setup) -> dict[str, Any]:
 # One training step.
 
 
-def task_loss(task: str, out: jax.Array, label: jax.Array, valid: jax.Array):
-    """Per-example loss ``[B]`` and per-example metric ``[B]`` (correct or squared error)."""
-    if task == "classification":
+def task_loss(task: str, out: jax.Array, batch: dict[str, jax.Array]):
+    """Per-example loss ``[B]`` and per-example metric ``[B]`` (correct or squared error;
+    for token tasks the mean over the example's scored positions)."""
+    label, valid = batch["label"], batch["valid"]
+    if task == "lm":
+        w = batch["weight"]
+        xent = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), label)
+        correct = (jnp.argmax(out, -1) == label).astype(jnp.float32)
+        n = jnp.maximum(w.sum(-1), 1.0)
+        loss, metric = (xent * w).sum(-1) / n, (correct * w).sum(-1) / n
+    elif task == "classification":
         loss = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), label)
         metric = (jnp.argmax(out, -1) == label).astype(jnp.float32)
     else:
@@ -209,7 +224,7 @@ def task_loss(task: str, out: jax.Array, label: jax.Array, valid: jax.Array):
 
 
 def metric_name(task: str) -> str:
-    return "accuracy" if task == "classification" else "mse"
+    return "mse" if task == "regression" else "accuracy"
 
 
 def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
@@ -227,7 +242,7 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state["batch_stats"]}
             out, stats = fns.apply(variables, batch["series"], True, rng)
-            loss, metric = task_loss(fns.task, out, batch["label"], batch["valid"])
+            loss, metric = task_loss(fns.task, out, batch)
             n = batch["series"].shape[0]
             return loss.sum() / n, (stats, metric.sum() / n)
 
@@ -256,7 +271,7 @@ def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
 
     def eval_fn(variables, batch):
         out, _ = fns.apply(variables, batch["series"], False, None)
-        loss, metric = task_loss(fns.task, out, batch["label"], batch["valid"])
+        loss, metric = task_loss(fns.task, out, batch)
         return {
             "loss": loss.sum(),
             "metric": metric.sum(),
@@ -283,8 +298,43 @@ def evaluate_split(s: Setup, eval_fn, variables, split: str) -> dict[str, float]
 
 
 def evaluate_model(s: Setup, eval_fn, variables) -> dict[str, dict[str, float]]:
-    """``{"val": ..., "test": ...}``, each ``{"loss", "metric"}``."""
-    return {split: evaluate_split(s, eval_fn, variables, split) for split in ("val", "test")}
+    """``{"val": ..., "test": ...}``, each ``{"loss", "metric"}`` (token tasks add
+    ``decode_metric``: see :func:`decode_accuracy`)."""
+    out = {split: evaluate_split(s, eval_fn, variables, split) for split in ("val", "test")}
+    if s.shape["task"] == "lm":
+        for split in ("val", "test"):
+            out[split]["decode_metric"] = decode_accuracy(s, variables, split)
+    return out
+
+
+def decode_accuracy(s: Setup, variables, split: str) -> float:
+    """Accuracy on the scored positions of the split's first eval batch when the model runs
+    as in generation: one token at a time through its decoding caches (equal to the full
+    pass up to float rounding, which the tests check; here it shows the path works)."""
+    from flax_linoss.train.model import NNX, make_decoder
+
+    if s.decoder is None:
+        s.decoder = make_decoder(s.config, s.shape)
+    params = variables["params"]
+    if s.config.framework != NNX:
+        from flax import nnx
+
+        from flax_linoss.nnx import TransformerLM
+        from flax_linoss.train.model import transformer_kwargs
+
+        template = nnx.state(
+            nnx.eval_shape(
+                lambda: TransformerLM(**transformer_kwargs(s.config, s.shape), rngs=nnx.Rngs(0))
+            ),
+            nnx.Param,
+        )
+        params = to_framework(params, template, s.config.framework, NNX)
+    batch = next(iter(data_lib.eval_batches(s.config, s.splits[split])))
+    batch = data_lib.prepare_batch(s.config, batch)
+    logits = s.decoder(jax.tree.map(par_lib.to_host, params), jnp.asarray(batch["series"]))
+    w = batch["weight"] * batch["valid"][:, None]
+    correct = np.asarray(jnp.argmax(logits, -1)) == batch["label"]
+    return float((correct * w).sum() / max(w.sum(), 1.0))
 
 
 @dataclasses.dataclass
@@ -440,8 +490,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir):
     cfg, tcfg, name = s.config, s.config.train, s.metric
     total = tcfg.num_steps
+    what = (
+        f"transformer ({cfg.model.mixer})"
+        if cfg.model.kind == "transformer"
+        else f"LinOSS-{cfg.model.discretization}"
+    )
     _say(
-        f"Training {cfg.framework} LinOSS-{cfg.model.discretization} on {cfg.data.name} "
+        f"Training {cfg.framework} {what} on {cfg.data.name} "
         f"for {total} steps ({s.parallel.implementation} over {s.mesh.size} devices, "
         f"{jax.process_count()} process(es)); workdir {workdir}"
     )
@@ -486,7 +541,11 @@ def _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir
             variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
             res = evaluate_model(s, eval_fn, variables)
             for split in ("val", "test"):
-                writer.write(step, split, {"loss": res[split]["loss"], name: res[split]["metric"]})
+                extra = {}
+                if "decode_metric" in res[split]:
+                    extra[f"decode_{name}"] = res[split]["decode_metric"]
+                record = {"loss": res[split]["loss"], name: res[split]["metric"], **extra}
+                writer.write(step, split, record)
             if stopping.update(meta, step, res["val"]["metric"], res["test"]["metric"]):
                 ckpts.save_best(
                     step,

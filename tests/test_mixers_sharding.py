@@ -1,0 +1,144 @@
+"""Mixers under meshes: an nnx model trained under an explicit-axes mesh with the tutorials'
+attention metadata and with logical axis rules; the linen mixer under logical axis rules.
+(2 of the 8 fake CPU devices.)"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from flax_linoss import get_mixer
+from flax_linoss.mixers import base
+
+MIXERS = ["attention", "linoss-im", "d-linoss"]
+# nnx.MultiHeadAttention's kernel is [E, heads, head_dim]; the tutorials shard the heads.
+TUTORIAL = {
+    "kernel_metadata": {"out_sharding": (None, "model", None)},
+    "out_kernel_metadata": {"out_sharding": ("model", None, None)},
+}
+RULES = (("embed", None), ("kv", "model"), ("oscillator", None))
+
+
+def _mesh():
+    return jax.make_mesh((1, 2), ("batch", "model"), devices=jax.devices()[:2])
+
+
+class _Net(nnx.Module):
+    """A tutorial-style model: input projection, two pre-norm mixer blocks, a head."""
+
+    def __init__(self, mixer, metadata, rngs):
+        self.embed = nnx.Linear(16, 16, rngs=rngs)
+        cls = get_mixer(mixer, api="nnx")
+        self.mixers = nnx.List([cls(4, 16, decode=False, rngs=rngs, **metadata) for _ in range(2)])
+        self.norms = nnx.List([nnx.LayerNorm(16, rngs=rngs) for _ in range(2)])
+        self.head = nnx.Linear(16, 16, rngs=rngs)
+        mesh = jax.sharding.get_abstract_mesh()
+        self.explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+
+    def __call__(self, tokens):
+        x = self.embed(jax.nn.one_hot(tokens, 16))
+        # As for attention under an explicit mesh: say how the output projection's result is
+        # sharded (it contracts over the sharded heads / inner width).
+        out = P("batch", None, None) if self.explicit else None
+        for norm, mix in zip(self.norms, self.mixers, strict=True):
+            x = x + mix(norm(x), mask=nnx.make_causal_mask(tokens), out_sharding=out)
+        return self.head(x)
+
+
+def _train(model, tokens, steps=3):
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, tokens):
+        def loss_fn(m):
+            logits = m(tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits[:, :-1], tokens[:, 1:]
+            ).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    return [float(step(model, opt, tokens)) for _ in range(steps)]
+
+
+def _tokens():
+    return jnp.asarray(np.arange(2 * 12).reshape(2, 12) % 7 + 1, jnp.int32)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_nnx_trains_under_explicit_mesh_with_tutorial_metadata(mixer):
+    mesh = _mesh()
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    with jax.set_mesh(mesh):
+        model = _Net(mixer, TUTORIAL, nnx.Rngs(0))
+        tokens = jax.device_put(_tokens(), P("batch"))
+        losses = _train(model, tokens)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    if mixer != "attention":
+        m = model.mixers[0]
+        # Our parameters follow the metadata meant for attention's shapes ...
+        assert tuple(m.in_proj.kernel.get_metadata("out_sharding")) == (None, "model")
+        assert tuple(m.out_proj.kernel.get_metadata("out_sharding")) == ("model", None)
+        assert tuple(m.linoss.b.get_metadata("out_sharding")) == (None, "model", None)
+        assert tuple(m.linoss.b[...].sharding.spec) == (None, "model", None)
+        # ... and never logical names as mesh axes.
+        assert m.linoss.a_raw.get_metadata("out_sharding", None) is None
+        assert m.linoss.a_raw.get_metadata("logical_axes") == base.PARAM_AXES["a_raw"]
+
+
+@pytest.mark.parametrize("mixer", ["linoss-im", "d-linoss"])
+def test_nnx_without_metadata_under_explicit_mesh_is_replicated(mixer):
+    with jax.set_mesh(_mesh()):
+        model = _Net(mixer, {}, nnx.Rngs(0))
+        losses = _train(model, jax.device_put(_tokens(), P("batch")))
+    assert losses[-1] < losses[0]
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert var.get_metadata("out_sharding", None) is None
+
+
+def test_nnx_with_logical_axis_rules():
+    mesh = jax.make_mesh(
+        (1, 2),
+        ("batch", "model"),
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+        devices=jax.devices()[:2],
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        model = _Net("d-linoss", {}, nnx.Rngs(0))
+        specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+        losses = _train(model, _tokens())
+    spec = lambda v: tuple(v.get_value() if isinstance(v, nnx.Variable) else v)
+    mixer = specs["mixers"][0]
+    assert spec(mixer["linoss"]["b"]) == (None, "model", None)
+    assert spec(mixer["in_proj"]["kernel"]) == (None, "model")
+    assert losses[-1] < losses[0]
+
+
+def test_linen_mixer_under_logical_axis_rules():
+    mixer = get_mixer("d-linoss")(num_heads=2, qkv_features=16)
+    x = jnp.ones((2, 8, 16))
+    mesh = jax.make_mesh(
+        (1, 2),
+        ("batch", "model"),
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+        devices=jax.devices()[:2],
+    )
+    with nn.logical_axis_rules(RULES):
+        abstract = jax.eval_shape(mixer.init, jax.random.key(0), x)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
+        init = jax.jit(mixer.init, out_shardings=shardings)
+        variables = init(jax.random.key(0), x)
+    b = nn.unbox(variables)["params"]["linoss"]["b"]
+    assert tuple(b.sharding.spec) == (None, "model", None)
+
+    def loss(p):
+        return jnp.mean(mixer.apply(p, x) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(variables)
+    assert np.isfinite(np.asarray(nn.unbox(grads)["params"]["linoss"]["b"])).all()
