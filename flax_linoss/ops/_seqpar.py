@@ -3,11 +3,11 @@
 The system is time-invariant, so by linearity a shard's true states are its states from a
 zero start plus the free response of the state it receives. Each shard therefore scans its
 part from zero with any path of the scan table (the fused kernels included), the shards'
-end states ``e_k`` are gathered (``[K, N, 2, Q]``, small), the incoming states follow by a
+end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming states follow by a
 prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the initial state),
 and each shard adds the free response of ``h_k`` in closed form
 (:func:`~flax_linoss.ops._scans.chunked.free_response`). Gradients are autodiff of this
-combination (the gather's transpose is a reduce-scatter) through each path's own backward.
+combination through each path's own backward.
 """
 
 from __future__ import annotations
@@ -52,7 +52,12 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
     length = v.shape[0 if time_major else 1]
     zero = jnp.zeros_like(z0)
     ys, z_end, y_end = entry.run(tr, v, zero, zero, None)
-    ends = jax.lax.all_gather(jnp.stack([z_end, y_end], axis=1), axis)  # [K, N, 2, Q]
+    # Every shard's end state, on every shard: a psum of one-hot slots (not all_gather), so
+    # that what follows is replicated over the axis (the final state can leave shard_map
+    # with out_specs P() under check_vma).
+    mine = jnp.stack([z_end, y_end], axis=1)  # [N, 2, Q]
+    slots = jnp.zeros((shards, *mine.shape), mine.dtype)
+    ends = jax.lax.psum(slots.at[jax.lax.axis_index(axis)].set(mine), axis)  # [K, N, 2, Q]
     if reverse:
         ends = ends[::-1]
     m = power(tuple(tr)[:4], length)

@@ -84,24 +84,108 @@ def with_adjoint(forward, backward):
         residuals ``(coeffs, v, z0, y0, flags, ys, aux)`` (``aux``: whatever the forward
         pass keeps, e.g. every velocity or a kernel's checkpoints).
 
-    Flags (integers and booleans) get no cotangent.
+    Flags (integers and booleans) get no cotangent. Inside ``shard_map`` the outputs and
+    gradients are typed over the manual axes like the arrays they come from (see
+    :func:`match_vma`), which custom calls do not do by themselves.
     """
 
     @jax.custom_vjp
     def recurrence(coeffs, v, z0, y0, flags):
         ys, z_l, _ = forward(coeffs, v, z0, y0, flags)
-        return ys, z_l
+        axes = varying_axes(coeffs, v, z0, y0)
+        return vary(ys, axes), vary(z_l, axes)
 
     def fwd(coeffs, v, z0, y0, flags):
         ys, z_l, aux = forward(coeffs, v, z0, y0, flags)
+        axes = varying_axes(coeffs, v, z0, y0)
+        ys, z_l = vary(ys, axes), vary(z_l, axes)
         return (ys, z_l), (coeffs, v, z0, y0, flags, ys, aux)
 
     def bwd(res, cts):
+        coeffs, v, z0, y0 = res[:4]
         g_coeffs, g_v, g_z0, g_y0 = backward(res, cts)
-        return tuple(g_coeffs), g_v, g_z0, g_y0, None
+        axes = varying_axes(coeffs, v, z0, y0, cts)
+        return (
+            tuple(match_vma(g, x, axes) for g, x in zip(g_coeffs, coeffs)),
+            match_vma(g_v, v, axes),
+            match_vma(g_z0, z0, axes),
+            match_vma(g_y0, y0, axes),
+            None,
+        )
 
     recurrence.defvjp(fwd, bwd)
     return recurrence
+
+
+# ----------------------------------------------------------------------------------------
+# Typing over shard_map's manual axes (check_vma). A custom call's outputs vary over no
+# axis, whatever its inputs; these helpers give them the type of the data they hold.
+
+try:  # a type-only cast (no computation); public jax.lax.pcast skips it in backward passes
+    from jax._src.lax.parallel import pvary_p as _pvary_p
+except ImportError:  # pragma: no cover - other JAX versions
+    _pvary_p = None
+
+
+def _vma(x) -> frozenset:
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    aval = typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9: aval.mat.varying; before: aval.vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def varying_axes(*trees) -> frozenset:
+    """The manual mesh axes any array in ``trees`` varies over."""
+    axes = frozenset()
+    for x in jax.tree.leaves(trees):
+        axes |= _vma(x)
+    return axes
+
+
+def vary(x, axes):
+    """``x`` typed as varying over ``axes`` as well."""
+    missing = set(axes) - _vma(x)
+    if not missing:
+        return x
+    names = jax.sharding.get_abstract_mesh().axis_names
+    missing = tuple(a for a in names if a in missing) or tuple(sorted(missing))
+    if _pvary_p is not None:
+        try:
+            return _pvary_p.bind(x, axes=missing)
+        except Exception:  # pragma: no cover - fall back to an exact, typed no-op
+            pass
+    zero = sum(jax.lax.axis_index(a) for a in missing) * 0
+    return x + zero.astype(x.dtype)
+
+
+def out_struct(shape, dtype, axes) -> jax.ShapeDtypeStruct:
+    """A kernel's output type, varying over the manual mesh axes ``axes`` (``shard_map``)."""
+    manual = getattr(jax.sharding, "ManualAxisType", None)
+    if manual is not None:
+        try:
+            return jax.ShapeDtypeStruct(
+                shape, dtype, manual_axis_type=manual(varying=frozenset(axes))
+            )
+        except TypeError:  # pragma: no cover - JAX versions without the argument
+            pass
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def match_vma(grad, primal, axes):
+    """A gradient typed like its ``primal`` input over ``shard_map``'s manual axes.
+
+    ``grad`` first gets the type of what it was computed from (``axes``: the axes the
+    inputs and cotangents vary over). Where it varies but its input is replicated over an
+    axis (the same parameters used by every shard), it is summed over that axis, the total
+    derivative; where its input varies, it is typed as varying.
+    """
+    grad = vary(grad, axes)
+    extra = tuple(sorted(_vma(grad) - _vma(primal)))
+    if extra:
+        grad = jax.lax.psum(grad, extra)
+    return vary(grad, _vma(primal))
 
 
 def run_custom(recurrence, tr: schemes.Transition, v, z0, y0, flags):

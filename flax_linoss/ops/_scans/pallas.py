@@ -22,7 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from flax_linoss.ops._scans._common import Flags
+from flax_linoss.ops._scans._common import Flags, match_vma, vary, varying_axes
 
 # Steps per time block (TPU) and per chunk (GPU); one checkpoint per block.
 BLOCK = 128
@@ -119,14 +119,20 @@ def _on_platform(name: str, kernel: str, *args):
     return jax.lax.platform_dependent(*args, default=default, **branches)
 
 
+def _forward(coeffs, v, x0, code, kernel):
+    ys, z_l, ck = _on_platform("forward", kernel, coeffs, v, x0, code)
+    axes = varying_axes(coeffs, v, x0, code)  # kernel outputs carry no shard_map type
+    return vary(ys, axes), vary(z_l, axes), ck
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _recurrence(coeffs, v, x0, code, kernel):
-    ys, z_l, _ = _on_platform("forward", kernel, coeffs, v, x0, code)
+    ys, z_l, _ = _forward(coeffs, v, x0, code, kernel)
     return ys, z_l
 
 
 def _recurrence_fwd(coeffs, v, x0, code, kernel):
-    ys, z_l, ck = _on_platform("forward", kernel, coeffs, v, x0, code)
+    ys, z_l, ck = _forward(coeffs, v, x0, code, kernel)
     return (ys, z_l), (coeffs, v, x0, code, ys, ck)
 
 
@@ -136,7 +142,8 @@ def _recurrence_bwd(kernel, res, cts):
     g_c, g_v, g_x0 = _on_platform(
         "backward", kernel, coeffs, v, x0, code, ys, ck, g_ys.astype(v.dtype), g_zl.astype(v.dtype)
     )
-    return g_c, g_v, g_x0, None
+    axes = varying_axes(coeffs, v, x0, cts)
+    return match_vma(g_c, coeffs, axes), match_vma(g_v, v, axes), match_vma(g_x0, x0, axes), None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

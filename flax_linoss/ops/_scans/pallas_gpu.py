@@ -33,7 +33,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from flax_linoss.ops._scans._common import HOLD, RESET, matmul2, power, transpose2
+from flax_linoss.ops._scans._common import (
+    HOLD,
+    RESET,
+    matmul2,
+    out_struct,
+    power,
+    transpose2,
+    varying_axes,
+)
 
 LANES = 128  # channels per program
 
@@ -139,6 +147,7 @@ def _constant_transfer(m, chunks: int, block: int, length: int, channels: int):
 
 def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`."""
+    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
     length, channels = v.shape
     chunks = pl.cdiv(length, block)
     grid = (chunks, channels // LANES)
@@ -171,7 +180,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     width = 6 if flagged else 2
     summary = _call(
         summary_kernel,
-        jax.ShapeDtypeStruct((chunks, width, channels), v.dtype),
+        out_struct((chunks, width, channels), v.dtype, axes),
         grid,
         interpret,
         "linoss_chunk_summary_gpu",
@@ -204,8 +213,8 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     ys, z_l = _call(
         output_kernel,
         (
-            jax.ShapeDtypeStruct((length, channels), v.dtype),
-            jax.ShapeDtypeStruct((channels,), v.dtype),
+            out_struct((length, channels), v.dtype, axes),
+            out_struct((channels,), v.dtype, axes),
         ),
         grid,
         interpret,
@@ -216,6 +225,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
 
 def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: bool):
     """``(g_coeffs [6, C], g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
+    axes = varying_axes(coeffs, v, x0, code, ys, ck, g_ys, g_zl)
     del x0  # the checkpoints hold it
     length, channels = v.shape
     chunks = pl.cdiv(length, block)
@@ -255,7 +265,7 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
 
     summary = _call(
         summary_kernel,
-        jax.ShapeDtypeStruct((chunks, 6 if flagged else 2, channels), v.dtype),
+        out_struct((chunks, 6 if flagged else 2, channels), v.dtype, axes),
         grid,
         interpret,
         "linoss_adjoint_summary_gpu",
@@ -332,9 +342,9 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
     g_v, acc, g_x0 = _call(
         gradient_kernel,
         (
-            jax.ShapeDtypeStruct((length, channels), v.dtype),
-            jax.ShapeDtypeStruct((chunks, 6, channels), v.dtype),
-            jax.ShapeDtypeStruct((2, channels), v.dtype),
+            out_struct((length, channels), v.dtype, axes),
+            out_struct((chunks, 6, channels), v.dtype, axes),
+            out_struct((2, channels), v.dtype, axes),
         ),
         grid,
         interpret,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flax_linoss.ops._scans._common import HOLD, RESET
+from flax_linoss.ops._scans._common import HOLD, RESET, out_struct, varying_axes
 
 LANES = 128
 # Two double-buffered [block, rb, 128] streams in and one out, plus two [block, rb, 128]
@@ -83,6 +83,7 @@ def _step(m, z, y, v, code):
 
 def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`."""
+    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
     length, channels = v.shape
     rows = channels // LANES
     rb = _rows_per_block(rows)
@@ -133,9 +134,9 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     ys, ck, z_l = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((length, rows, LANES), v.dtype),
-            jax.ShapeDtypeStruct((blocks, 2, rows, LANES), v.dtype),
-            jax.ShapeDtypeStruct((rows, LANES), v.dtype),
+            out_struct((length, rows, LANES), v.dtype, axes),
+            out_struct((blocks, 2, rows, LANES), v.dtype, axes),
+            out_struct((rows, LANES), v.dtype, axes),
         ),
         grid=(rows // rb, blocks),
         in_specs=in_specs,
@@ -154,6 +155,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
 
 def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: bool):
     """``(g_coeffs [6, C], g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
+    axes = varying_axes(coeffs, v, x0, code, ck, g_ys, g_zl)
     del x0, ys  # the checkpoints and recomputation replace them
     length, channels = v.shape
     rows = channels // LANES
@@ -205,7 +207,9 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                 code = None if f_ref is None else f_ref[s]
                 return _step(m, zy[0], zy[1], v_ref[s], code)
 
-            jax.lax.fori_loop(0, n, recompute, (ck_ref[0, 0], ck_ref[0, 1]), unroll=_unroll(n, interpret))
+            jax.lax.fori_loop(
+                0, n, recompute, (ck_ref[0, 0], ck_ref[0, 1]), unroll=_unroll(n, interpret)
+            )
 
             def adjoint(i, carry):
                 s = n - 1 - i
@@ -249,9 +253,9 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
     g_v, g_c, g_x0 = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((length, rows, LANES), v.dtype),
-            jax.ShapeDtypeStruct((6, rows, LANES), v.dtype),
-            jax.ShapeDtypeStruct((2, rows, LANES), v.dtype),
+            out_struct((length, rows, LANES), v.dtype, axes),
+            out_struct((6, rows, LANES), v.dtype, axes),
+            out_struct((2, rows, LANES), v.dtype, axes),
         ),
         grid=(rows // rb, blocks),
         in_specs=in_specs,
