@@ -25,10 +25,15 @@ def reference_step(z, y, bu, a, dt, g, discretization):
     return z_new, y_new
 
 
-def reference_apply(u, a, dt, b, c, d, g=None, *, discretization, z0=None, y0=None):
+def reference_apply(
+    u, a, dt, b, c, d, g=None, *, discretization, z0=None, y0=None, valid=None, segment_ids=None
+):
     """``u [B, L, H]``, real-pair ``b [P, H, 2]``, ``c [H, P, 2]``; returns (out, z_L, y_L).
 
-    Must be called under ``jax.enable_x64(True)``; everything is cast to float64/complex128.
+    ``valid [B, L]`` (a ``False`` step is skipped: the state stays as it was) and
+    ``segment_ids [B, L]`` (the state restarts from zero where the id changes) as written in
+    the docs, step by step. Must be called under ``jax.enable_x64(True)``; everything is cast
+    to float64/complex128.
     """
     f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
     u, a, dt, g, d = f64(u), f64(a), f64(dt), f64(g), f64(d)
@@ -40,13 +45,24 @@ def reference_apply(u, a, dt, b, c, d, g=None, *, discretization, z0=None, y0=No
     z0 = zero if z0 is None else jnp.asarray(z0, jnp.complex128)
     y0 = zero if y0 is None else jnp.asarray(y0, jnp.complex128)
 
-    def body(carry, u_t):
+    length = u.shape[1]
+    valid = jnp.ones((batch, length), bool) if valid is None else jnp.asarray(valid, bool)
+    seg = jnp.zeros((batch, length), int) if segment_ids is None else jnp.asarray(segment_ids)
+    new_segment = jnp.concatenate([jnp.zeros((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+
+    def body(carry, inp):
         z, y = carry
+        u_t, ok, restart = inp
+        z = jnp.where(restart[:, None], 0.0, z)
+        y = jnp.where(restart[:, None], 0.0, y)
         bu = u_t @ b.T  # [B, P]
-        z, y = reference_step(z, y, bu, a, dt, g, discretization)
+        z_new, y_new = reference_step(z, y, bu, a, dt, g, discretization)
+        z = jnp.where(ok[:, None], z_new, z)
+        y = jnp.where(ok[:, None], y_new, y)
         return (z, y), jnp.real(y @ c.T) + d * u_t
 
-    (z_l, y_l), out = jax.lax.scan(body, (z0, y0), jnp.swapaxes(u, 0, 1))
+    steps = (jnp.swapaxes(u, 0, 1), valid.T, new_segment.T)
+    (z_l, y_l), out = jax.lax.scan(body, (z0, y0), steps)
     return jnp.swapaxes(out, 0, 1), z_l, y_l
 
 

@@ -1,7 +1,8 @@
-"""flax_linoss.ops.native: the fused CPU kernel, its build, its fallback and its edges.
+"""scan="native": the fused CPU kernel, its build, its fallback and its edges.
 
 Its accuracy against the float64 step-by-step reference (outputs and every gradient, all
-schemes, lengths 1 to 3000) is tested with every other scan in test_ops_scan.py.
+schemes, lengths 1 to 3000, with and without flags) is tested with every other scan in
+test_ops_scan.py.
 """
 
 import os
@@ -16,31 +17,43 @@ import pytest
 from oscillator_reference import random_problem, reference_apply
 
 from flax_linoss import ops
-from flax_linoss.ops import native
+from flax_linoss.ops._auto import resolve_scan
+from flax_linoss.ops._scans import native
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}"
 )
 
 
-def _loss_and_grads(scan, u, a, dt, b, c, d, g, disc, ct):
+def _loss_and_grads(scan, u, a, dt, b, c, d, g, disc, ct, **flags):
     def loss(u, a, dt, b, c, d, g):
-        out = ops.linoss_apply(u, a, dt, b, c, d, g=g, discretization=disc, scan=scan)
+        out = ops.linoss_apply(u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, **flags)
         return jnp.sum(ct * out), out
 
     argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
     return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(u, a, dt, b, c, d, g)
 
 
+@pytest.mark.parametrize("flagged", [False, True])
 @pytest.mark.parametrize("length", [63, 64, 65, 129])
-def test_chunk_boundaries_match_the_adjoint_path(length):
+def test_chunk_boundaries_match_the_adjoint_path(length, flagged):
     # The backward pass recomputes states per chunk of native.CHUNK steps from checkpoints:
-    # lengths just under, at and over chunk multiples.
+    # lengths just under, at and over chunk multiples; with flags, resets and held steps
+    # right at the chunk boundaries too.
     assert native.CHUNK == 64
     u, a, dt, b, c, d, g = random_problem(length, 3, length, 5, 7, "damped")
-    ct = np.random.default_rng(length).normal(size=u.shape).astype(np.float32)
-    got = _loss_and_grads("native", u, a, dt, b, c, d, g, "damped", ct)
-    want = _loss_and_grads("adjoint", u, a, dt, b, c, d, g, "damped", ct)
+    rng = np.random.default_rng(length)
+    ct = rng.normal(size=u.shape).astype(np.float32)
+    flags = {}
+    if flagged:
+        valid = rng.uniform(size=(3, length)) > 0.3
+        seg = np.cumsum(rng.uniform(size=(3, length)) < 0.1, axis=1)
+        valid[0, 63:65], valid[1, 62:64] = False, True
+        seg[1, 63:] += 10  # a segment starts at the first step of the second chunk
+        seg[2, 64:] += 10
+        flags = dict(mask=valid, segment_ids=seg)
+    got = _loss_and_grads("native", u, a, dt, b, c, d, g, "damped", ct, **flags)
+    want = _loss_and_grads("adjoint", u, a, dt, b, c, d, g, "damped", ct, **flags)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
@@ -108,7 +121,7 @@ def test_auto_takes_the_kernel_per_device_and_the_partitionable_path_under_spmd(
     seen = []
 
     def probe(x):
-        seen.append(ops.resolve_scan("auto", platform="cpu"))
+        seen.append(resolve_scan("auto", platform="cpu"))
         return x
 
     x = jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P("data")))
@@ -131,17 +144,19 @@ def test_auto_takes_the_kernel_per_device_and_the_partitionable_path_under_spmd(
 
 def test_native_off_the_cpu_is_refused():
     with pytest.raises(ValueError, match="CPU kernel"):
-        ops.resolve_scan("native", platform="gpu")
+        resolve_scan("native", platform="gpu")
 
 
 def test_unavailable_kernel_falls_back_and_explains(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert ops.resolve_scan("auto", platform="cpu") == "native"
+    assert resolve_scan("auto", platform="cpu") == "native"
+    assert resolve_scan("auto", platform="cpu", flags=True) == "native"
     monkeypatch.setitem(native._state, "ok", False)
     monkeypatch.setitem(native._state, "reason", "RuntimeError: no C++ compiler found")
-    assert ops.resolve_scan("auto", platform="cpu") == "adjoint"
+    assert resolve_scan("auto", platform="cpu") == "adjoint"
+    assert ops.SCAN_TABLE[ops.NATIVE].unavailable_reason("cpu").endswith("compiler found")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
-        ops.resolve_scan("native", platform="cpu")
+        resolve_scan("native", platform="cpu")
 
 
 def _fresh_process(code, **env):
@@ -158,9 +173,9 @@ def _fresh_process(code, **env):
 def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
     code = """
         import jax.numpy as jnp
-        from flax_linoss import ops
-        from flax_linoss.ops import native
-        print(native.available(), ops.resolve_scan("auto", platform="cpu"))
+        from flax_linoss.ops._auto import resolve_scan
+        from flax_linoss.ops._scans import native
+        print(native.available(), resolve_scan("auto", platform="cpu").value)
         print(native.unavailable_reason())
         print(sorted(p.name for p in native.cache_dir().glob("*.so")))
     """
@@ -176,6 +191,9 @@ def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
     bad = str(tmp_path / "bad")
     broken = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=bad, CXX="false", **one)
     off = _fresh_process(code, FLAX_LINOSS_NATIVE="0", **one)
+    all_off = _fresh_process(code, FLAX_LINOSS_KERNELS="0", **one)
+    assert all_off.stdout.splitlines()[:1] == ["False adjoint"], all_off.stderr
+    assert "FLAX_LINOSS_KERNELS=0" in all_off.stdout
     assert off.returncode == 0, off.stderr
     assert off.stdout.splitlines()[0] == "False adjoint"
     assert "FLAX_LINOSS_NATIVE=0" in off.stdout.splitlines()[1]

@@ -30,7 +30,7 @@ def test_spectral_radius_below_one_for_im_and_damped_and_one_for_imex(seed):
     assert np.all(np.asarray(ops.spectral_radius(ops.transition(a, dt, "im"))) < 1.0)
     rho_imex = np.asarray(ops.spectral_radius(ops.transition(a, dt, "imex")))
     np.testing.assert_allclose(rho_imex, 1.0, atol=2e-6)
-    a_d, g_d, dt_d = ops.damped_constrain(a_raw * 10, g_raw, dt_raw)
+    a_d, dt_d, g_d = ops.damped_constrain(a_raw * 10, dt_raw=dt_raw, g_raw=g_raw)
     rho = np.asarray(ops.spectral_radius(ops.transition(a_d, dt_d, "damped", g_d)))
     assert np.all(rho < 1.0)
     # In the band the modulus is 1/sqrt(1 + dt g): to rounding strictly inside, and to
@@ -69,19 +69,21 @@ def test_damped_constrain_projects_into_the_band_and_keeps_inside_values():
     dt = jax.nn.sigmoid(dt_raw)
     lo, hi = ops.stable_band(dt, jax.nn.relu(g_raw))
     a_raw = jnp.array([lo[0] - 1.0, (lo[1] + hi[1]) / 2, hi[2] + 5.0, 1.0])
-    a, g, dt_c = ops.damped_constrain(a_raw, g_raw, dt_raw)
+    a, dt_c, g = ops.damped_constrain(a_raw, dt_raw=dt_raw, g_raw=g_raw)
     np.testing.assert_allclose(a[:3], [lo[0], a_raw[1], hi[2]], rtol=1e-6)
     np.testing.assert_allclose(g, [0.2, 0.2, 0.2, 0.0])
     np.testing.assert_allclose(dt_c, dt)
     # The clamp passes gradients inside the band only (the reference's behaviour).
-    grad = jax.grad(lambda x: jnp.sum(ops.damped_constrain(x, g_raw, dt_raw)[0]))(a_raw)
+    grad = jax.grad(lambda x: jnp.sum(ops.damped_constrain(x, dt_raw=dt_raw, g_raw=g_raw)[0]))(
+        a_raw
+    )
     np.testing.assert_allclose(grad[:3], [0.0, 1.0, 0.0])
 
 
 def test_ring_init_places_eigenvalues_on_the_ring():
     key = jax.random.PRNGKey(0)
     raw = ops.ring_init(key, 512, r_min=0.9, r_max=0.99, theta_min=0.1, theta_max=2.0)
-    a, g, dt = ops.damped_constrain(raw["a_raw"], raw["g_raw"], raw["dt_raw"])
+    a, dt, g = ops.damped_constrain(raw["a_raw"], dt_raw=raw["dt_raw"], g_raw=raw["g_raw"])
     # Already in the band: the projection changes nothing.
     np.testing.assert_allclose(a, raw["a_raw"], rtol=1e-6)
     ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
@@ -90,7 +92,7 @@ def test_ring_init_places_eigenvalues_on_the_ring():
     assert theta.min() > 0.1 - 1e-3 and theta.max() < 2.0 + 1e-3
     # A degenerate ring gives exactly the requested eigenvalue.
     raw = ops.ring_init(key, 8, r_min=0.95, r_max=0.95, theta_min=1.0, theta_max=1.0)
-    a, g, dt = ops.damped_constrain(raw["a_raw"], raw["g_raw"], raw["dt_raw"])
+    a, dt, g = ops.damped_constrain(raw["a_raw"], dt_raw=raw["dt_raw"], g_raw=raw["g_raw"])
     ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
     np.testing.assert_allclose(np.abs(ev), 0.95, rtol=1e-5)
     np.testing.assert_allclose(np.abs(np.angle(ev)), 1.0, rtol=1e-4)
@@ -128,3 +130,61 @@ def test_transition_needs_g_for_damped_and_rejects_unknown_names():
         ops.transition(jnp.ones(2), jnp.ones(2), "damped")
     with pytest.raises(ValueError, match="Unknown discretization"):
         ops.transition(jnp.ones(2), jnp.ones(2), "euler")
+
+
+def test_damped_constrain_takes_keywords_and_returns_the_order_of_constrain():
+    a_raw, dt_raw, g_raw = _random_raw(4, 8)
+    with pytest.raises(TypeError):
+        ops.damped_constrain(a_raw, g_raw, dt_raw)  # the old positional order fails loudly
+    got = ops.damped_constrain(a_raw, dt_raw=dt_raw, g_raw=g_raw)
+    want = ops.constrain("damped", a_raw, dt_raw, g_raw)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+    assert got[1].shape == (8,) and float(got[1].min()) > 0 and float(got[1].max()) <= 1
+
+
+def test_stable_constraint_keeps_imex_strictly_inside_and_changes_nothing_else():
+    a_raw, dt_raw, g_raw = _random_raw(5)
+    a_raw = a_raw * 10  # many outside the IMEX range a dt^2 < 4
+    assert ops.CONSTRAINTS == ("paper", "stable")
+    a_p, dt_p, _ = ops.constrain("imex", a_raw, dt_raw)
+    a_s, dt_s, _ = ops.constrain("imex", a_raw, dt_raw, constraint="stable")
+    np.testing.assert_array_equal(dt_p, dt_s)
+    over = np.asarray(a_p * dt_p**2 > 4)
+    assert over.sum() > 20
+    assert np.all(np.asarray(a_s * dt_s**2) <= 4 - 0.04 + 1e-5)
+    inside = np.asarray(a_p * dt_p**2 < 3.95)
+    np.testing.assert_array_equal(np.asarray(a_s)[inside], np.asarray(a_p)[inside])
+    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a_s, dt_s, "imex"))) < 1 + 1e-5)
+    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a_p, dt_p, "imex")))[over] > 1.1)
+    for disc, g in (("im", None), ("damped", g_raw)):
+        paper = ops.constrain(disc, a_raw, dt_raw, g)
+        stable = ops.constrain(disc, a_raw, dt_raw, g, constraint="stable")
+        for x, y in zip(paper, stable):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="Unknown constraint 'safe'"):
+        ops.constrain("imex", a_raw, dt_raw, constraint="safe")
+
+
+def test_stable_imex_never_overflows_over_a_million_steps():
+    # 24 random raw IMEX parameter sets (as 24 independent oscillators), a_raw drawn wider
+    # than the papers' U[0, 1) init, as training can move it: with the papers' constraint some
+    # leave the stable range and overflow, with "stable" none does.
+    key_a, key_dt, key_u = jax.random.split(jax.random.PRNGKey(12), 3)
+    a_raw = jax.random.uniform(key_a, (24,), maxval=20.0)
+    dt_raw = jax.random.normal(key_dt, (24,))
+    u = jax.random.uniform(key_u, (1, 1_000_000, 1), minval=-1.0, maxval=1.0)
+    b = jnp.ones((24, 1, 2)) / 2
+    c = jnp.ones((1, 24, 2)) / 24
+    finite = {}
+    for constraint in ops.CONSTRAINTS:
+        a, dt, _ = ops.constrain("imex", a_raw, dt_raw, constraint=constraint)
+        _, state = ops.linoss_apply(
+            u, a, dt, b, c, jnp.zeros(1), discretization="imex", return_state=True
+        )
+        finite[constraint] = np.isfinite(np.asarray(state.y)).all(axis=(0, 1))
+        if constraint == "paper":
+            unstable = np.asarray(a * dt**2 > 4)
+    assert finite["stable"].all()
+    assert unstable.sum() >= 3
+    np.testing.assert_array_equal(~finite["paper"], unstable)

@@ -1,4 +1,8 @@
-"""flax_linoss.ops.scan: every scan path against the float64 step-by-step reference."""
+"""flax_linoss.ops.linoss_apply: every CPU scan path against the float64 step-by-step reference.
+
+The Pallas kernels (in the interpreter) are checked the same way in test_ops_pallas.py,
+sequence parallelism in test_ops_seqpar.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +11,15 @@ import pytest
 from oscillator_reference import random_problem, reference_apply, reference_step
 
 from flax_linoss import ops
+from flax_linoss.ops._auto import resolve_scan
+from flax_linoss.ops._scans import chunked
 
-SCANS = ["sequential", "associative", "fft", "adjoint", "native"]
+SCANS = ["sequential", "associative", "adjoint", "native", "chunked"]
+FLAG_SCANS = ["sequential", "associative", "adjoint", "native"]
 DISCS = ["im", "imex", "damped"]
-# "Several thousand" steps included. Tolerances are relative to the largest reference value.
+# "Several thousand" steps included, and lengths around the chunked path's chunk (64 on CPU)
+# and the native kernel's checkpoint spacing (64). Tolerances are relative to the largest
+# reference value.
 LENGTHS = [1, 2, 37, 3000]
 
 
@@ -108,8 +117,8 @@ def test_step_loop_equals_scan_and_final_state(disc):
     np.testing.assert_allclose(state.y, final.y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-@pytest.mark.parametrize("disc", DISCS)
+# Each path with one scheme (the schemes differ only in the coefficients the paths share).
+@pytest.mark.parametrize(("scan", "disc"), [(s, DISCS[i % 3]) for i, s in enumerate(SCANS)])
 def test_final_state_continues_a_sequence_exactly(disc, scan):
     u, a, dt, b, c, d, g = random_problem(4, 2, 50, 3, 4, disc)
     kw = dict(g=g, discretization=disc, scan=scan)
@@ -169,7 +178,73 @@ def test_reverse_is_the_flipped_forward(scan):
     assert not np.allclose(rev, ops.linoss_apply(u, a, dt, b, c, d, **kw), atol=1e-3)
 
 
-@pytest.mark.parametrize("scan", ["sequential", "associative", "auto"])
+def _flags(rng, batch, length):
+    """A mask with masked steps at the start, the end, in runs and at a segment start, and
+    packed segments (one of them a single step)."""
+    valid = rng.uniform(size=(batch, length)) > 0.25
+    valid[:, 0] = False
+    valid[0, -3:] = False
+    seg = np.cumsum(rng.uniform(size=(batch, length)) < 0.08, axis=1)
+    seg[0, length // 2] += 100  # a one-step segment
+    return valid, seg
+
+
+@pytest.mark.parametrize(("disc", "length"), [("im", 37), ("damped", 130)])
+def test_flags_match_float64_reference_values_and_gradients(disc, length):
+    # Masks (hold) and packed segments (reset) on every path that takes them, against the
+    # reference's step-by-step semantics; 130 crosses the native kernel's 64-step chunks.
+    u, a, dt, b, c, d, g = random_problem(length + 1, 3, length, 4, 5, disc)
+    rng = np.random.default_rng(length)
+    valid, seg = _flags(rng, 3, length)
+    ct = rng.normal(size=u.shape).astype(np.float32)
+    ct_z = rng.normal(size=(3, 2, 5)).astype(np.float32)
+    st0 = ops.LinOSSState.from_complex(
+        *(rng.normal(size=(2, 3, 5)) + 1j * rng.normal(size=(2, 3, 5))).astype(np.complex64)
+    )
+    nargs = 7 if disc == "damped" else 6
+    args = (u, a, dt, b, c, d, g)[:nargs]
+
+    with jax.enable_x64(True):
+
+        def ref_loss(*p):
+            out, z_l, _ = reference_apply(
+                *p[:6],
+                p[6] if disc == "damped" else None,
+                discretization=disc,
+                z0=st0.to_complex()[0],
+                y0=st0.to_complex()[1],
+                valid=valid,
+                segment_ids=seg,
+            )
+            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
+            return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), out
+
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
+        ref_grads, ref_out = jax.tree.map(np.asarray, grad_ref(*f64))
+
+    for scan in FLAG_SCANS:
+
+        def loss(*p, scan=scan):
+            out, state = ops.linoss_apply(
+                *p[:6],
+                g=p[6] if disc == "damped" else None,
+                discretization=disc,
+                scan=scan,
+                mask=valid,
+                segment_ids=seg,
+                initial_state=st0,
+                return_state=True,
+            )
+            return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), out
+
+        grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
+        assert rel_err(out, ref_out) < 2e-5, (scan, "output", rel_err(out, ref_out))
+        for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
+            assert rel_err(gr, rg) < 2e-5, (scan, f"d/d{name}", rel_err(gr, rg))
+
+
+@pytest.mark.parametrize("scan", [*FLAG_SCANS, "auto"])
 def test_masked_steps_are_as_if_removed(scan):
     u, a, dt, b, c, d, _ = random_problem(8, 1, 20, 3, 4, "im")
     valid = np.ones((1, 20), bool)
@@ -181,8 +256,7 @@ def test_masked_steps_are_as_if_removed(scan):
     np.testing.assert_allclose(out[:, valid[0]], alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", ["sequential", "associative"])
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("scan", "reverse"), [(s, i % 2 == 0) for i, s in enumerate(FLAG_SCANS)])
 def test_segments_restart_the_state(scan, reverse):
     u, a, dt, b, c, d, g = random_problem(9, 2, 24, 3, 4, "damped")
     seg = np.repeat(np.array([[1, 2, 3], [5, 5, 6]]), 8, axis=1)
@@ -195,23 +269,73 @@ def test_segments_restart_the_state(scan, reverse):
             np.testing.assert_allclose(out[row : row + 1, sel], alone, atol=1e-5)
 
 
-def test_time_invariant_paths_refuse_masks():
+def test_chunked_refuses_flags_and_auto_keeps_flags_on_the_fast_path():
     u, a, dt, b, c, d, _ = random_problem(0, 1, 5, 2, 2, "im")
-    for scan in ["fft", "adjoint", "native"]:
-        with pytest.raises(ValueError, match="time-invariant"):
-            ops.linoss_apply(u, a, dt, b, c, d, scan=scan, mask=np.ones((1, 5), bool))
+    with pytest.raises(ValueError, match="time-invariant"):
+        ops.linoss_apply(u, a, dt, b, c, d, scan="chunked", mask=np.ones((1, 5), bool))
+    # Packed and padded inputs stay on the fused paths: adjoint / native on CPU, the kernels
+    # per device on accelerators.
+    assert resolve_scan("auto", flags=True, platform="cpu") == "adjoint"  # 8 devices, jit
+    assert resolve_scan("auto", flags=True, platform="tpu") == "associative"
 
 
-def test_auto_resolves_per_platform():
+def test_fft_was_removed_with_a_clear_message():
+    assert "fft" not in ops.SCANS
+    with pytest.raises(ValueError, match=r"Unknown scan 'fft': it was removed.*'chunked'"):
+        ops.check_scan("fft")
+    u, a, dt, b, c, d, _ = random_problem(0, 1, 5, 2, 2, "im")
+    with pytest.raises(ValueError, match="removed"):
+        ops.linoss_apply(u, a, dt, b, c, d, scan="fft")
+
+
+def test_auto_resolves_per_platform(monkeypatch):
     # This session has 8 CPU devices: under plain jit XLA may split the batch over them, so
-    # the partitionable pure-JAX path (the native kernel in single-device processes and
-    # per-device code: test_ops_native.py).
+    # the partitionable pure-JAX paths (kernels per device: test_ops_native.py and below).
     assert jax.device_count() == 8
-    assert ops.resolve_scan("auto", platform="cpu") == "adjoint"
-    assert ops.resolve_scan("auto", platform="cpu", masked=True) == "sequential"
-    assert ops.resolve_scan("auto", platform="tpu") == "associative"
-    assert ops.resolve_scan("auto", platform="gpu", masked=True) == "associative"
-    assert ops.resolve_scan("fft", platform="tpu") == "fft"
+    assert resolve_scan("auto", platform="cpu") == "adjoint"
+    assert resolve_scan("auto", platform="tpu") == "chunked"
+    assert resolve_scan("auto", platform="gpu") == "chunked"
+    assert resolve_scan("auto", platform="cuda", flags=True) == "associative"
+    assert resolve_scan("chunked", platform="tpu") == "chunked"
+    # Per device (one device here, like shard_map / pmap): the kernels.
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert resolve_scan("auto", platform="tpu") == "pallas"
+    assert resolve_scan("auto", platform="tpu", flags=True) == "pallas"
+    assert resolve_scan("auto", platform="tpu", dtype=jnp.float64) == "chunked"  # f32 kernels
+    monkeypatch.setenv("FLAX_LINOSS_KERNELS", "0")
+    assert resolve_scan("auto", platform="tpu") == "chunked"
+    with pytest.raises(RuntimeError, match="FLAX_LINOSS_KERNELS=0"):
+        resolve_scan("pallas", platform="tpu")
+
+
+def test_scan_table_is_the_one_source():
+    # Every name is an entry; the enum members are their strings; capabilities as documented.
+    assert ops.SCANS == tuple(s.value for s in ops.Scan)
+    assert set(ops.SCAN_TABLE) == set(ops.Scan)
+    assert ops.Scan.CHUNKED == "chunked" and ops.CHUNKED == "chunked"
+    assert {"chunked": 1}[ops.Scan.CHUNKED] == 1  # hashes like its string
+    assert ops.check_scan(ops.PALLAS) == "pallas"
+    table = ops.SCAN_TABLE
+    assert [s for s, p in table.items() if not p.flags] == [ops.Scan.CHUNKED]
+    assert [s for s, p in table.items() if p.forward_ad] == [ops.Scan.SEQUENTIAL]
+    assert {s for s, p in table.items() if not p.partitions} == {ops.NATIVE, ops.PALLAS}
+    assert table[ops.NATIVE].unavailable_reason("tpu") is not None
+    assert table[ops.CHUNKED].unavailable_reason("gpu") is None
+
+
+def test_forward_mode_autodiff_where_the_table_says():
+    u, a, dt, b, c, d, _ = random_problem(3, 1, 9, 2, 3, "im")
+    f = lambda scan: lambda x: ops.linoss_apply(x, a, dt, b, c, d, scan=scan)
+    _, tangent = jax.jvp(f("sequential"), (u,), (np.ones_like(u),))
+    assert np.all(np.isfinite(tangent))
+    with pytest.raises(TypeError):
+        jax.jvp(f("adjoint"), (u,), (np.ones_like(u),))
+
+
+def test_chunk_length_per_platform():
+    assert chunked.chunk_length(16384, "tpu") == 128
+    assert chunked.chunk_length(16384, "gpu") == 64
+    assert chunked.chunk_length(5, "tpu") == 8  # capped at the next power of two
 
 
 def test_leading_batch_dims_and_complex_parameters():
@@ -292,7 +416,12 @@ def test_imex_is_time_reversible():
     ("change", "error", "match"),
     [
         (dict(u=np.ones(3, np.float32)), ValueError, "length, features"),
-        (dict(u=np.ones((2, 5, 4), np.float32)), ValueError, "4 features"),
+        (
+            dict(u=np.ones((2, 5, 4), np.float32)),
+            ValueError,
+            r"`u` has 4 features \(last axis of shape \(2, 5, 4\)\) but the layer was built "
+            r"for 3 features \(H from `d`, `b`, `c`\)",
+        ),
         (dict(u=np.ones((2, 5, 3), np.int32)), TypeError, "floating"),
         (dict(u=np.ones((2, 0, 3), np.float32)), ValueError, "length 0"),
         (dict(a=-np.ones(4, np.float32)), ValueError, "`a` must be >= 0"),
@@ -300,15 +429,20 @@ def test_imex_is_time_reversible():
         (dict(dt=np.zeros(4, np.float32)), ValueError, r"`dt` must be \(0.0, 1.0\]"),
         (dict(dt=np.full(4, np.nan, np.float32)), ValueError, "non-finite"),
         (dict(b=np.ones((4, 3), np.float32)), ValueError, "`b` must be complex"),
+        (dict(c=np.ones((3, 5, 2), np.float32)), ValueError, "`c` must be complex"),
+        (dict(d=np.ones(5, np.float32)), ValueError, r"`d` must have shape \[H\] = \[3\]"),
+        (dict(d=np.ones((3, 1), np.float32)), ValueError, "`d` must have shape"),
         (dict(discretization="rk4"), ValueError, "Unknown discretization 'rk4'"),
         (dict(scan="fast"), ValueError, "Unknown scan 'fast'"),
         (dict(g=np.ones(4, np.float32)), ValueError, "only used by 'damped'"),
         (dict(discretization="damped"), ValueError, "needs the damping"),
+        (dict(check="values"), ValueError, "check must be True, 'shapes' or False"),
     ],
 )
 def test_bad_input_raises_clear_errors(change, error, match):
     u, a, dt, b, c, d, _ = random_problem(0, 2, 5, 3, 4, "im")
     kw = dict(u=u, a=a, dt=dt, b=b, c=c, d=d, g=None, discretization="im", scan="auto")
+    kw["check"] = True
     kw.update(change)
     with pytest.raises(error, match=match):
         ops.linoss_apply(
@@ -321,7 +455,31 @@ def test_bad_input_raises_clear_errors(change, error, match):
             g=kw["g"],
             discretization=kw["discretization"],
             scan=kw["scan"],
+            check=kw["check"],
         )
+
+
+def test_empty_layers_are_clear_errors_not_zero_division():
+    u, a, dt, b, c, d, _ = random_problem(0, 2, 5, 3, 4, "im")
+    with pytest.raises(ValueError, match=r"no oscillators \(P = 0\)"):
+        ops.linoss_apply(u, a[:0], dt[:0], b[:0], c[:, :0], d)
+    with pytest.raises(ValueError, match=r"no features \(H = 0\)"):
+        ops.linoss_apply(u[..., :0], a, dt, b[:, :0], c[:0], d[:0])
+    with pytest.raises(ValueError, match=r"P >= 1"):
+        ops.init_oscillators(jax.random.PRNGKey(0), 0, "im")
+    with pytest.raises(ValueError, match=r"H >= 1"):
+        ops.complex_uniform_init()(jax.random.PRNGKey(0), (4, 0, 2))
+
+
+def test_check_levels_shapes_only_skips_the_value_checks():
+    u, a, dt, b, c, d, _ = random_problem(0, 2, 5, 3, 4, "im")
+    bad_dt = np.full(4, 1.5, np.float32)  # out of range: only the value check sees it
+    with pytest.raises(ValueError, match="`dt` must be"):
+        ops.linoss_apply(u, a, bad_dt, b, c, d, check=True)
+    ops.linoss_apply(u, a, bad_dt, b, c, d, check="shapes")  # no host copy, no error
+    with pytest.raises(ValueError, match="built for 3 features"):
+        ops.linoss_apply(u[..., :2], a, dt, b, c, d, check="shapes")  # shapes still checked
+    ops.linoss_step(ops.LinOSSState.zeros((2,), 4), u[:, 0], a, bad_dt, b, c, d, check="shapes")
 
 
 def test_bad_state_and_mask_shapes():
@@ -330,3 +488,13 @@ def test_bad_state_and_mask_shapes():
         ops.linoss_apply(u, a, dt, b, c, d, initial_state=ops.LinOSSState.zeros((2,), 3))
     with pytest.raises(ValueError, match="`mask` of shape"):
         ops.linoss_apply(u, a, dt, b, c, d, mask=np.ones((2, 4), bool))
+
+
+def test_step_with_a_wrong_state_is_a_clear_error():
+    u, a, dt, b, c, d, _ = random_problem(0, 2, 5, 3, 4, "im")
+    with pytest.raises(ValueError, match=r"`state\.z` has shape \(2, 2, 5\) but the layer was "):
+        ops.linoss_step(ops.LinOSSState.zeros((2,), 5), u[:, 0], a, dt, b, c, d)
+    with pytest.raises(ValueError, match="does not broadcast to the batch shape"):
+        ops.linoss_step(ops.LinOSSState.zeros((3,), 4), u[:, 0], a, dt, b, c, d)
+    with pytest.raises(ValueError, match="built for 3 features"):
+        ops.linoss_step(ops.LinOSSState.zeros((2,), 4), u[:, 0, :2], a, dt, b, c, d)

@@ -1,38 +1,31 @@
-"""Pure-JAX core of flax-linoss: discretisations, scans, single steps, parameterisations.
+"""Pure-JAX core of flax-linoss: the layer as functions, the scan table, parameterisations.
 
 No Flax in here; the linen and nnx layers both call these functions.
 
-Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P`` oscillators.
+* :func:`linoss_apply` (a sequence), :func:`linoss_step` (one step), :class:`LinOSSState`;
+* the schemes (:data:`IM`, :data:`IMEX`, :data:`DAMPED`) and their transitions
+  (:func:`transition`, :func:`eigenvalues`, :func:`spectral_radius`; :mod:`.schemes`);
+* the scan table (:class:`Scan`, :data:`SCAN_TABLE`, :data:`SCANS`; :mod:`.table`);
+* constraints and initialisers (:func:`constrain`, :data:`CONSTRAINTS`, ...; :mod:`.params`).
+
+Everything else (the scan paths in ``_scans/``, validation, projections, ``auto``) is
+private. Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P`` oscillators.
 """
 
-from flax_linoss.ops import native
+from flax_linoss.ops._apply import linoss_apply, linoss_step
+from flax_linoss.ops._state import LinOSSState
 from flax_linoss.ops.params import (
+    CONSTRAINTS,
     complex_uniform_init,
     constrain,
     damped_constrain,
     default_oscillator_init,
+    imex_stable_constrain,
     init_oscillators,
     linoss_constrain,
     ring_init,
     stable_band,
     uniform_init,
-)
-from flax_linoss.ops.scan import (
-    ADJOINT,
-    ASSOCIATIVE,
-    AUTO,
-    FFT,
-    NATIVE,
-    SCANS,
-    SEQUENTIAL,
-    LinOSSState,
-    check_inputs,
-    check_scan,
-    linoss_apply,
-    linoss_step,
-    matrix_powers,
-    oscillator_recurrence,
-    resolve_scan,
 )
 from flax_linoss.ops.schemes import (
     DAMPED,
@@ -45,37 +38,52 @@ from flax_linoss.ops.schemes import (
     spectral_radius,
     transition,
 )
+from flax_linoss.ops.table import (
+    ADJOINT,
+    ASSOCIATIVE,
+    AUTO,
+    CHUNKED,
+    NATIVE,
+    PALLAS,
+    SCAN_TABLE,
+    SCANS,
+    SEQUENTIAL,
+    Scan,
+    ScanPath,
+    check_scan,
+)
 
 __all__ = [
     "ADJOINT",
     "ASSOCIATIVE",
     "AUTO",
+    "CHUNKED",
+    "CONSTRAINTS",
     "DAMPED",
     "DISCRETIZATIONS",
-    "FFT",
     "IM",
     "IMEX",
     "NATIVE",
+    "PALLAS",
     "SCANS",
+    "SCAN_TABLE",
     "SEQUENTIAL",
     "LinOSSState",
+    "Scan",
+    "ScanPath",
     "Transition",
     "check_discretization",
-    "check_inputs",
     "check_scan",
     "complex_uniform_init",
     "constrain",
     "damped_constrain",
     "default_oscillator_init",
     "eigenvalues",
+    "imex_stable_constrain",
     "init_oscillators",
     "linoss_apply",
     "linoss_constrain",
     "linoss_step",
-    "matrix_powers",
-    "native",
-    "oscillator_recurrence",
-    "resolve_scan",
     "ring_init",
     "spectral_radius",
     "stable_band",

@@ -1,8 +1,26 @@
 """Parameterisations (raw -> constrained) and initialisations of the papers.
 
-Raw parameters are what an optimiser sees; :func:`linoss_constrain` and
-:func:`damped_constrain` map them to the constrained ``(a, dt[, g])`` that
-:func:`flax_linoss.ops.linoss_apply` expects. Initialisers return raw parameters.
+Raw parameters are what an optimiser sees; :func:`constrain` (or :func:`linoss_constrain`,
+:func:`imex_stable_constrain`, :func:`damped_constrain`) maps them to the constrained
+``(a, dt, g)`` that :func:`flax_linoss.ops.linoss_apply` expects. Initialisers return raw
+parameters.
+
+Two constraints (:data:`CONSTRAINTS`):
+
+* ``"paper"``: the papers' parameterisations. LinOSS: ``a = relu(a_raw)``,
+  ``dt = sigmoid(dt_raw)``; D-LinOSS: ``a`` projected into the stable band.
+* ``"stable"``: the same, except that LinOSS-IMEX's ``a`` is also clamped strictly inside its
+  stability range. IMEX's transition has determinant 1 and trace ``2 - dt^2 a``: for
+  ``0 < dt^2 a < 4`` its eigenvalues are ``e^(+-i theta)`` (modulus exactly 1), at
+  ``dt^2 a = 4`` they meet at ``-1`` (a Jordan block: linear growth) and beyond it one has
+  modulus > 1 (exponential blow-up; the papers' relu/sigmoid allows it, e.g. ``a > 4`` with
+  ``dt`` near 1). "stable" clamps ``dt^2 a <= 4 - IMEX_MARGIN`` (``IMEX_MARGIN = 0.04``:
+  the trace stays at least 0.02 inside the edge at -2, far beyond float32 rounding of the
+  coefficients, so the eigenvalues stay distinct and on the unit circle, and the transient
+  amplification ``~1/sin(theta)`` stays below about 10). IM and D-LinOSS are stable by
+  construction (eigenvalue moduli ``1/sqrt(1 + dt^2 a)`` and ``1/sqrt(1 + dt g)``), so for
+  them "stable" equals "paper". At ``a = 0`` every scheme is a free particle (a Jordan block
+  at 1, polynomial growth under forcing), as in the papers.
 
 Legend: ``P`` oscillators, ``H`` features.
 """
@@ -16,6 +34,11 @@ import jax.numpy as jnp
 
 # The reference code guards the band edges against dt -> 0 with this floor on dt^2.
 _DT2_FLOOR = 1e-6
+PAPER = "paper"
+STABLE = "stable"
+CONSTRAINTS = (PAPER, STABLE)
+#: "stable" keeps LinOSS-IMEX at dt^2 a <= 4 - IMEX_MARGIN (see the module docstring).
+IMEX_MARGIN = 0.04
 
 
 def linoss_constrain(a_raw: jnp.ndarray, dt_raw: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -34,22 +57,39 @@ def stable_band(dt: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarr
     return (2.0 + dtg - root) / dt2, (2.0 + dtg + root) / dt2
 
 
+def imex_stable_constrain(
+    a_raw: jnp.ndarray, dt_raw: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """LinOSS-IMEX kept stable: :func:`linoss_constrain`, then ``a <= (4 - IMEX_MARGIN) / dt^2``.
+
+    The clamp is written like D-LinOSS's band, ``a - relu(a - hi)``: zero gradient for
+    ``a_raw`` above the edge, and the edge itself moves with ``dt``.
+
+    Returns:
+      ``(a, dt)``, each ``[P]``.
+    """
+    a, dt = linoss_constrain(a_raw, dt_raw)
+    hi = (4.0 - IMEX_MARGIN) / jnp.maximum(dt * dt, _DT2_FLOOR)
+    return a - jax.nn.relu(a - hi), dt
+
+
 def damped_constrain(
-    a_raw: jnp.ndarray, g_raw: jnp.ndarray, dt_raw: jnp.ndarray
+    a_raw: jnp.ndarray, *, dt_raw: jnp.ndarray, g_raw: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """D-LinOSS: ``dt = sigmoid(dt_raw)``, ``g = relu(g_raw)``, ``a`` projected into the band.
 
     The projection is the reference's ``lo + relu(a - lo) - relu(a - hi)`` (a clamp whose
-    gradient is zero outside the band).
+    gradient is zero outside the band). ``dt_raw`` and ``g_raw`` are keyword-only, so the
+    argument order of older versions (``a_raw, g_raw, dt_raw``) fails loudly.
 
     Returns:
-      ``(a, g, dt)``, each ``[P]``.
+      ``(a, dt, g)``, each ``[P]`` (the order of :func:`constrain`).
     """
     dt = jax.nn.sigmoid(dt_raw)
     g = jax.nn.relu(g_raw)
     lo, hi = stable_band(dt, g)
     a = lo + jax.nn.relu(a_raw - lo) - jax.nn.relu(a_raw - hi)
-    return a, g, dt
+    return a, dt, g
 
 
 def uniform_init(key: jax.Array, num_oscillators: int, dtype=jnp.float32) -> dict[str, jnp.ndarray]:
@@ -116,10 +156,22 @@ def complex_uniform_init(scale_axis: int = -1):
     def init(key, shape, dtype=jnp.float32):
         if len(shape) < 2 or shape[-1] != 2:
             raise ValueError(f"complex_uniform_init expects a [..., 2] shape, got {shape}.")
+        if 0 in shape:
+            raise ValueError(
+                f"complex_uniform_init got the empty shape {tuple(shape)}: a layer needs at "
+                "least one feature (H >= 1) and one oscillator (P >= 1)."
+            )
         bound = 1.0 / math.sqrt(shape[:-1][scale_axis])
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+def check_constraint(constraint: str) -> str:
+    """Returns ``constraint`` if it is in :data:`CONSTRAINTS`, else raises ``ValueError``."""
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"Unknown constraint {constraint!r}; expected one of {list(CONSTRAINTS)}.")
+    return constraint
 
 
 def constrain(
@@ -127,13 +179,27 @@ def constrain(
     a_raw: jnp.ndarray,
     dt_raw: jnp.ndarray,
     g_raw: jnp.ndarray | None = None,
+    *,
+    constraint: str = PAPER,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
-    """Raw -> constrained ``(a, dt, g)`` for a scheme (``g`` is ``None`` unless damped)."""
+    """Raw -> constrained ``(a, dt, g)`` for a scheme (``g`` is ``None`` unless damped).
+
+    Args:
+      discretization: ``"im"``, ``"imex"`` or ``"damped"``.
+      a_raw, dt_raw: ``[P]``.
+      g_raw: ``[P]``, for ``"damped"`` only.
+      constraint: ``"paper"`` (the papers' parameterisations) or ``"stable"`` (also keeps
+        LinOSS-IMEX strictly stable; the same as "paper" for IM and D-LinOSS). See the
+        module docstring.
+    """
+    check_constraint(constraint)
     if discretization == "damped":
         if g_raw is None:
             raise ValueError("discretization='damped' (D-LinOSS) needs `g_raw`.")
-        a, g, dt = damped_constrain(a_raw, g_raw, dt_raw)
-        return a, dt, g
+        return damped_constrain(a_raw, dt_raw=dt_raw, g_raw=g_raw)
+    if discretization == "imex" and constraint == STABLE:
+        a, dt = imex_stable_constrain(a_raw, dt_raw)
+        return a, dt, None
     a, dt = linoss_constrain(a_raw, dt_raw)
     return a, dt, None
 
@@ -151,6 +217,10 @@ def init_oscillators(
     ``init`` is a callable ``(key, P, dtype) -> dict`` (default: the paper's for the scheme).
     For ``"damped"`` a ``g_raw`` is required; an init without one starts with ``g_raw = 0``.
     """
+    if num_oscillators < 1:
+        raise ValueError(
+            f"A layer needs at least one oscillator (P >= 1), got P = {num_oscillators}."
+        )
     init = init or default_oscillator_init(discretization)
     raw = dict(init(key, num_oscillators, dtype))
     missing = {"a_raw", "dt_raw"} - set(raw)

@@ -19,8 +19,13 @@
 //
 // backwards through the chunk, accumulating in the same pass the gradients of the input
 // v, of the six coefficients (per batch row; summed in JAX) and of the initial state.
-// It is the backward pass `_lti_bwd` of scan.py as one cache-friendly loop. g_v may share
-// its buffer with g_y (each g_y_t is read before g_v_t is written).
+// It is the backward pass of the "adjoint" path (_scans/adjoint.py) as one cache-friendly
+// loop. g_v may share its buffer with g_y (each g_y_t is read before g_v_t is written).
+//
+// Optional per-step flags (one int8 per batch row and step, [N * L], or an empty buffer):
+// bit 1 "hold" (a masked step leaves the state unchanged), bit 2 "reset" (the state restarts
+// from zero before the step, where a packed segment starts). Both passes are templated on
+// whether flags are present, so the unflagged loops stay branch-free.
 //
 // Work items are (batch row, block of up to kBlock channels), spread over XLA's intra-op
 // thread pool. An item streams over time with its state in small arrays, so a pass reads
@@ -34,6 +39,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -43,6 +49,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 512;  // channels per work item (a whole row for Q <= 512)
+constexpr int8_t kHold = 1;
+constexpr int8_t kReset = 2;
 
 // Runs fn(i) for i in [0, items) on the caller and the pool's threads. Items are claimed
 // from a shared counter, so the caller never waits on a task that has not started: if the
@@ -117,9 +125,9 @@ inline T NextY(const Item<T>& k, int64_t j, T z, T y, T v) {
   return k.m21[j] * z + k.m22[j] * y + k.f2[j] * v;
 }
 
-template <typename T>
-void ForwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* y0, T* ys,
-                 T* z_last, T* z_ck, int64_t i) {
+template <typename T, bool kFlags>
+void ForwardItem(const Sizes& s, const T* c, const T* v, const int8_t* fl, const T* z0,
+                 const T* y0, T* ys, T* z_last, T* z_ck, int64_t i) {
   const Item<T> k(s, c, i);
   T z[kBlock], y[kBlock];
   for (int64_t j = 0; j < k.w; ++j) {
@@ -133,6 +141,16 @@ void ForwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* y
     }
     const T* __restrict__ vt = v + k.at(s, t);
     T* __restrict__ yt = ys + k.at(s, t);
+    if constexpr (kFlags) {
+      const int8_t code = fl[k.n * s.l + t];
+      if (code & kReset) {
+        for (int64_t j = 0; j < k.w; ++j) z[j] = y[j] = T(0);
+      }
+      if (code & kHold) {
+        for (int64_t j = 0; j < k.w; ++j) yt[j] = y[j];
+        continue;
+      }
+    }
 #pragma GCC ivdep
     for (int64_t j = 0; j < k.w; ++j) {
       const T zn = NextZ(k, j, z[j], y[j], vt[j]);
@@ -162,14 +180,14 @@ inline void PrefetchRows(const Sizes& s, const Item<T>& k, const T* x, int64_t t
   }
 }
 
-template <typename T>
-void BackwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* y0,
-                  const T* ys, const T* z_ck, const T* g_ys, const T* g_zl, T* g_v, T* g_c,
-                  T* g_z0, T* g_y0, int64_t i) {
+template <typename T, bool kFlags>
+void BackwardItem(const Sizes& s, const T* c, const T* v, const int8_t* fl, const T* z0,
+                  const T* y0, const T* ys, const T* z_ck, const T* g_ys, const T* g_zl,
+                  T* g_v, T* g_c, T* g_z0, T* g_y0, int64_t i) {
   const Item<T> k(s, c, i);
   const int64_t w = k.w;
-  // Row r of zbuf / ybuf holds z / y at step t0 + r - 1 of the current chunk [t0, t1); row 0
-  // is the state before the chunk (checkpoint, and y from the forward output).
+  // Row r of zbuf / ybuf holds z / y after step t0 + r - 1 of the current chunk [t0, t1); row
+  // 0 is the state before the chunk (checkpoint, and y from the forward output).
   std::vector<T> zbuf((s.chunk + 1) * w), ybuf((s.chunk + 1) * w);
   T rz[kBlock], ry[kBlock], acc[6][kBlock];
   for (int64_t j = 0; j < w; ++j) {
@@ -177,6 +195,13 @@ void BackwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* 
     ry[j] = T(0);
     for (int a = 0; a < 6; ++a) acc[a][j] = T(0);
   }
+  auto code_at = [&](int64_t t) -> int8_t {
+    if constexpr (kFlags) {
+      return fl[k.n * s.l + t];
+    } else {
+      return 0;
+    }
+  };
   for (int64_t ci = s.chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * s.chunk;
     const int64_t t1 = std::min(s.l, t0 + s.chunk);
@@ -195,6 +220,16 @@ void BackwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* 
       const T* __restrict__ vt = v + k.at(s, t);
       T* __restrict__ zn = zbuf.data() + (t - t0 + 1) * w;
       T* __restrict__ yn = ybuf.data() + (t - t0 + 1) * w;
+      const int8_t code = code_at(t);
+      if (kFlags && code != 0) {
+        const T keep = (code & kReset) ? T(0) : T(1);
+        for (int64_t j = 0; j < w; ++j) {
+          const T z = keep * zp[j], y = keep * yp[j];
+          zn[j] = (code & kHold) ? z : NextZ(k, j, z, y, vt[j]);
+          yn[j] = (code & kHold) ? y : NextY(k, j, z, y, vt[j]);
+        }
+        continue;
+      }
 #pragma GCC ivdep
       for (int64_t j = 0; j < w; ++j) {
         zn[j] = NextZ(k, j, zp[j], yp[j], vt[j]);
@@ -207,6 +242,33 @@ void BackwardItem(const Sizes& s, const T* c, const T* v, const T* z0, const T* 
       const T* __restrict__ vt = v + k.at(s, t);
       const T* gt = g_ys + k.at(s, t);
       T* gvt = g_v + k.at(s, t);  // may be gt: each g_y is read before its g_v is written
+      const int8_t code = code_at(t);
+      if (kFlags && code != 0) {
+        // rho_{t-1} = keep * A_t^T lambda_t; a held step has A_t = I and no forcing.
+        const T keep = (code & kReset) ? T(0) : T(1);
+        const bool hold = code & kHold;
+        for (int64_t j = 0; j < w; ++j) {
+          const T lz = rz[j];
+          const T ly = ry[j] + gt[j];
+          if (hold) {
+            gvt[j] = T(0);
+            rz[j] = keep * lz;
+            ry[j] = keep * ly;
+            continue;
+          }
+          const T z = keep * zp[j], y = keep * yp[j];
+          gvt[j] = k.f1[j] * lz + k.f2[j] * ly;
+          acc[0][j] += lz * z;
+          acc[1][j] += lz * y;
+          acc[2][j] += ly * z;
+          acc[3][j] += ly * y;
+          acc[4][j] += lz * vt[j];
+          acc[5][j] += ly * vt[j];
+          rz[j] = keep * (k.m11[j] * lz + k.m21[j] * ly);
+          ry[j] = keep * (k.m12[j] * lz + k.m22[j] * ly);
+        }
+        continue;
+      }
 #pragma GCC ivdep
       for (int64_t j = 0; j < w; ++j) {
         const T lz = rz[j];
@@ -254,8 +316,9 @@ ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
 // Reads the sizes from v ([N * L, Q] rows of Q channels, `length` rows per sequence) and
 // checks the arguments every kernel takes.
 ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
-                       const ffi::AnyBuffer& z0, const ffi::AnyBuffer& y0, int64_t length,
-                       int64_t chunk, Sizes* s) {
+                       const ffi::AnyBuffer& fl, const ffi::AnyBuffer& z0,
+                       const ffi::AnyBuffer& y0, int64_t length, int64_t chunk, Sizes* s,
+                       bool* has_flags) {
   auto d = v.dimensions();
   if (d.size() != 2) return Invalid("`v` must be [N * L, Q].");
   if (length < 1 || d[0] % length != 0) return Invalid("`length` must divide N * L.");
@@ -268,48 +331,67 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(c, "coeffs", {6, s->q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(z0, "z0", {s->n, s->q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(y0, "y0", {s->n, s->q}, dt));
+  *has_flags = fl.element_count() > 0;
+  if (*has_flags) {
+    FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(fl, "flags", {s->n * s->l}, ffi::DataType::S8));
+  } else {
+    FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(fl, "flags", {0}, ffi::DataType::S8));
+  }
   return ffi::Error::Success();
 }
 
-// Calls fn with a value of the element type of `dt` (float or double; checked before).
+// Calls fn(T{}, std::bool_constant<flags>{}) with T the element type of `dt` (float or
+// double; checked before): one instantiation per element type and flag presence.
 template <typename F>
-void WithElementType(ffi::DataType dt, const F& fn) {
+void WithElementType(ffi::DataType dt, bool has_flags, const F& fn) {
+  auto with_flags = [&](auto zero) {
+    if (has_flags) {
+      fn(zero, std::true_type{});
+    } else {
+      fn(zero, std::false_type{});
+    }
+  };
   if (dt == ffi::DataType::F64) {
-    fn(double{});
+    with_flags(double{});
   } else {
-    fn(float{});
+    with_flags(float{});
   }
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
-                       ffi::AnyBuffer z0, ffi::AnyBuffer y0, ffi::Result<ffi::AnyBuffer> ys,
-                       ffi::Result<ffi::AnyBuffer> z_last, ffi::Result<ffi::AnyBuffer> z_ck,
-                       int64_t length, int64_t chunk) {
+                       ffi::AnyBuffer fl, ffi::AnyBuffer z0, ffi::AnyBuffer y0,
+                       ffi::Result<ffi::AnyBuffer> ys, ffi::Result<ffi::AnyBuffer> z_last,
+                       ffi::Result<ffi::AnyBuffer> z_ck, int64_t length, int64_t chunk) {
   Sizes s;
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, z0, y0, length, chunk, &s));
+  bool has_flags;
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, fl, z0, y0, length, chunk, &s, &has_flags));
   const ffi::DataType dt = v.element_type();
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*ys, "ys", {s.n * s.l, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_last, "z_last", {s.n, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*z_ck, "z_ck", {s.n, s.chunks, s.q}, dt));
-  WithElementType(dt, [&](auto zero) {
+  const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
+  WithElementType(dt, has_flags, [&](auto zero, auto with_flags) {
     using T = decltype(zero);
     ParallelFor(pool, s.items(), [&](int64_t i) {
-      ForwardItem<T>(s, c.typed_data<T>(), v.typed_data<T>(), z0.typed_data<T>(),
-                     y0.typed_data<T>(), ys->typed_data<T>(), z_last->typed_data<T>(),
-                     z_ck->typed_data<T>(), i);
+      ForwardItem<T, decltype(with_flags)::value>(
+          s, c.typed_data<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
+          y0.typed_data<T>(), ys->typed_data<T>(), z_last->typed_data<T>(),
+          z_ck->typed_data<T>(), i);
     });
   });
   return ffi::Error::Success();
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
-                        ffi::AnyBuffer z0, ffi::AnyBuffer y0, ffi::AnyBuffer ys,
+                        ffi::AnyBuffer fl, ffi::AnyBuffer z0, ffi::AnyBuffer y0,
+                        ffi::AnyBuffer ys,
                         ffi::AnyBuffer z_ck, ffi::AnyBuffer g_ys, ffi::AnyBuffer g_zl,
                         ffi::Result<ffi::AnyBuffer> g_v, ffi::Result<ffi::AnyBuffer> g_c,
                         ffi::Result<ffi::AnyBuffer> g_z0, ffi::Result<ffi::AnyBuffer> g_y0,
                         int64_t length, int64_t chunk) {
   Sizes s;
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, z0, y0, length, chunk, &s));
+  bool has_flags;
+  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(c, v, fl, z0, y0, length, chunk, &s, &has_flags));
   const ffi::DataType dt = v.element_type();
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(ys, "ys", {s.n * s.l, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(z_ck, "z_ck", {s.n, s.chunks, s.q}, dt));
@@ -319,24 +401,27 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_c, "g_coeffs", {s.n, 6, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_z0, "g_z0", {s.n, s.q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_y0, "g_y0", {s.n, s.q}, dt));
-  WithElementType(dt, [&](auto zero) {
+  const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
+  WithElementType(dt, has_flags, [&](auto zero, auto with_flags) {
     using T = decltype(zero);
     ParallelFor(pool, s.items(), [&](int64_t i) {
-      BackwardItem<T>(s, c.typed_data<T>(), v.typed_data<T>(), z0.typed_data<T>(),
-                      y0.typed_data<T>(), ys.typed_data<T>(), z_ck.typed_data<T>(),
-                      g_ys.typed_data<T>(), g_zl.typed_data<T>(), g_v->typed_data<T>(),
-                      g_c->typed_data<T>(), g_z0->typed_data<T>(), g_y0->typed_data<T>(), i);
+      BackwardItem<T, decltype(with_flags)::value>(
+          s, c.typed_data<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
+          y0.typed_data<T>(), ys.typed_data<T>(), z_ck.typed_data<T>(), g_ys.typed_data<T>(),
+          g_zl.typed_data<T>(), g_v->typed_data<T>(), g_c->typed_data<T>(),
+          g_z0->typed_data<T>(), g_y0->typed_data<T>(), i);
     });
   });
   return ffi::Error::Success();
 }
 
-// The context and the four arguments both kernels take, in this order.
+// The context and the five arguments both kernels take, in this order.
 auto BindCommon() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::AnyBuffer>()   // coeffs [6, Q]
       .Arg<ffi::AnyBuffer>()   // v [N * L, Q]
+      .Arg<ffi::AnyBuffer>()   // flags [N * L] int8, or [0]
       .Arg<ffi::AnyBuffer>()   // z0 [N, Q]
       .Arg<ffi::AnyBuffer>();  // y0 [N, Q]
 }

@@ -1,6 +1,5 @@
-"""A fused C++ kernel for the recurrence on CPU, as an XLA FFI custom call.
-
-The ``"native"`` scan path. The kernel source (``csrc/lti_recurrence.cc``) ships with the
+"""``scan="native"``: a fused C++ kernel for the recurrence on CPU, as an XLA FFI custom call.
+ The kernel source (``csrc/lti_recurrence.cc``) ships with the
 package and is compiled on first use with the machine's C++ compiler (``$CXX``, else
 ``c++``/``g++``/``clang++``) against the XLA FFI headers that jaxlib ships, then cached
 (``$FLAX_LINOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/flax_linoss``, else
@@ -9,7 +8,8 @@ CPU. Compiling takes a few seconds, once per machine.
 
 Where there is no compiler, or on any other failure, :func:`available` is ``False`` (the
 reason is in :func:`unavailable_reason` and logged once) and ``scan="auto"`` falls back to
-the pure-JAX ``"adjoint"`` path. ``FLAX_LINOSS_NATIVE=0`` turns the kernel off.
+the pure-JAX ``"adjoint"`` path. ``FLAX_LINOSS_NATIVE=0`` (or ``FLAX_LINOSS_KERNELS=0``,
+which turns every kernel off) disables it.
 
 What it computes is exactly the ``"adjoint"`` path (same recurrence, same hand-written
 adjoint backward pass), organised for the memory system:
@@ -20,13 +20,15 @@ adjoint backward pass), organised for the memory system:
   checkpoint into a cache-resident buffer, then the adjoint recurrence runs backwards
   through the chunk, accumulating every gradient in the same pass. The input gradient is
   written over the incoming output cotangent (no new ``[N, L, Q]`` buffer);
-* work is split over (batch row, channel block) items on XLA's intra-op thread pool.
+* work is split over (batch row, channel block) items on XLA's intra-op thread pool;
+* the per-step flags (hold, reset; see :mod:`._common`) arrive as one int8 per batch row
+  and step; the kernels are compiled with and without them.
 
 It is differentiable once (reverse mode: ``grad``, ``vjp``); like the ``"adjoint"`` path it
 has no forward-mode (``jvp``) rule. Float32 and float64. XLA's SPMD partitioner cannot split
 a custom call: under a ``jit`` that shards the batch over several devices it gathers the
 inputs and every device runs the whole batch (correct, not parallel), which is why
-``scan="auto"`` uses it only per device (see ``scan.resolve_scan``).
+``scan="auto"`` uses it only per device (see :mod:`flax_linoss.ops._auto`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_linoss.ops._scans._common import Flags, run_custom, with_adjoint
+
 logger = logging.getLogger(__name__)
 
 # Steps between velocity checkpoints: the backward pass keeps CHUNK x Q velocities in cache.
@@ -64,6 +68,11 @@ _state: dict[str, object] = {}
 
 def _source_text() -> str:
     return resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE).read_text()
+
+
+def source_path() -> str:
+    """Where the kernel source ships (for error messages and documentation)."""
+    return str(resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE))
 
 
 def _compiler() -> str | None:
@@ -123,9 +132,14 @@ def _build(compiler: str) -> Path:
     raise RuntimeError("\n".join(errors))
 
 
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _load() -> None:
-    if os.environ.get("FLAX_LINOSS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        raise RuntimeError("disabled by FLAX_LINOSS_NATIVE=0")
+    for name in ("FLAX_LINOSS_NATIVE", "FLAX_LINOSS_KERNELS"):
+        if _switched_off(name):
+            raise RuntimeError(f"disabled by {name}=0")
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
@@ -171,13 +185,21 @@ def _sizes(v):
     return n, length, q, dict(length=np.int64(length), chunk=np.int64(CHUNK))
 
 
-def forward(coeffs, v, z0, y0):
-    """The forward kernel: ``x_t = M x_{t-1} + f v_t`` on real channels.
+def _flag_codes(flags, n, length):
+    """``[N * L]`` int8 codes (hold + 2 * reset), or an empty array meaning "no flags"."""
+    if flags is None:
+        return jnp.zeros((0,), jnp.int8)
+    return flags.code((n, length)).astype(jnp.int8).reshape(n * length)
+
+
+def forward(coeffs, v, z0, y0, flags):
+    """The forward kernel: ``x_t = M x_{t-1} + f v_t`` on real channels, with flags.
 
     Args:
       coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]``.
       v: ``[N, L, Q]`` forcing.
       z0, y0: ``[N, Q]`` initial state.
+      flags: a :class:`~._common.Flags` of ``[N, L]`` bools, or ``None``.
 
     Returns:
       ``(ys [N, L, Q], z_L [N, Q], checkpoints [N, ceil(L / CHUNK), Q])``: every position,
@@ -197,7 +219,9 @@ def forward(coeffs, v, z0, y0):
         ),
         vmap_method="sequential",
     )
-    ys, z_last, checkpoints = call(jnp.stack(coeffs), v.reshape(n * length, q), z0, y0, **attrs)
+    ys, z_last, checkpoints = call(
+        jnp.stack(coeffs), v.reshape(n * length, q), _flag_codes(flags, n, length), z0, y0, **attrs
+    )
     return ys.reshape(v.shape), z_last, checkpoints
 
 
@@ -205,13 +229,13 @@ def backward(res, cts):
     """The backward kernel, a custom-VJP rule for :func:`forward`.
 
     Args:
-      res: ``(coeffs, v, z0, y0, ys, checkpoints)``.
+      res: ``(coeffs, v, z0, y0, flags, ys, checkpoints)``.
       cts: cotangents ``(g_ys [N, L, Q], g_z_L [N, Q])``.
 
     Returns:
       Gradients of ``(coeffs, v, z0, y0)``.
     """
-    coeffs, v, z0, y0, ys, checkpoints = res
+    coeffs, v, z0, y0, flags, ys, checkpoints = res
     g_ys, g_zl = cts
     n, length, q, attrs = _sizes(v)
     call = jax.ffi.ffi_call(
@@ -223,11 +247,12 @@ def backward(res, cts):
             _shape((n, q), v.dtype),
         ),
         vmap_method="sequential",
-        input_output_aliases={6: 0},  # the input gradient overwrites g_ys
+        input_output_aliases={7: 0},  # the input gradient overwrites g_ys
     )
     g_v, g_coeffs, g_z0, g_y0 = call(
         jnp.stack(coeffs),
         v.reshape(n * length, q),
+        _flag_codes(flags, n, length),
         z0,
         y0,
         ys.reshape(n * length, q),
@@ -239,3 +264,11 @@ def backward(res, cts):
     g_v = g_v.reshape(v.shape)
     g_coeffs = jnp.sum(g_coeffs, axis=0)
     return tuple(g_coeffs[i] for i in range(6)), g_v, g_z0, g_y0
+
+
+_recurrence = with_adjoint(forward, backward)
+
+
+def run(tr, v, z0, y0, flags: Flags | None):
+    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
+    return run_custom(_recurrence, tr, v, z0, y0, flags)

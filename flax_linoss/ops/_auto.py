@@ -1,0 +1,104 @@
+"""What ``scan="auto"`` runs, and the checks on an explicit ``scan``.
+
+The rule (evidence: ``benchmarks/RESULTS.md``; the accelerator half follows the memory-
+traffic model there until ``benchmarks/bench_device.py`` has run on a device):
+
+* CPU: ``native`` (the fused C++ kernel, measured fastest) where code runs per device; else
+  ``adjoint`` (under a multi-device ``jit``, or where the kernel cannot be built).
+* TPU, and GPU with compute capability >= 8.0: ``pallas`` (the fused kernels: about 2S
+  bytes forward and 5S forward+backward for an ``[N, L, Q]`` array of S bytes, the floor)
+  where code runs per device and the recurrence is float32; else ``chunked`` (partitions
+  under a multi-device ``jit``; about 8S / 23S), or ``associative`` for flagged inputs
+  there (``chunked`` takes no flags).
+* Other platforms: ``chunked`` (``associative`` with flags).
+
+"Per device" means a single-device process, or inside ``shard_map``/``pmap`` (every mesh
+axis manual): elsewhere XLA's SPMD partitioner may split the batch over devices, and it
+cannot split a custom call (it would gather the inputs onto every device).
+
+``FLAX_LINOSS_KERNELS=0`` turns both kernels (``native``, ``pallas``) off: ``auto`` then
+takes the pure-JAX path of the platform, and asking for a kernel explicitly is an error.
+``FLAX_LINOSS_NATIVE=0`` turns off the CPU kernel alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax_linoss.ops import table
+from flax_linoss.ops.table import SCAN_TABLE, Scan
+
+
+def platform_name(platform: str | None = None) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"tpu"`` (``"cuda"``/``"rocm"`` count as GPU)."""
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def per_device() -> bool:
+    """Whether traced code works on one device's data: a single-device process, or inside
+    ``shard_map``/``pmap`` (every mesh axis manual)."""
+    if jax.device_count() == 1:
+        return True
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get_mesh is None:
+        return False
+    mesh = get_mesh()
+    manual = jax.sharding.AxisType.Manual
+    return bool(mesh.axis_names) and all(t == manual for t in mesh.axis_types)
+
+
+def resolve_scan(
+    scan: str, *, flags: bool = False, platform: str | None = None, dtype=jnp.float32
+) -> Scan:
+    """The path to run for ``scan`` (``"auto"`` resolved by the rule in this module's doc).
+
+    Args:
+      scan: a name in :data:`flax_linoss.ops.SCANS`.
+      flags: whether the input has a ``mask`` or ``segment_ids``.
+      platform: ``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"`` or ``"tpu"`` (default: JAX's
+        default backend).
+      dtype: the recurrence dtype (float32, or float64 with float64 parameters).
+
+    Raises:
+      ValueError: an unknown or removed name, flags on a path without them, a path that
+        does not run on ``platform`` (e.g. ``"native"`` off the CPU).
+      RuntimeError: a kernel asked for where it cannot run (the message says why).
+    """
+    scan = Scan(table.check_scan(scan))
+    platform = platform_name(platform)
+    entry = SCAN_TABLE[scan]
+    if flags and not entry.flags:
+        takes = [s.value for s, p in SCAN_TABLE.items() if p.flags and s != Scan.AUTO]
+        raise ValueError(
+            f"scan={scan.value!r} needs a time-invariant transition and cannot apply `mask` or "
+            f"`segment_ids`; use one of {takes} or 'auto'."
+        )
+    if scan == Scan.NATIVE and platform != "cpu":
+        raise ValueError(
+            f"scan='native' is a CPU kernel; the platform here is {platform!r}. Use 'auto' "
+            "(or 'pallas' / 'chunked') on accelerators."
+        )
+    if scan != Scan.AUTO:
+        reason = entry.unavailable_reason(platform, dtype)
+        if reason is not None:
+            raise RuntimeError(
+                f"scan={scan.value!r} is unavailable: {reason}. Use 'auto' (it falls back)."
+            )
+        return scan
+    return _auto(platform, flags, dtype)
+
+
+def _usable(scan: Scan, platform: str, dtype) -> bool:
+    return SCAN_TABLE[scan].unavailable_reason(platform, dtype) is None
+
+
+def _auto(platform: str, flags: bool, dtype) -> Scan:
+    device_local = per_device()
+    if platform == "cpu":
+        native = device_local and _usable(Scan.NATIVE, platform, dtype)
+        return Scan.NATIVE if native else Scan.ADJOINT
+    if platform in ("tpu", "gpu") and device_local and _usable(Scan.PALLAS, platform, dtype):
+        return Scan.PALLAS
+    return Scan.ASSOCIATIVE if flags else Scan.CHUNKED

@@ -1,0 +1,293 @@
+"""What every scan path shares: the step, the per-step flags, the custom-VJP builder, powers.
+
+Every path solves the same problem on ``Q`` real channels (see :mod:`flax_linoss.ops.schemes`)::
+
+    x_t = k_t A_t x_{t-1} + (1 - h_t) f v_t,    A_t = h_t I + (1 - h_t) M,    x_{-1} = x0
+
+with ``x = (z, y)``, a time-invariant 2x2 ``M`` and 2-vector ``f`` per channel, and two
+optional per-step flags per sequence: ``h_t`` *hold* (a masked step leaves the state as it
+is) and ``k_t = 1 - reset_t`` (a packed segment starts: the state restarts from zero before
+the step). Without flags this is ``x_t = M x_{t-1} + f v_t``.
+
+The exact adjoint (reverse-mode) recurrence, with ``g_t`` the cotangent of ``y_t`` and
+``g_zL`` that of the final velocity, is::
+
+    lambda_t = rho_t + e_y g_t,    rho_{L-1} = (g_zL, 0),
+    rho_{t-1} = k_t A_t^T lambda_t,
+    dv_t = (1 - h_t) f . lambda_t,    dM += (1 - h_t) lambda_t (k_t x_{t-1})^T,
+    df += (1 - h_t) lambda_t v_t,     dx0 = rho_{-1}.
+
+Legend: ``N`` rows (flattened batch), ``L`` length, ``Q`` real channels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flax_linoss.ops import schemes
+
+
+class Flags(NamedTuple):
+    """Per-step flags, each ``[N, L]`` bool or ``None`` (absent = all ``False``).
+
+    Attributes:
+      hold: the step is masked: the state is left unchanged (the forcing is ignored).
+      reset: a segment starts here: the state restarts from zero before the step.
+    """
+
+    hold: jnp.ndarray | None
+    reset: jnp.ndarray | None
+
+    @staticmethod
+    def of(hold, reset) -> Flags | None:
+        """``Flags(hold, reset)``, or ``None`` when both are absent."""
+        if hold is None and reset is None:
+            return None
+        return Flags(hold, reset)
+
+    def code(self, shape) -> jnp.ndarray:
+        """``[N, L]`` int32 ``hold + 2 * reset``: the one array the kernels read."""
+        code = jnp.zeros(shape, jnp.int32)
+        if self.hold is not None:
+            code = code + self.hold.astype(jnp.int32)
+        if self.reset is not None:
+            code = code + 2 * self.reset.astype(jnp.int32)
+        return code
+
+
+HOLD, RESET = 1, 2  # bits of Flags.code
+
+
+def resets_from_segments(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """``[N, L]`` bool: the state restarts from zero before step t (the id changed)."""
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def recurrence_step(tr: schemes.Transition, z, y, v):
+    """One step of the 2x2 update; shared by the sequential scan and ``linoss_step``."""
+    z_new = tr.m11 * z + tr.m12 * y + tr.f1 * v
+    y_new = tr.m21 * z + tr.m22 * y + tr.f2 * v
+    return z_new, y_new
+
+
+def with_adjoint(forward, backward):
+    """A custom-VJP recurrence ``(coeffs, v, z0, y0, flags) -> (ys, z_L)``.
+
+    Args:
+      forward: ``(coeffs, v, z0, y0, flags) -> (ys, z_L, aux)``; ``coeffs`` is the
+        :class:`~flax_linoss.ops.schemes.Transition` as a tuple of ``[Q]`` arrays.
+      backward: ``(residuals, (g_ys, g_zL)) -> (g_coeffs, g_v, g_z0, g_y0)`` with
+        residuals ``(coeffs, v, z0, y0, flags, ys, aux)`` (``aux``: whatever the forward
+        pass keeps, e.g. every velocity or a kernel's checkpoints).
+
+    Flags (integers and booleans) get no cotangent. Inside ``shard_map`` the outputs and
+    gradients are typed over the manual axes like the arrays they come from (see
+    :func:`match_vma`), which custom calls do not do by themselves.
+    """
+
+    @jax.custom_vjp
+    def recurrence(coeffs, v, z0, y0, flags):
+        ys, z_l, _ = forward(coeffs, v, z0, y0, flags)
+        axes = varying_axes(coeffs, v, z0, y0)
+        return vary(ys, axes), vary(z_l, axes)
+
+    def fwd(coeffs, v, z0, y0, flags):
+        ys, z_l, aux = forward(coeffs, v, z0, y0, flags)
+        axes = varying_axes(coeffs, v, z0, y0)
+        ys, z_l = vary(ys, axes), vary(z_l, axes)
+        return (ys, z_l), (coeffs, v, z0, y0, flags, ys, aux)
+
+    def bwd(res, cts):
+        coeffs, v, z0, y0 = res[:4]
+        g_coeffs, g_v, g_z0, g_y0 = backward(res, cts)
+        axes = varying_axes(coeffs, v, z0, y0, cts)
+        return (
+            tuple(match_vma(g, x, axes) for g, x in zip(g_coeffs, coeffs)),
+            match_vma(g_v, v, axes),
+            match_vma(g_z0, z0, axes),
+            match_vma(g_y0, y0, axes),
+            None,
+        )
+
+    recurrence.defvjp(fwd, bwd)
+    return recurrence
+
+
+# ----------------------------------------------------------------------------------------
+# Typing over shard_map's manual axes (check_vma). A custom call's outputs vary over no
+# axis, whatever its inputs; these helpers give them the type of the data they hold.
+
+try:  # a type-only cast (no computation); public jax.lax.pcast skips it in backward passes
+    from jax._src.lax.parallel import pvary_p as _pvary_p
+except ImportError:  # pragma: no cover - other JAX versions
+    _pvary_p = None
+
+
+def _vma(x) -> frozenset:
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    aval = typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9: aval.mat.varying; before: aval.vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def varying_axes(*trees) -> frozenset:
+    """The manual mesh axes any array in ``trees`` varies over."""
+    axes = frozenset()
+    for x in jax.tree.leaves(trees):
+        axes |= _vma(x)
+    return axes
+
+
+def vary(x, axes):
+    """``x`` typed as varying over ``axes`` as well."""
+    missing = set(axes) - _vma(x)
+    if not missing:
+        return x
+    names = jax.sharding.get_abstract_mesh().axis_names
+    missing = tuple(a for a in names if a in missing) or tuple(sorted(missing))
+    if _pvary_p is not None:
+        try:
+            return _pvary_p.bind(x, axes=missing)
+        except Exception:  # pragma: no cover - fall back to an exact, typed no-op
+            pass
+    zero = sum(jax.lax.axis_index(a) for a in missing) * 0
+    return x + zero.astype(x.dtype)
+
+
+def out_struct(shape, dtype, axes) -> jax.ShapeDtypeStruct:
+    """A kernel's output type, varying over the manual mesh axes ``axes`` (``shard_map``)."""
+    manual = getattr(jax.sharding, "ManualAxisType", None)
+    if manual is not None:
+        try:
+            return jax.ShapeDtypeStruct(
+                shape, dtype, manual_axis_type=manual(varying=frozenset(axes))
+            )
+        except TypeError:  # pragma: no cover - JAX versions without the argument
+            pass
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def match_vma(grad, primal, axes):
+    """A gradient typed like its ``primal`` input over ``shard_map``'s manual axes.
+
+    ``grad`` first gets the type of what it was computed from (``axes``: the axes the
+    inputs and cotangents vary over). Where it varies but its input is replicated over an
+    axis (the same parameters used by every shard), it is summed over that axis, the total
+    derivative; where its input varies, it is typed as varying.
+    """
+    grad = vary(grad, axes)
+    extra = tuple(sorted(_vma(grad) - _vma(primal)))
+    if extra:
+        grad = jax.lax.psum(grad, extra)
+    return vary(grad, _vma(primal))
+
+
+def run_custom(recurrence, tr: schemes.Transition, v, z0, y0, flags):
+    """``(ys, z_L, y_L)`` from a :func:`with_adjoint` recurrence (``y_L`` is ``ys[:, -1]``)."""
+    ys, z_l = recurrence(tuple(tr), v, z0, y0, flags)
+    return ys, z_l, ys[:, -1]
+
+
+def flags_at(flags: Flags | None, t, dtype):
+    """``(hold, keep)`` at step ``t``: ``[N, 1]`` bool and ``[N, 1]`` 0/1 in ``dtype``.
+
+    Either is ``None`` when that flag is absent.
+    """
+    if flags is None:
+        return None, None
+    hold = keep = None
+    if flags.hold is not None:
+        hold = jax.lax.dynamic_index_in_dim(flags.hold, t, 1, keepdims=True)
+    if flags.reset is not None:
+        reset = jax.lax.dynamic_index_in_dim(flags.reset, t, 1, keepdims=True)
+        keep = jnp.logical_not(reset).astype(dtype)
+    return hold, keep
+
+
+# ----------------------------------------------------------------------------------------
+# Powers of the 2x2 blocks, by log-doubling (never an n-step loop).
+
+
+def matmul2(a, b):
+    """The 2x2 product ``a b`` of ``(11, 12, 21, 22)`` coefficient tuples (broadcasting)."""
+    return (
+        a[0] * b[0] + a[1] * b[2],
+        a[0] * b[1] + a[1] * b[3],
+        a[2] * b[0] + a[3] * b[2],
+        a[2] * b[1] + a[3] * b[3],
+    )
+
+
+def powers(m, n: int):
+    """``m^j`` for ``j = 0 .. n-1``: a tuple of four ``[n, Q]`` arrays (11, 12, 21, 22).
+
+    Log-doubling: with ``m^0 .. m^(k-1)`` known, ``m^k m^j`` gives the next ``k``; so
+    ``ceil(log2 n)`` batched 2x2 products, a small program whatever ``n``.
+    """
+    one, zero = jnp.ones_like(m[0]), jnp.zeros_like(m[0])
+    table = tuple(x[None] for x in (one, zero, zero, one))
+    cur = m  # m^k, with k = number of rows in the table
+    while table[0].shape[0] < n:
+        nxt = matmul2(tuple(x[None] for x in cur), table)
+        table = tuple(jnp.concatenate([a, b]) for a, b in zip(table, nxt))
+        if table[0].shape[0] < n:
+            cur = matmul2(cur, cur)
+    return tuple(x[:n] for x in table)
+
+
+def power(m, n: int):
+    """``m^n`` (a tuple of four ``[Q]`` arrays) by binary exponentiation."""
+    result = (jnp.ones_like(m[0]), jnp.zeros_like(m[0]), jnp.zeros_like(m[0]), jnp.ones_like(m[0]))
+    base = m
+    while n > 0:
+        if n & 1:
+            result = matmul2(base, result)
+        n >>= 1
+        if n:
+            base = matmul2(base, base)
+    return result
+
+
+def transpose2(m):
+    """The transposed 2x2 blocks."""
+    return (m[0], m[2], m[1], m[3])
+
+
+def prefix_scan(m, b1, b2):
+    """Parallel prefix scan of ``x_k = M x_{k-1} + b_k`` (``x_{-1} = 0``), Hillis-Steele form.
+
+    After level ``i`` every ``x_k`` holds ``sum_{j < 2^(i+1)} M^j b_{k-j}``; the combine is
+    the associative ``(M, b)`` product with ``M`` time-invariant, so each level needs only
+    ``M^(2^i)`` (``[Q]`` coefficients) and one shift of the sequence. ``ceil(log2 L)``
+    levels run in a ``fori_loop``, so the program is small whatever ``L``.
+
+    Args:
+      m: ``(m11, m12, m21, m22)``, each ``[Q]``.
+      b1, b2: ``[N, L, Q]`` forcing of the two state components.
+
+    Returns:
+      ``(x1, x2)``, each ``[N, L, Q]``.
+    """
+    length = b1.shape[1]
+    position = jnp.arange(length)[None, :, None]
+
+    def level(i, carry):
+        x1, x2, p11, p12, p21, p22 = carry
+        shift = jnp.left_shift(1, i)
+
+        def shifted(x):
+            return jnp.where(position >= shift, jnp.roll(x, shift, axis=1), 0.0)
+
+        s1, s2 = shifted(x1), shifted(x2)
+        x1, x2 = x1 + p11 * s1 + p12 * s2, x2 + p21 * s1 + p22 * s2
+        return (x1, x2, *matmul2((p11, p12, p21, p22), (p11, p12, p21, p22)))
+
+    levels = max(0, (length - 1).bit_length())
+    x1, x2, *_ = jax.lax.fori_loop(0, levels, level, (b1, b2, *m))
+    return x1, x2

@@ -1,0 +1,97 @@
+"""``scan="associative"``: a parallel prefix scan, ``O(log L)`` depth.
+
+Without flags, ``M`` is time-invariant and the scan is Hillis-Steele needing only
+``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code), in a
+``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the same
+way for the backward pass. With flags (time-varying transitions) it is
+``lax.associative_scan`` over per-step ``(A_t, b_t)`` pairs, differentiated by autodiff.
+It partitions under a multi-device ``jit``; ``auto`` uses it for flagged inputs there on
+accelerators, where ``chunked`` cannot take flags.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax_linoss.ops._scans._common import (
+    Flags,
+    prefix_scan,
+    run_custom,
+    transpose2,
+    with_adjoint,
+)
+
+
+def _forward(coeffs, v, z0, y0, flags):
+    del flags
+    m11, m12, m21, m22, f1, f2 = coeffs
+    b1 = (f1 * v).at[:, 0].add(m11 * z0 + m12 * y0)
+    b2 = (f2 * v).at[:, 0].add(m21 * z0 + m22 * y0)
+    zs, ys = prefix_scan((m11, m12, m21, m22), b1, b2)
+    return ys, zs[:, -1], zs
+
+
+def _backward(res, cts):
+    coeffs, v, z0, y0, _, ys, zs = res
+    g_ys, g_zl = cts
+    m11, m12, m21, m22, f1, f2 = coeffs
+    # lambda_t = M^T lambda_{t+1} + (0, g_t), with the final-state cotangent entering at L-1.
+    c1 = jnp.zeros_like(g_ys).at[:, -1].add(g_zl.astype(g_ys.dtype))
+    lz, ly = prefix_scan(transpose2(coeffs[:4]), c1[:, ::-1], g_ys[:, ::-1])
+    lz, ly = lz[:, ::-1], ly[:, ::-1]
+    z_prev = jnp.concatenate([z0[:, None], zs[:, :-1]], axis=1)
+    y_prev = jnp.concatenate([y0[:, None], ys[:, :-1]], axis=1)
+    total = lambda x: jnp.sum(x, axis=(0, 1))
+    g_coeffs = (
+        total(lz * z_prev),
+        total(lz * y_prev),
+        total(ly * z_prev),
+        total(ly * y_prev),
+        total(lz * v),
+        total(ly * v),
+    )
+    g_v = f1 * lz + f2 * ly
+    g_z0 = m11 * lz[:, 0] + m21 * ly[:, 0]
+    g_y0 = m12 * lz[:, 0] + m22 * ly[:, 0]
+    return g_coeffs, g_v, g_z0, g_y0
+
+
+_parallel = with_adjoint(_forward, _backward)
+
+
+def _per_step(tr, v, z0, y0, flags: Flags):
+    length, q = v.shape[1:]
+    # Elements (A [., L, 2, 2, Q], b [N, L, 2, Q]): two stacked leaves keep the scan's graph
+    # (and its compile time) small. A is shared across the batch until a flag makes it vary.
+    m = jnp.stack([jnp.stack([tr.m11, tr.m12]), jnp.stack([tr.m21, tr.m22])])  # [2, 2, Q]
+    a = jnp.broadcast_to(m, (1, length, 2, 2, q))
+    b = jnp.stack([tr.f1 * v, tr.f2 * v], axis=2)  # [N, L, 2, Q]
+    if flags.hold is not None:
+        # A held step: identity transition, no forcing.
+        hold = flags.hold[:, :, None, None, None]
+        a = jnp.where(hold, jnp.eye(2, dtype=v.dtype)[:, :, None], a)
+        b = jnp.where(hold[..., 0], jnp.zeros((), v.dtype), b)
+    if flags.reset is not None:
+        a = a * jnp.logical_not(flags.reset)[:, :, None, None, None].astype(v.dtype)
+    # Fold the initial state into the first element: x_0 = A_0 x_init + b_0.
+    x0 = jnp.stack([z0, y0], axis=1)  # [N, 2, Q]
+    b = b.at[:, 0].add(jnp.einsum("nijq,njq->niq", a[:, 0], x0))
+
+    def combine(earlier, later):
+        a_i, b_i = earlier
+        a_j, b_j = later
+        a_new = jnp.einsum("...ijq,...jkq->...ikq", a_j, a_i)
+        b_new = jnp.einsum("...ijq,...jq->...iq", a_j, b_i) + b_j
+        return a_new, b_new
+
+    _, xs = jax.lax.associative_scan(combine, (a, b), axis=1)
+    zs, ys = xs[:, :, 0], xs[:, :, 1]
+    return ys, zs[:, -1], ys[:, -1]
+
+
+def run(tr, v, z0, y0, flags: Flags | None):
+    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
+    if flags is None:
+        return run_custom(_parallel, tr, v, z0, y0, None)
+    return _per_step(tr, v, z0, y0, flags)

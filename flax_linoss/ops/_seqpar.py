@@ -1,0 +1,72 @@
+"""Sequence parallelism: one sequence split over a ``shard_map`` mesh axis.
+
+The system is time-invariant, so by linearity a shard's true states are its states from a
+zero start plus the free response of the state it receives. Each shard therefore scans its
+part from zero with any path of the scan table (the fused kernels included), the shards'
+end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming states follow by a
+prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the initial state),
+and each shard adds the free response of ``h_k`` in closed form
+(:func:`~flax_linoss.ops._scans.chunked.free_response`). Gradients are autodiff of this
+combination through each path's own backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flax_linoss.ops._project import LNQ
+from flax_linoss.ops._scans import chunked
+from flax_linoss.ops._scans._common import power, prefix_scan
+
+
+def _axis_size(axis) -> int:
+    try:
+        return jax.lax.axis_size(axis)
+    except NameError as e:
+        raise ValueError(
+            f"sequence_axis={axis!r} is not a mesh axis here: call linoss_apply inside "
+            "jax.shard_map over a mesh with that axis (the sequence sharded over it)."
+        ) from e
+
+
+def run(entry, tr, v, z0, y0, axis, reverse: bool):
+    """``(ys, z_L, y_L)`` for this shard's ``v`` (in ``entry.layout``) of a sharded sequence.
+
+    Args:
+      entry: the scan table's row for the local scan.
+      tr: the transition, each field ``[Q]``.
+      v: this shard's forcing, ``[N, L_shard, Q]`` or ``[L_shard, N, Q]``.
+      z0, y0: ``[N, Q]``, the state before the whole sequence.
+      axis: the mesh axis the sequence is split over.
+      reverse: the sequence runs from the last shard to the first.
+
+    Returns:
+      This shard's positions (``v``'s layout) and the whole sequence's final state.
+    """
+    shards = _axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    if reverse:
+        position = shards - 1 - position
+    time_major = entry.layout == LNQ
+    length = v.shape[0 if time_major else 1]
+    zero = jnp.zeros_like(z0)
+    ys, z_end, y_end = entry.run(tr, v, zero, zero, None)
+    # Every shard's end state, on every shard: a psum of one-hot slots (not all_gather), so
+    # that what follows is replicated over the axis (the final state can leave shard_map
+    # with out_specs P() under check_vma).
+    mine = jnp.stack([z_end, y_end], axis=1)  # [N, 2, Q]
+    slots = jnp.zeros((shards, *mine.shape), mine.dtype)
+    ends = jax.lax.psum(slots.at[jax.lax.axis_index(axis)].set(mine), axis)  # [K, N, 2, Q]
+    if reverse:
+        ends = ends[::-1]
+    m = power(tuple(tr)[:4], length)
+    b_z = jnp.moveaxis(ends[:, :, 0], 0, 1).at[:, 0].add(m[0] * z0 + m[1] * y0)  # [N, K, Q]
+    b_y = jnp.moveaxis(ends[:, :, 1], 0, 1).at[:, 0].add(m[2] * z0 + m[3] * y0)
+    after_z, after_y = prefix_scan(m, b_z, b_y)  # the state after shard k
+    h_z = jnp.concatenate([z0[:, None], after_z[:, :-1]], axis=1)
+    h_y = jnp.concatenate([y0[:, None], after_y[:, :-1]], axis=1)
+    h_z = jax.lax.dynamic_index_in_dim(h_z, position, 1, keepdims=False)
+    h_y = jax.lax.dynamic_index_in_dim(h_y, position, 1, keepdims=False)
+    ys = ys + chunked.free_response(tr, h_z, h_y, length, time_major=time_major)
+    return ys, after_z[:, -1], after_y[:, -1]
