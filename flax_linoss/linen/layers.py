@@ -41,4 +41,4 @@ LinOSSModel = derive(
     module=__name__,
     linen_defaults={"deterministic": None},
 )
-RunningBatchNorm = derive(_nnx.RunningBatchNorm, inferred={"num_features": _width}, module=__name__)
+RunningBatchNorm = derive(_nnx.RunningBatchNorm, inferred={"num_features": _NORM}, module=__name__)

@@ -173,9 +173,13 @@ class RunningBatchNorm(nnx.Module):
     Args:
       num_features: ``H``.
       axis_name: mapped axis over which the statistics are averaged (data parallelism).
+      rngs: accepted like ``nnx.BatchNorm``'s (nothing is random here).
     """
 
-    def __init__(self, num_features: int, *, axis_name: str | None = None):
+    def __init__(
+        self, num_features: int, *, axis_name: str | None = None, rngs: nnx.Rngs | None = None
+    ):
+        del rngs
         self.axis_name = axis_name
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))

@@ -17,6 +17,7 @@ seed and the Grain iterator position, so a resumed run continues bit for bit (sa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "EarlyStopping",
     "ModelFns",
     "NonFiniteLossError",
+    "Run",
     "Setup",
     "create_train_state",
     "evaluate",
@@ -433,6 +435,173 @@ def _check_loss(metrics, step: int, ckpts: ckpt_lib.RunCheckpoints, workdir: str
     raise NonFiniteLossError(f"Training loss is {loss} at step {step}; stopping; {where}.")
 
 
+class Run:
+    """One run's bookkeeping, shared by the sequential loop and the seed-parallel one
+    (:mod:`flax_linoss.train.seed_parallel`): the workdir, its checkpoints and metrics, the
+    train stream, the early-stopping state, and what happens at a step boundary (progress
+    line, evaluation, best checkpoint, periodic checkpoint).
+
+    Building it refuses an incompatible checkpoint before anything in the workdir changes,
+    then restores the latest checkpoint (converting another API's) or starts afresh.
+    """
+
+    def __init__(self, s: Setup, workdir: str):
+        self.s, self.workdir = s, workdir
+        cfg, tcfg = s.config, s.config.train
+        self.ckpts = ckpt_lib.RunCheckpoints(
+            workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing
+        )
+        latest = self.ckpts.latest_step()
+        if latest is not None:  # refuse another model before touching the workdir
+            saved = self.ckpts.saved_meta(latest)["signature"]
+            ckpt_lib.check_signature(saved, s.signature, workdir)
+        if jax.process_index() == 0:
+            ckpt_lib.dump_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+        self.writer = metrics_lib.MetricWriter(
+            workdir,
+            enabled=jax.process_index() == 0,
+            tensorboard=tcfg.tensorboard,
+            hparams=config_lib.flat_keys(cfg),
+        )
+        self.train_it = data_lib.train_iterator(cfg, s.splits["train"])
+        self.state = s.parallel.replicate(create_train_state(s))
+        self.meta = _new_meta(s)
+        if latest is not None:
+            self.state, self.meta = _restore(s, self.ckpts, latest, self.state, self.train_it)
+            self.meta.setdefault("train_seconds", 0.0)
+            self.ckpts.drop_best_after(latest)
+            _say(f"Resumed from {workdir} at step {latest}.")
+        # The metrics file matches the checkpoint it resumes from (nothing after it).
+        self.writer.truncate(latest or 0)
+        self.step = int(par_lib.to_host(self.state["step"]))
+        self.stopping = EarlyStopping(s.metric == "accuracy", tcfg.patience, tcfg.best_ties)
+        self.lr = learning_rate(cfg)
+        self.progress = metrics_lib.Progress(self.step, tcfg.num_steps)
+        self._acc: dict[str, float] = {}
+        self._acc_n = 0
+        self._eval_fn = None
+        self._t0, self._seconds_before = time.perf_counter(), self.meta["train_seconds"]
+
+    @property
+    def finished(self) -> bool:
+        return self.meta["stopped_early"] or self.step >= self.s.config.train.num_steps
+
+    def announce(self) -> None:
+        cfg = self.s.config
+        what = (
+            f"transformer ({cfg.model.mixer})"
+            if cfg.model.kind == "transformer"
+            else f"LinOSS-{cfg.model.discretization}"
+        )
+        _say(
+            f"Training {cfg.framework} {what} on {cfg.data.name} for {cfg.train.num_steps} "
+            f"steps ({self.s.parallel.implementation} over {self.s.mesh.size} devices, "
+            f"{jax.process_count()} process(es)); workdir {self.workdir}"
+        )
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        return data_lib.prepare_batch(self.s.config, next(self.train_it))
+
+    def record(self, metrics, step: int) -> None:
+        """Adds a step's metrics to the running means (stops on a non-finite loss)."""
+        for k, v in _check_loss(metrics, step, self.ckpts, self.workdir).items():
+            self._acc[k] = self._acc.get(k, 0.0) + v
+        self._acc_n += 1
+
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.step % n == 0
+
+    def at_boundary(self) -> bool:
+        """Whether this step logs, evaluates or checkpoints."""
+        t = self.s.config.train
+        last = self.step == t.num_steps
+        return last or any(map(self._every, (t.log_every, t.eval_every, t.checkpoint_every)))
+
+    def boundary(self, state) -> bool:
+        """Logs, evaluates and checkpoints at ``self.step`` as configured; ``state`` is the
+        run's canonical (replicated) train state. Returns whether the run stops here."""
+        tcfg, step = self.s.config.train, self.step
+        last = step == tcfg.num_steps
+        if self._every(tcfg.log_every) or last:
+            means = {k: v / max(self._acc_n, 1) for k, v in self._acc.items()}
+            self.writer.write(step, "train", {**means, "learning_rate": float(self.lr(step - 1))})
+            _say(self.progress.line(step, means))
+            self._acc, self._acc_n = {}, 0
+        stop = False
+        if self._every(tcfg.eval_every) or last:
+            stop = self._evaluate(state)
+        self.meta["done"] = last or stop
+        if self._every(tcfg.checkpoint_every) or last or stop:
+            # The previous save is committed before this one starts (Orbax would wait for it
+            # too), so a run killed after this line resumes from it at the latest.
+            self.ckpts.wait()
+            _say(f"checkpoint: saving step {step}")
+            self.meta["train_seconds"] = self._seconds_before + time.perf_counter() - self._t0
+            self.ckpts.save(step, state, self.train_it, self.meta)
+        self.progress.restart(step)
+        return stop
+
+    def _evaluate(self, state) -> bool:
+        s, name, step, meta = self.s, self.s.metric, self.step, self.meta
+        if self._eval_fn is None:
+            self._eval_fn = make_eval_fn(s.fns, s.parallel)
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        res = evaluate_model(s, self._eval_fn, variables)
+        for split in ("val", "test"):
+            record = {"loss": res[split]["loss"], name: res[split]["metric"]}
+            if "decode_metric" in res[split]:
+                record[f"decode_{name}"] = res[split]["decode_metric"]
+            self.writer.write(step, split, record)
+        if self.stopping.update(meta, step, res["val"]["metric"], res["test"]["metric"]):
+            best_meta = {"signature": s.signature, "framework": s.config.framework}
+            self.ckpts.save_best(step, variables, {**best_meta, **meta["best"]})
+        best = meta["best"]
+        _say(
+            f"eval step {step}: val {name} {res['val']['metric']:.4f} | test {name} "
+            f"{res['test']['metric']:.4f} | best val {best['val']:.4f} at step {best['step']}"
+        )
+        stop = self.stopping.should_stop(meta)
+        if stop:
+            meta["stopped_early"] = True
+            _say(
+                f"Early stop at step {step}: no val improvement in {meta['bad_evals']} evaluations."
+            )
+        return stop
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Around the training loop: an exception (an interrupt, a NaN stop) first lets the
+        checkpoint being written in the background commit, so the workdir stays resumable."""
+        try:
+            yield
+        except BaseException:
+            self.ckpts.wait()
+            raise
+
+    def close(self) -> dict[str, Any]:
+        """Waits for the checkpoints, writes ``results.json`` and returns the results."""
+        self.ckpts.close()
+        self.writer.close()
+        best = self.meta["best"] or {"step": None, "val": float("nan"), "test": float("nan")}
+        name = self.s.metric
+        results = {
+            "metric": name,
+            "best_step": best["step"],
+            "best_val": best["val"],
+            "test_at_best_val": best["test"],
+            "final_step": self.step,
+            "stopped_early": self.meta["stopped_early"],
+            "train_seconds": self.meta["train_seconds"],
+        }
+        if jax.process_index() == 0:
+            ckpt_lib.dump_json(os.path.join(self.workdir, "results.json"), results)
+        _say(
+            f"Final: test {name} {best['test']:.4f} at the best validation step "
+            f"{best['step']} (val {name} {best['val']:.4f})."
+        )
+        return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) in ``workdir``; returns the final results.
 
@@ -451,153 +620,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         NonFiniteLossError: The loss became NaN/inf (names the step and the checkpoint kept).
     """
     s = setup(config)
-    tcfg = config.train
-    ckpts = ckpt_lib.RunCheckpoints(
-        workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing
-    )
-    latest = ckpts.latest_step()
-    if latest is not None:  # refuse another model before touching anything in the workdir
-        ckpt_lib.check_signature(ckpts.saved_meta(latest)["signature"], s.signature, workdir)
-    if jax.process_index() == 0:
-        ckpt_lib.dump_json(os.path.join(workdir, "config.json"), config.to_dict())
-    writer = metrics_lib.MetricWriter(
-        workdir,
-        enabled=jax.process_index() == 0,
-        tensorboard=tcfg.tensorboard,
-        hparams=config_lib.flat_keys(config),
-    )
-    train_it = data_lib.train_iterator(config, s.splits["train"])
-    state = s.parallel.replicate(create_train_state(s))
-    meta = _new_meta(s)
-    if latest is not None:
-        state, meta = _restore(s, ckpts, latest, state, train_it)
-        meta.setdefault("train_seconds", 0.0)
-        ckpts.drop_best_after(latest)
-        _say(f"Resumed from {workdir} at step {latest}.")
-    # The metrics file matches the checkpoint it resumes from (nothing after it).
-    writer.truncate(latest or 0)
-    step = int(par_lib.to_host(state["step"]))
-    stopping = EarlyStopping(s.metric == "accuracy", tcfg.patience, tcfg.best_ties)
-    if meta["stopped_early"] or step >= tcfg.num_steps:
-        _say(f"The run in {workdir} has already finished (step {step}).")
-    else:
-        state, step = _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir)
-    ckpts.close()
-    writer.close()
-    return _final_results(s, meta, step, workdir)
-
-
-def _train_loop(s, state, step, meta, stopping, ckpts, writer, train_it, workdir):
-    cfg, tcfg, name = s.config, s.config.train, s.metric
-    total = tcfg.num_steps
-    what = (
-        f"transformer ({cfg.model.mixer})"
-        if cfg.model.kind == "transformer"
-        else f"LinOSS-{cfg.model.discretization}"
-    )
-    _say(
-        f"Training {cfg.framework} {what} on {cfg.data.name} "
-        f"for {total} steps ({s.parallel.implementation} over {s.mesh.size} devices, "
-        f"{jax.process_count()} process(es)); workdir {workdir}"
-    )
-    eval_fn = make_eval_fn(s.fns, s.parallel)
-    lr = learning_rate(cfg)
-    dstate = s.parallel.put_state(state)
-    progress = metrics_lib.Progress(step, total)
-    acc: dict[str, float] = {}
-    acc_n = 0
-    pending = None  # (metrics, step) of the previous step, checked one step late
-    t0, seconds_before = time.perf_counter(), meta["train_seconds"]
-
-    def every(n: int) -> bool:
-        return bool(n) and step % n == 0
-
-    while step < total:
-        batch = data_lib.prepare_batch(cfg, next(train_it))
-        dstate, m = s.parallel.step(dstate, s.parallel.put_batch(batch))
-        step += 1
-        if pending is not None:
-            for k, v in _check_loss(*pending, ckpts, workdir).items():
-                acc[k] = acc.get(k, 0.0) + v
-            acc_n += 1
-        pending = (m, step)
-        last = step == total
-        if not (last or every(tcfg.log_every) or every(tcfg.eval_every)) and not every(
-            tcfg.checkpoint_every
-        ):
-            continue
-        for k, v in _check_loss(*pending, ckpts, workdir).items():
-            acc[k] = acc.get(k, 0.0) + v
-        acc_n += 1
-        pending = None
-        if every(tcfg.log_every) or last:
-            means = {k: v / acc_n for k, v in acc.items()}
-            writer.write(step, "train", {**means, "learning_rate": float(lr(step - 1))})
-            _say(progress.line(step, means))
-            acc, acc_n = {}, 0
-        st = s.parallel.canonical_state(dstate)
-        stop = False
-        if every(tcfg.eval_every) or last:
-            variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
-            res = evaluate_model(s, eval_fn, variables)
-            for split in ("val", "test"):
-                extra = {}
-                if "decode_metric" in res[split]:
-                    extra[f"decode_{name}"] = res[split]["decode_metric"]
-                record = {"loss": res[split]["loss"], name: res[split]["metric"], **extra}
-                writer.write(step, split, record)
-            if stopping.update(meta, step, res["val"]["metric"], res["test"]["metric"]):
-                ckpts.save_best(
-                    step,
-                    variables,
-                    {"signature": s.signature, "framework": cfg.framework, **meta["best"]},
-                )
-            best = meta["best"]
-            _say(
-                f"eval step {step}: val {name} {res['val']['metric']:.4f} | test {name} "
-                f"{res['test']['metric']:.4f} | best val {best['val']:.4f} at step "
-                f"{best['step']}"
-            )
-            stop = stopping.should_stop(meta)
-            if stop:
-                meta["stopped_early"] = True
-                _say(
-                    f"Early stop at step {step}: no val improvement in "
-                    f"{meta['bad_evals']} evaluations."
-                )
-        meta["done"] = last or stop
-        if every(tcfg.checkpoint_every) or last or stop:
-            # The previous save is committed before this one starts (Orbax would wait for it
-            # too), so a run killed after this line resumes from it at the latest.
-            ckpts.wait()
-            _say(f"checkpoint: saving step {step}")
-            meta["train_seconds"] = seconds_before + time.perf_counter() - t0
-            ckpts.save(step, st, train_it, meta)
-        if stop:
-            break
-        progress.restart(step)
-    _say(f"Trained to step {step} in {metrics_lib.format_duration(time.perf_counter() - t0)}.")
-    return s.parallel.canonical_state(dstate), step
-
-
-def _final_results(s: Setup, meta: dict[str, Any], step: int, workdir: str) -> dict[str, Any]:
-    best = meta["best"] or {"step": None, "val": float("nan"), "test": float("nan")}
-    results = {
-        "metric": s.metric,
-        "best_step": best["step"],
-        "best_val": best["val"],
-        "test_at_best_val": best["test"],
-        "final_step": step,
-        "stopped_early": meta["stopped_early"],
-        "train_seconds": meta["train_seconds"],
-    }
-    if jax.process_index() == 0:
-        ckpt_lib.dump_json(os.path.join(workdir, "results.json"), results)
-    _say(
-        f"Final: test {s.metric} {best['test']:.4f} at the best validation step {best['step']} "
-        f"(val {s.metric} {best['val']:.4f})."
-    )
-    return results
+    run = Run(s, workdir)
+    if run.finished:
+        _say(f"The run in {workdir} has already finished (step {run.step}).")
+        return run.close()
+    run.announce()
+    t0 = time.perf_counter()
+    with run.saving():
+        dstate = s.parallel.put_state(run.state)
+        pending = None  # (metrics, step) of the previous step, checked one step late
+        while run.step < config.train.num_steps:
+            dstate, m = s.parallel.step(dstate, s.parallel.put_batch(run.next_batch()))
+            run.step += 1
+            if pending is not None:
+                run.record(*pending)
+            pending = (m, run.step)
+            if not run.at_boundary():
+                continue
+            run.record(*pending)
+            pending = None
+            if run.boundary(s.parallel.canonical_state(dstate)):
+                break
+    _say(f"Trained to step {run.step} in {metrics_lib.format_duration(time.perf_counter() - t0)}.")
+    return run.close()
 
 
 def evaluate(
