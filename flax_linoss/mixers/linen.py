@@ -38,6 +38,7 @@ from flax_linoss import ops
 from flax_linoss.linen.bridge import NnxSkin
 from flax_linoss.mixers import base
 from flax_linoss.mixers import nnx as nnx_mixers
+from flax_linoss.ops.params import STABLE
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -91,6 +92,8 @@ class LinOSSMixer(NnxSkin):
       scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`.
       oscillator_init: initialiser of ``(a_raw, dt_raw[, g_raw])``, see
         :class:`flax_linoss.linen.LinOSSLayer`.
+      constraint: ``"stable"`` (default) or ``"paper"``, see
+        :class:`flax_linoss.nnx.LinOSSLayer`.
     """
 
     num_heads: int = 1
@@ -123,6 +126,7 @@ class LinOSSMixer(NnxSkin):
     bidirectional: bool = False
     scan: str = ops.AUTO
     oscillator_init: Callable | None = None
+    constraint: str = STABLE
 
     def build(
         self, inputs: jax.Array, rngs: nnx.Rngs, scratch: dict[str, Any]
@@ -159,6 +163,7 @@ class LinOSSMixer(NnxSkin):
             bidirectional=self.bidirectional,
             scan=self.scan,
             oscillator_init=self.oscillator_init,
+            constraint=self.constraint,
             rngs=rngs,
         )
 

@@ -43,6 +43,7 @@ from jax import lax
 from flax_linoss import ops
 from flax_linoss.mixers import base, masks
 from flax_linoss.nnx.layers import LinOSSLayer
+from flax_linoss.ops.params import STABLE
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -127,7 +128,8 @@ class LinOSSMixer(nnx.Module):
       keep_rngs: store a forked ``dropout`` stream for calls without ``rngs``.
       kernel_metadata, out_kernel_metadata, bias_metadata, out_bias_metadata: metadata of
         the projections' parameters (as in ``nnx.MultiHeadAttention``).
-      discretization, state_size, bidirectional, scan, oscillator_init: the LinOSS options.
+      discretization, state_size, bidirectional, scan, oscillator_init, constraint: the
+        LinOSS options (see :class:`flax_linoss.nnx.LinOSSLayer`).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class LinOSSMixer(nnx.Module):
         bidirectional: bool = False,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
+        constraint: str = STABLE,
     ):
         where = type(self).__name__
         del num_kv_heads, in_kv_features, attention_fn, normalize_qk, ln_promote_dtype
@@ -223,6 +226,7 @@ class LinOSSMixer(nnx.Module):
                 discretization=discretization,
                 scan=scan,
                 oscillator_init=oscillator_init,
+                constraint=constraint,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 param_metadata=param_metadata,

@@ -33,7 +33,13 @@ from flax_linoss.common import (
     renamed_arguments,
     running_batch_norm,
 )
-from flax_linoss.ops.params import default_b_init, default_c_init, default_d_init
+from flax_linoss.ops.params import (
+    STABLE,
+    check_constraint,
+    default_b_init,
+    default_c_init,
+    default_d_init,
+)
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -55,6 +61,10 @@ class LinOSSLayer(nnx.Module):
       scan: scan path, see :func:`flax_linoss.ops.linoss_apply`.
       oscillator_init: ``(key, P, dtype) -> {"a_raw", "dt_raw"[, "g_raw"]}``; default: the
         papers' (uniform for LinOSS, ring for D-LinOSS).
+      constraint: ``"stable"`` (default: LinOSS-IMEX's ``a`` is kept below ``4 / dt^2``,
+        where its oscillators would grow without bound) or ``"paper"`` (the papers' exact
+        ``relu``/``sigmoid``; the paper configs use it). LinOSS-IM and D-LinOSS are stable
+        either way. See :func:`flax_linoss.ops.constrain`.
       b_init, c_init, d_init: initialisers of ``b``, ``c``, ``d``.
       dtype: computation dtype of the projections (default: inferred from the input). The
         recurrence always runs in float32 or wider.
@@ -73,6 +83,7 @@ class LinOSSLayer(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
+        constraint: str = STABLE,
         b_init: Initializer = default_b_init,
         c_init: Initializer = default_c_init,
         d_init: Initializer = default_d_init,
@@ -85,6 +96,7 @@ class LinOSSLayer(nnx.Module):
         self.state_size = check_size("LinOSSLayer", "state_size", state_size)
         self.discretization = ops.check_discretization(discretization)
         self.scan = ops.check_scan(scan)
+        self.constraint = check_constraint(constraint)
         self.dtype = dtype
         self.param_dtype = param_dtype
         raw = ops.init_oscillators(
@@ -107,7 +119,13 @@ class LinOSSLayer(nnx.Module):
     def constrained(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """The constrained ``(a, dt, g)``, each ``[P]`` (``g`` is ``None`` unless damped)."""
         g_raw = None if self.g_raw is None else self.g_raw[...]
-        return ops.constrain(self.discretization, self.a_raw[...], self.dt_raw[...], g_raw)
+        return ops.constrain(
+            self.discretization,
+            self.a_raw[...],
+            self.dt_raw[...],
+            g_raw,
+            constraint=self.constraint,
+        )
 
     def __call__(
         self,
@@ -132,7 +150,7 @@ class LinOSSLayer(nnx.Module):
         Returns:
           ``[..., length, H]``, and the final state if ``return_state``.
         """
-        check_sequence_input(x, "LinOSSLayer", features=self.in_features)
+        # Shapes are checked once, at the ops boundary (values need no check: constrained).
         x, b, c, d = nnx.nn.dtypes.promote_dtype(
             (x, self.b[...], self.c[...], self.d[...]), dtype=self.dtype
         )
@@ -154,6 +172,7 @@ class LinOSSLayer(nnx.Module):
                 reverse=reverse,
                 mask=mask,
                 segment_ids=segment_ids,
+                check="shapes",
             )
 
         return per_shard(
@@ -235,7 +254,7 @@ class LinOSSBlock(nnx.Module):
     Args:
       in_features: ``H`` (``features=`` is accepted as an older alias).
       state_size: ``P``.
-      discretization, scan, oscillator_init: passed to :class:`LinOSSLayer`.
+      discretization, scan, oscillator_init, constraint: passed to :class:`LinOSSLayer`.
       norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's, see
         :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
       dropout_rate: dropout after the GELU and after the GLU.
@@ -254,6 +273,7 @@ class LinOSSBlock(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
+        constraint: str = STABLE,
         norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
@@ -273,6 +293,7 @@ class LinOSSBlock(nnx.Module):
             discretization=discretization,
             scan=scan,
             oscillator_init=oscillator_init,
+            constraint=constraint,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -320,7 +341,8 @@ class LinOSSModel(nnx.Module):
       output_size: classes or regression targets.
       task: ``"classification"`` or ``"regression"``.
       output_step: subsampling of the regression head.
-      discretization, scan, oscillator_init, norm, dropout_rate, norm_axis_name: per block.
+      discretization, scan, oscillator_init, constraint, norm, dropout_rate, norm_axis_name:
+        per block.
       deterministic, dtype, param_dtype: as in Flax.
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
     """
@@ -338,6 +360,7 @@ class LinOSSModel(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
+        constraint: str = STABLE,
         norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
@@ -364,6 +387,7 @@ class LinOSSModel(nnx.Module):
                     discretization=discretization,
                     scan=scan,
                     oscillator_init=oscillator_init,
+                    constraint=constraint,
                     norm=norm,
                     dropout_rate=dropout_rate,
                     norm_axis_name=norm_axis_name,

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from flax_linoss.common import NORMS
-from flax_linoss.ops import SCANS
+from flax_linoss.ops import CONSTRAINTS, SCANS
 from flax_linoss.train import default_config
 
 __all__ = [
@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.discretization": ("im", "imex", "damped"),
     "model.norm": NORMS,
     "model.kind": ("paper", "transformer"),
+    "model.constraint": CONSTRAINTS,
     "model.positional": ("none", "learned", "sinusoidal"),
     "model.scan": tuple(SCANS),
     "model.dtype": ("float32", "bfloat16", "float16"),

@@ -70,6 +70,7 @@ def model_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> di
         output_step=shape["output_step"],
         discretization=m.discretization,
         scan=m.scan,
+        constraint=m.constraint,
         norm=m.norm,
         dropout_rate=m.dropout_rate,
         dtype=jnp.dtype(m.dtype),
@@ -90,7 +91,7 @@ def transformer_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any])
         max_len=shape["length"],
         tie_embeddings=m.tie_embeddings,
         dropout_rate=m.dropout_rate,
-        mixer_options={"state_size": m.state_size, "scan": m.scan},
+        mixer_options={"state_size": m.state_size, "scan": m.scan, "constraint": m.constraint},
         dtype=jnp.dtype(m.dtype),
     )
 

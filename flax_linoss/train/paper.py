@@ -67,6 +67,7 @@ def paper_config(
     config.model.hidden_size = hidden  # tuned
     config.model.state_size = state  # tuned
     config.model.norm = "batch"  # the papers' block
+    config.model.constraint = "paper"  # the papers' exact relu / sigmoid (IMEX may diverge)
     config.model.dropout_rate = dropout  # see dropout_rate
     config.optimizer.name = "adam"  # no weight decay
     config.optimizer.learning_rate = lr  # tuned
