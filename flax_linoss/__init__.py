@@ -1,20 +1,45 @@
-"""flax-linoss: oscillatory state-space models (LinOSS, D-LinOSS) for Flax linen and nnx."""
+"""flax-linoss: oscillatory state-space models (LinOSS, D-LinOSS) for Flax linen and nnx.
+
+The public surface, by what you do with it:
+
+* the functional core: :mod:`flax_linoss.ops` (``linoss_apply``, ``linoss_step``,
+  ``LinOSSState``, the parameterisations), the first three re-exported here;
+* layers, block, model and transformer: :mod:`flax_linoss.nnx` (the one source) and
+  :mod:`flax_linoss.linen` (derived, same parameters); :mod:`flax_linoss.convert` moves
+  weights between them;
+* sequence mixers (drop-ins for Flax attention): :mod:`flax_linoss.mixers`, and here
+  ``get_mixer``, ``register_mixer``, ``available_mixers``, ``swap_attention``;
+* the three models of the papers and their names: ``VARIANTS``
+  (:mod:`flax_linoss.variants`);
+* data and training: :mod:`flax_linoss.data` and :mod:`flax_linoss.train` (imported on
+  use; they need the ``data`` / ``train`` extras).
+
+Importing this package imports JAX but not Flax; ``flax_linoss.linen``, ``.nnx`` and the
+mixer classes import Flax when first used.
+"""
 
 from flax_linoss import ops
-from flax_linoss.ops import LinOSSState, linoss_apply, linoss_step
-
-__version__ = "0.1.0"
-
-__all__ = ["LinOSSState", "__version__", "linoss_apply", "linoss_step", "ops"]
-
-# Sequence mixers (issue 4): a config string picks the mixer; the classes live in
-# flax_linoss.mixers.linen / flax_linoss.mixers.nnx (imported on first use).
-from flax_linoss import mixers
-from flax_linoss.registry import (
+from flax_linoss.mixers.registry import (
     available_mixers,
     get_mixer,
     register_mixer,
     swap_attention,
 )
+from flax_linoss.ops import LinOSSState, linoss_apply, linoss_step
+from flax_linoss.variants import VARIANTS, Variant
 
-__all__ += ["available_mixers", "get_mixer", "mixers", "register_mixer", "swap_attention"]
+__version__ = "0.2.0"
+
+__all__ = [
+    "VARIANTS",
+    "LinOSSState",
+    "Variant",
+    "__version__",
+    "available_mixers",
+    "get_mixer",
+    "linoss_apply",
+    "linoss_step",
+    "ops",
+    "register_mixer",
+    "swap_attention",
+]
