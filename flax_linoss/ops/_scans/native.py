@@ -70,7 +70,6 @@ def _source_text() -> str:
     return resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE).read_text()
 
 
-
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
