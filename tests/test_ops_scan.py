@@ -332,6 +332,29 @@ def test_forward_mode_autodiff_where_the_table_says():
         jax.jvp(f("adjoint"), (u,), (np.ones_like(u),))
 
 
+def test_chunked_partitions_over_the_batch_under_a_multi_device_jit():
+    # What auto uses on accelerators under a plain jit: XLA's SPMD partitioner splits it like
+    # any op (no gathering of the sequence onto every device), with the same result.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    u, a, dt, b, c, d, _ = random_problem(14, 8, 70, 3, 4, "im")
+    us = jax.device_put(u, NamedSharding(mesh, P("data")))
+
+    def loss(u, a):
+        return jnp.sum(ops.linoss_apply(u, a, dt, b, c, d, scan="chunked") ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    hlo = step.lower(us, a).compile().as_text()
+    assert "all-gather" not in hlo  # the [N, L, ...] arrays stay split over the batch
+    (val, (g_u, g_a)), (want, (w_u, w_a)) = step(us, a), jax.jit(step)(u, a)
+    assert g_u.sharding.spec[0] == "data"
+    np.testing.assert_allclose(val, want, rtol=1e-5)
+    np.testing.assert_allclose(g_u, w_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_a, w_a, rtol=1e-5)
+
+
 def test_chunk_length_per_platform():
     assert chunked.chunk_length(16384, "tpu") == 128
     assert chunked.chunk_length(16384, "gpu") == 64

@@ -70,11 +70,6 @@ def _source_text() -> str:
     return resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE).read_text()
 
 
-def source_path() -> str:
-    """Where the kernel source ships (for error messages and documentation)."""
-    return str(resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE))
-
-
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):

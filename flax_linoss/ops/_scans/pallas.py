@@ -115,6 +115,7 @@ def _on_platform(name: str, kernel: str, *args):
             getattr(pallas_gpu, name), block=BLOCK, interpret=False
         )
     module = pallas_tpu if kernel == "tpu" else pallas_gpu
+    module = module or pallas_tpu or pallas_gpu  # whichever imported (see unavailable_reason)
     default = functools.partial(getattr(module, name), block=BLOCK, interpret=True)
     return jax.lax.platform_dependent(*args, default=default, **branches)
 
