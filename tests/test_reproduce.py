@@ -255,3 +255,14 @@ def test_seed_parallel_equals_sequential(sequential, tmp_path):
             assert a[key] == b[key], key
         assert a["test_at_best_val"] == pytest.approx(b["test_at_best_val"], abs=1e-6)
         assert a["val_curve"] == pytest.approx(b["val_curve"], abs=1e-6)
+
+
+def test_the_reference_outputs_give_the_published_row():
+    from flax_linoss.train import published
+
+    seeds = published.REFERENCE_SEEDS[("LinOSS-IM", "SelfRegulationSCP1")]
+    tests = [100 * r.test_at_best for r in seeds.values()]
+    mean, std = published.TABLE["LinOSS-IM"]["SelfRegulationSCP1"]
+    assert (round(np.mean(tests), 1), round(np.std(tests), 1)) == (mean, std)
+    assert [r.best_step for r in seeds.values()] == [11000, 9000, 13000, 1000, 1000]
+    assert [r.first_best_step for r in seeds.values()] == [10000, 9000, 3000, 1000, 1000]

@@ -183,7 +183,7 @@ def write_results(
                 "steps_run": res["final_step"],
                 "stopped_early": res["stopped_early"],
                 "train_seconds": res.get("train_seconds"),
-                "reference": None if ref is None else vars(ref),
+                "reference": None if ref is None else ref.as_dict(),
             }
         )
     metric = rows[0]["metric"]
