@@ -31,6 +31,7 @@ def test_every_paper_experiment_has_a_config():
         "uea_ethanol",
         "uea_heartbeat",
         "uea_motor",
+        "mixers",
     }
 
 
@@ -39,6 +40,13 @@ def test_configs_validate_for_every_model(path):
     module = _load(path)
     if path.stem == "default":
         config_lib.validate(module.get_config())
+        return
+    if path.stem == "mixers":
+        for task in module.TASKS:
+            config = config_lib.validate(module.get_config(task))
+            assert config.model.kind == "transformer" and config.data.name.endswith(task)
+        with pytest.raises(ValueError, match="Unknown task"):
+            module.get_config("lra")
         return
     for model, (disc, key) in {
         "linoss_im": ("im", "linoss_im"),

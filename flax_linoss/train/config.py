@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from flax_linoss.common import NORMS
-from flax_linoss.ops import CONSTRAINTS, SCANS
+from flax_linoss.ops import CONSTRAINTS, DISCRETIZATIONS, SCANS
 from flax_linoss.train import default_config
 
 __all__ = [
@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 # field -> allowed values
 CHOICES: dict[str, tuple[str, ...]] = {
     "framework": ("linen", "nnx"),
-    "model.discretization": ("im", "imex", "damped"),
+    "model.discretization": DISCRETIZATIONS,
     "model.norm": NORMS,
     "model.kind": ("paper", "transformer"),
     "model.constraint": CONSTRAINTS,

@@ -55,9 +55,11 @@ def paper_config(
     config.data.split_seed = -1  # -1: split with `seed`, as the papers do
     if options is None:
         # UEA: root (raw archive folder) and data_dir (TFDS cache); "" means the default.
-        # normalise: standardise channels with the train split's statistics (off, as the
-        # papers feed the raw UEA series).
-        options = {"root": "", "data_dir": "", "normalise": False}
+        # root: folder of the raw files ("": <data dir>/downloads/manual); data_dir: where
+        # prepared datasets live ("": $FLAX_LINOSS_DATA_DIR or ~/tensorflow_datasets);
+        # download: fetch missing raw files; normalise: standardise channels with the train
+        # split's statistics (off, as the papers feed the raw UEA series).
+        options = {"root": "", "data_dir": "", "download": True, "normalise": False}
     config.data.options = ml_collections.ConfigDict(options)  # get_dataset options
     config.data.time_channel = time_channel  # prepend t_k = k / L (tuned per experiment)
     config.data.batch_size = batch_size  # the papers' batch
