@@ -74,6 +74,23 @@ def recurrence_step(tr: schemes.Transition, z, y, v):
     return z_new, y_new
 
 
+def coded_step(m, z, y, v, code):
+    """One step of the 2x2 update inside a kernel, with per-step flag bits ``code`` (or
+    ``None``): ``RESET`` zeroes the state before the step, ``HOLD`` keeps the (reset) state.
+    ``m`` is the six coefficients ``(m11, m12, m21, m22, f1, f2)``; the two Pallas kernels
+    share it."""
+    m11, m12, m21, m22, f1, f2 = m
+    if code is not None:
+        keep = (code & RESET) == 0
+        z, y = jnp.where(keep, z, 0.0), jnp.where(keep, y, 0.0)
+    zn = m11 * z + m12 * y + f1 * v
+    yn = m21 * z + m22 * y + f2 * v
+    if code is not None:
+        hold = (code & HOLD) != 0
+        zn, yn = jnp.where(hold, z, zn), jnp.where(hold, y, yn)
+    return zn, yn
+
+
 def with_adjoint(forward, backward):
     """A custom-VJP recurrence ``(coeffs, v, z0, y0, flags) -> (ys, z_L)``.
 

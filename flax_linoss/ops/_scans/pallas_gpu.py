@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as plt
 from flax_linoss.ops._scans._common import (
     HOLD,
     RESET,
+    coded_step,
     matmul2,
     out_struct,
     power,
@@ -77,19 +78,6 @@ def _codes(code_ref, t, lanes_start, per_row: int):
 
 def _coefficients(c_ref, lanes):
     return tuple(c_ref[i, lanes] for i in range(6))
-
-
-def _step(m, z, y, v, code):
-    m11, m12, m21, m22, f1, f2 = m
-    if code is not None:
-        keep = (code & RESET) == 0
-        z, y = jnp.where(keep, z, 0.0), jnp.where(keep, y, 0.0)
-    zn = m11 * z + m12 * y + f1 * v
-    yn = m21 * z + m22 * y + f2 * v
-    if code is not None:
-        hold = (code & HOLD) != 0
-        zn, yn = jnp.where(hold, z, zn), jnp.where(hold, y, yn)
-    return zn, yn
 
 
 def _transfer_step(m, p, code, transpose: bool):
@@ -166,7 +154,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
         def body(s, carry):
             z, y, *p = carry
             code = None if code_ref is None else _codes(code_ref, t0 + s, lanes.start, per_row)
-            z, y = _step(m, z, y, v_ref[t0 + s, lanes], code)
+            z, y = coded_step(m, z, y, v_ref[t0 + s, lanes], code)
             if code is not None:
                 p = _transfer_step(m, tuple(p), code, transpose=False)
             return (z, y, *p)
@@ -200,7 +188,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
 
         def body(s, zy):
             code = None if code_ref is None else _codes(code_ref, t0 + s, lanes.start, per_row)
-            z, y = _step(m, zy[0], zy[1], v_ref[t0 + s, lanes], code)
+            z, y = coded_step(m, zy[0], zy[1], v_ref[t0 + s, lanes], code)
             ys_ref[t0 + s, lanes] = y
             return z, y
 
@@ -300,7 +288,7 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
         def recompute(s, zy):
             t = t0 + s
             gv_ref[t, lanes] = zy[0]
-            return _step(m, zy[0], zy[1], v_ref[t, lanes], codes(t))
+            return coded_step(m, zy[0], zy[1], v_ref[t, lanes], codes(t))
 
         jax.lax.fori_loop(0, n, recompute, (ck_ref[k, 0, lanes], y_start))
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flax_linoss.ops._scans._common import HOLD, RESET, out_struct, varying_axes
+from flax_linoss.ops._scans._common import HOLD, RESET, coded_step, out_struct, varying_axes
 
 LANES = 128
 # Two double-buffered [block, rb, 128] streams in and one out, plus two [block, rb, 128]
@@ -67,20 +67,6 @@ def _for_block_lengths(is_last, block: int, last: int, fn) -> None:
     pl.when(is_last)(lambda: fn(last))
 
 
-def _step(m, z, y, v, code):
-    """One flagged step on tiles: returns the new ``(z, y)`` and the reset-applied old one."""
-    m11, m12, m21, m22, f1, f2 = m
-    if code is not None:
-        keep = (code & RESET) == 0
-        z, y = jnp.where(keep, z, 0.0), jnp.where(keep, y, 0.0)
-    zn = m11 * z + m12 * y + f1 * v
-    yn = m21 * z + m22 * y + f2 * v
-    if code is not None:
-        hold = (code & HOLD) != 0
-        zn, yn = jnp.where(hold, z, zn), jnp.where(hold, y, yn)
-    return zn, yn
-
-
 def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
     """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`."""
     axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
@@ -117,7 +103,7 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
         def steps(n):
             def body(s, zy):
                 code = None if f_ref is None else f_ref[s]
-                z, y = _step(m, zy[0], zy[1], v_ref[s], code)
+                z, y = coded_step(m, zy[0], zy[1], v_ref[s], code)
                 ys_ref[s] = y
                 return z, y
 
@@ -205,7 +191,7 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                 zbuf[s] = zy[0]
                 ybuf[s] = zy[1]
                 code = None if f_ref is None else f_ref[s]
-                return _step(m, zy[0], zy[1], v_ref[s], code)
+                return coded_step(m, zy[0], zy[1], v_ref[s], code)
 
             jax.lax.fori_loop(
                 0, n, recompute, (ck_ref[0, 0], ck_ref[0, 1]), unroll=_unroll(n, interpret)
