@@ -138,12 +138,6 @@ def with_adjoint(forward, backward):
 # Typing over shard_map's manual axes (check_vma). A custom call's outputs vary over no
 # axis, whatever its inputs; these helpers give them the type of the data they hold.
 
-try:  # a type-only cast (no computation); public jax.lax.pcast skips it in backward passes
-    from jax._src.lax.parallel import pvary_p as _pvary_p
-except ImportError:  # pragma: no cover - other JAX versions
-    _pvary_p = None
-
-
 def _vma(x) -> frozenset:
     typeof = getattr(jax, "typeof", None)
     if typeof is None:
@@ -168,11 +162,8 @@ def vary(x, axes):
         return x
     names = jax.sharding.get_abstract_mesh().axis_names
     missing = tuple(a for a in names if a in missing) or tuple(sorted(missing))
-    if _pvary_p is not None:
-        try:
-            return _pvary_p.bind(x, axes=missing)
-        except Exception:  # pragma: no cover - fall back to an exact, typed no-op
-            pass
+    # An exact no-op that carries the type, with public APIs only (jax.lax.pcast would be
+    # cheaper but is skipped inside backward passes).
     zero = sum(jax.lax.axis_index(a) for a in missing) * 0
     return x + zero.astype(x.dtype)
 
