@@ -120,6 +120,34 @@ def test_nnx_with_logical_axis_rules():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("mixer", ["attention", "d-linoss,attention", "linoss-im"])
+def test_library_transformer_trains_under_an_explicit_mesh(mixer):
+    from flax_linoss.nnx import TransformerLM
+
+    mesh = jax.make_mesh((2, 1), ("batch", "model"), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        model = TransformerLM(
+            16, 2, 16, mixer=mixer, mixer_options={"state_size": 8}, rngs=nnx.Rngs(0)
+        )
+        tokens = jax.device_put(_tokens(), P("batch"))
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt, tokens):
+            def loss_fn(m):
+                logits = m(tokens, deterministic=True)
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits[:, :-1], tokens[:, 1:]
+                ).mean()
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return loss
+
+        losses = [float(step(model, opt, tokens)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+
+
 def test_linen_mixer_under_logical_axis_rules():
     mixer = get_mixer("d-linoss")(num_heads=2, qkv_features=16)
     x = jnp.ones((2, 8, 16))

@@ -78,6 +78,23 @@ def test_packed_segments_equal_running_them_alone():
     assert not np.allclose(model(packed, deterministic=True)[:, 5:], model(b, deterministic=True))
 
 
+def test_a_registered_attention_gets_no_linoss_options():
+    registry.register_mixer("test-attn", nnx.MultiHeadAttention, api="nnx")
+    try:
+        model = fn.TransformerLM(
+            16,
+            2,
+            32,
+            mixer="test-attn,linoss-im",
+            mixer_options={"state_size": 8},
+            rngs=nnx.Rngs(0),
+        )
+        assert model.blocks[1].mixer.state_size == 8
+        assert model(_tokens(), deterministic=True).shape == (2, 12, 16)
+    finally:
+        registry._REGISTRY.pop(("nnx", "test-attn"))
+
+
 def test_a_user_registered_mixer_is_used():
     class Identity(nnx.Module):
         def __init__(self, num_heads, in_features, *, decode=False, rngs, **kw):

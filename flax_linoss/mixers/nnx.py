@@ -23,8 +23,8 @@ Sharding, as ``nnx.MultiHeadAttention`` does it:
   as ``(h,)``; the oscillator parameters ``[P]`` are replicated. Other metadata keys go to
   the projections unchanged.
 * Logical axis names become ``out_sharding`` only when you ask for them: build the mixer
-  inside ``flax.linen.logical_axis_rules(rules)`` (and under a mesh), and
-  ``nnx.get_partition_spec`` maps them through the rules.
+  inside ``flax.linen.logical_axis_rules(rules)`` under a mesh (``jax.set_mesh``); flax maps
+  them through the rules and shards the parameters at creation.
 """
 
 from __future__ import annotations
@@ -91,6 +91,13 @@ def _inner_axis(in_kernel: Mapping[str, Any], out_kernel: Mapping[str, Any]):
         return spec[1]
     spec = _sharding(out_kernel)
     return None if spec is None else spec[0]
+
+
+def _logical(metadata: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``metadata`` with the logical names of ``key`` as its sharding, unless it has one."""
+    if _sharding(metadata) is not None:
+        return metadata
+    return {**metadata, "out_sharding": base.PARAM_AXES[key]}
 
 
 def _layer_metadata(h_axis) -> dict[str, dict[str, Any]]:
@@ -218,6 +225,20 @@ class LinOSSMixer(nnx.Module):
         bias_metadata = _remap(bias_metadata, 1, lambda s: (_heads(s, 0),))
         out_kernel_metadata = _remap(out_kernel_metadata, 2, lambda s: (_heads(s, 0), s[-1]))
         param_metadata = _layer_metadata(_inner_axis(kernel_metadata, out_kernel_metadata))
+        # Under logical axis rules (and a mesh: flax's eager sharding needs one), parameters
+        # without a sharding of their own are created with their logical names as
+        # `out_sharding`; flax maps them through the rules and shards them at creation.
+        mesh = not jax.sharding.get_abstract_mesh().empty or not nnx.using_eager_sharding()
+        if get_logical_axis_rules() and mesh:
+            kernel_metadata = _logical(kernel_metadata, "in_proj/kernel")
+            bias_metadata = _logical(bias_metadata, "in_proj/bias")
+            out_kernel_metadata = _logical(out_kernel_metadata, "out_proj/kernel")
+            out_bias_metadata = _logical(out_bias_metadata, "out_proj/bias")
+            if not param_metadata:
+                param_metadata = {
+                    n: {"out_sharding": base.PARAM_AXES[n]}
+                    for n in ("a_raw", "dt_raw", "g_raw", "b", "c", "d")
+                }
 
         def layer():
             return LinOSSLayer(
@@ -257,14 +278,10 @@ class LinOSSMixer(nnx.Module):
             out_kernel_metadata,
             out_bias_metadata,
         )
-        # Logical names: recorded always; as shardings only under logical axis rules.
-        logical = bool(get_logical_axis_rules())
+        # Logical names are recorded always (no mesh reads this key).
         for path, var in nnx.to_flat_state(nnx.state(self, nnx.Param)):
             key = "/".join(map(str, path[-2:])) if "proj" in str(path[0]) else str(path[-1])
-            names = base.PARAM_AXES[key]
-            var.set_metadata(logical_axes=names)
-            if logical and all(var.get_metadata(k, None) is None for k in _SHARDING_KEYS):
-                var.set_metadata(out_sharding=names)
+            var.set_metadata(logical_axes=base.PARAM_AXES[key])
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
         self.state_z: nnx.Cache | None = nnx.data(None)
         self.state_y: nnx.Cache | None = nnx.data(None)

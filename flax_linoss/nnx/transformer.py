@@ -15,6 +15,7 @@ Shapes: tokens ``[batch, length]`` int (0 is padding), logits ``[batch, length, 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,30 @@ def mixer_pattern(mixer: str, num_layers: int) -> list[str]:
     return [names[i % len(names)] for i in range(num_layers)]
 
 
+def _accepted(factory, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``factory`` takes (all of them if it takes ``**kwargs``): the
+    LinOSS options mean nothing to attention or to a mixer you registered."""
+    try:
+        target = factory.__init__ if isinstance(factory, type) else factory
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature: pass nothing extra
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _explicit_rows(tokens: jax.Array):
+    """``out_sharding`` for a lookup of ``tokens`` under a mesh with explicit axes (the rows
+    keep the tokens' sharding, the features are whole), else ``None``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    spec = tuple(jax.typeof(tokens).sharding.spec)
+    spec = spec + (None,) * (tokens.ndim - len(spec))
+    return jax.sharding.PartitionSpec(*spec, None)
+
+
 def _sinusoid(length: int, width: int) -> np.ndarray:
     pos = np.arange(length)[:, None]
     div = np.exp(np.arange(0, width, 2) * -(np.log(10000.0) / width))
@@ -69,8 +94,8 @@ class TransformerBlock(nnx.Module):
       mixer: a registered mixer name (nnx).
       num_heads: passed to the mixer (attention heads; ignored by LinOSS mixers).
       dropout_rate: dropout on the mixer and MLP outputs.
-      mixer_options: extra keyword arguments for the mixer (e.g. ``{"state_size": 64}``;
-        options a mixer does not take are left out for it).
+      mixer_options: extra keyword arguments for the mixer (e.g. ``{"state_size": 64}``);
+        those the mixer's constructor does not take are left out for it.
       dtype, param_dtype: as in Flax.
       rngs: ``nnx.Rngs``.
     """
@@ -90,9 +115,7 @@ class TransformerBlock(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         factory = get_mixer(mixer, NNX)
-        options = dict(mixer_options or {})
-        if mixer == "attention":
-            options = {}  # the LinOSS options mean nothing to attention
+        options = _accepted(factory, dict(mixer_options or {}))
         self.mixer_name = mixer
         self.norm_mixer = nnx.LayerNorm(width, **kw)
         self.mixer = factory(num_heads, width, decode=False, **options, **kw)
@@ -219,13 +242,15 @@ class TransformerLM(nnx.Module):
                 f"{tokens.shape}."
             )
         length = tokens.shape[1]
-        x = self.embed(tokens)
+        rows = _explicit_rows(tokens)
+        x = self.embed(tokens, out_sharding=rows)
         if self.positional != "none":
             if positions is None:
                 start = self.position[...] if decode and self.position is not None else 0
                 positions = start + jnp.arange(length)[None]
             if self.pos_embed is not None:
-                x = x + self.pos_embed(positions)
+                positions = jnp.broadcast_to(positions, tokens.shape)
+                x = x + self.pos_embed(positions, out_sharding=rows)
             else:
                 table = jnp.asarray(_sinusoid(self.max_len, x.shape[-1]), x.dtype)
                 x = x + table[positions]
@@ -244,7 +269,7 @@ class TransformerLM(nnx.Module):
             x = block(x, mask=mask, deterministic=deterministic, decode=decode)
         x = self.norm(x)
         if self.head is None:
-            logits = self.embed.attend(x)
+            logits = self.embed.attend(x, out_sharding=rows)
         else:
             logits = self.head(x)
         return logits.astype(jnp.float32)

@@ -138,6 +138,7 @@ def with_adjoint(forward, backward):
 # Typing over shard_map's manual axes (check_vma). A custom call's outputs vary over no
 # axis, whatever its inputs; these helpers give them the type of the data they hold.
 
+
 def _vma(x) -> frozenset:
     typeof = getattr(jax, "typeof", None)
     if typeof is None:
