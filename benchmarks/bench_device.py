@@ -122,7 +122,7 @@ def _recurrence_inputs(entry, u, a, dt, b):
     q = 2 * a.shape[0]
     channels = entry.channels(n, q) if entry.channels is not None else q
     tr, rdt = _project.real_transition(a, dt, None, "im")
-    tr = ops.Transition(*(_project.pad_channels(x, channels) for x in tr))
+    tr = ops.schemes.Transition(*(_project.pad_channels(x, channels) for x in tr))
     v = jax.jit(lambda u, b: _project.project_in(u, b, rdt, entry.layout, channels))(u, b)
     zero = jnp.zeros((n, channels), rdt)
     # The same cotangent for every path, in the path's layout (zero on padded channels).
@@ -146,7 +146,7 @@ def bench_path(name, problem, writer, repeats, copy_bps, reference, deadline):
     tr, v, zero, ct = _recurrence_inputs(entry, u, a, dt, b)
 
     def fwd(coeffs, v):
-        return entry.run(ops.Transition(*coeffs), v, zero, zero, None)[0]
+        return entry.run(ops.schemes.Transition(*coeffs), v, zero, zero, None)[0]
 
     def fwd_bwd(coeffs, v, ct):
         ys, vjp = jax.vjp(fwd, coeffs, v)

@@ -59,7 +59,7 @@ def _step_profile(s, state):
     it = data_lib.train_iterator(s.config, s.splits["train"])
     batch = s.parallel.put_batch(data_lib.prepare_batch(s.config, next(it)))
     dstate = s.parallel.put_state(state)
-    compiled = s.parallel._step.lower(dstate, batch).compile()
+    compiled = s.parallel.lower(dstate, batch).compile()
     mem = compiled.memory_analysis()
     peak = None
     if mem is not None:
@@ -161,7 +161,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 512])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--workdir", default="runs/bench_mixers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "MIXERS.md"))
     args = parser.parse_args(argv)

@@ -41,7 +41,7 @@ def test_default_inits_are_the_papers():
     assert float(jnp.abs(p["c"]).max()) <= 1 / np.sqrt(512)
     pd = LinOSSLayer(512, discretization="damped").init(jax.random.PRNGKey(0), x)["params"]
     a, dt, g = ops.constrain("damped", pd["a_raw"], pd["dt_raw"], pd["g_raw"])
-    rho = np.asarray(ops.spectral_radius(ops.transition(a, dt, "damped", g)))
+    rho = np.asarray(ops.schemes.spectral_radius(ops.schemes.transition(a, dt, "damped", g)))
     assert rho.min() > 0.9 - 1e-3 and rho.max() <= 1.0 + 1e-6  # the ring [0.9, 1]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flax_linoss import ops
+from flax_linoss.ops import schemes
 
 
 def _random_raw(seed, num_osc=256):
@@ -27,11 +28,11 @@ def test_linoss_constrain_is_relu_and_sigmoid():
 def test_spectral_radius_below_one_for_im_and_damped_and_one_for_imex(seed):
     a_raw, dt_raw, g_raw = _random_raw(seed)
     a, dt = ops.linoss_constrain(a_raw, dt_raw)
-    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a, dt, "im"))) < 1.0)
-    rho_imex = np.asarray(ops.spectral_radius(ops.transition(a, dt, "imex")))
+    assert np.all(np.asarray(schemes.spectral_radius(schemes.transition(a, dt, "im"))) < 1.0)
+    rho_imex = np.asarray(schemes.spectral_radius(schemes.transition(a, dt, "imex")))
     np.testing.assert_allclose(rho_imex, 1.0, atol=2e-6)
     a_d, dt_d, g_d = ops.damped_constrain(a_raw * 10, dt_raw=dt_raw, g_raw=g_raw)
-    rho = np.asarray(ops.spectral_radius(ops.transition(a_d, dt_d, "damped", g_d)))
+    rho = np.asarray(schemes.spectral_radius(schemes.transition(a_d, dt_d, "damped", g_d)))
     assert np.all(rho < 1.0)
     # In the band the modulus is 1/sqrt(1 + dt g): to rounding strictly inside, and to
     # ~sqrt(eps) at the clamped edges (a double eigenvalue is ill-conditioned).
@@ -46,7 +47,7 @@ def test_spectral_radius_below_one_for_im_and_damped_and_one_for_imex(seed):
 def test_im_modulus_formula():
     a_raw, dt_raw, _ = _random_raw(3)
     a, dt = ops.linoss_constrain(a_raw, dt_raw)
-    rho = ops.spectral_radius(ops.transition(a, dt, "im"))
+    rho = schemes.spectral_radius(schemes.transition(a, dt, "im"))
     np.testing.assert_allclose(rho, 1 / np.sqrt(1 + np.asarray(dt**2 * a)), rtol=1e-5)
 
 
@@ -55,11 +56,11 @@ def test_band_edges_are_where_eigenvalues_meet():
     g = jnp.array([0.0, 0.5, 2.0])
     lo, hi = ops.stable_band(dt, g)
     for edge in (lo, hi):
-        tr = ops.transition(edge, dt, "damped", g)
+        tr = schemes.transition(edge, dt, "damped", g)
         trace, det = tr.m11 + tr.m22, tr.m11 * tr.m22 - tr.m12 * tr.m21
         np.testing.assert_allclose(trace**2 - 4 * det, 0.0, atol=1e-5)
     mid = (lo + hi) / 2
-    ev = ops.eigenvalues(ops.transition(mid, dt, "damped", g))
+    ev = schemes.eigenvalues(schemes.transition(mid, dt, "damped", g))
     assert np.all(np.abs(np.imag(ev)) > 1e-3)  # complex inside the band
 
 
@@ -86,14 +87,14 @@ def test_ring_init_places_eigenvalues_on_the_ring():
     a, dt, g = ops.damped_constrain(raw["a_raw"], dt_raw=raw["dt_raw"], g_raw=raw["g_raw"])
     # Already in the band: the projection changes nothing.
     np.testing.assert_allclose(a, raw["a_raw"], rtol=1e-6)
-    ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
+    ev = np.asarray(schemes.eigenvalues(schemes.transition(a, dt, "damped", g)))
     r, theta = np.abs(ev), np.abs(np.angle(ev))
     assert r.min() > 0.9 - 1e-4 and r.max() < 0.99 + 1e-4
     assert theta.min() > 0.1 - 1e-3 and theta.max() < 2.0 + 1e-3
     # A degenerate ring gives exactly the requested eigenvalue.
     raw = ops.ring_init(key, 8, r_min=0.95, r_max=0.95, theta_min=1.0, theta_max=1.0)
     a, dt, g = ops.damped_constrain(raw["a_raw"], dt_raw=raw["dt_raw"], g_raw=raw["g_raw"])
-    ev = np.asarray(ops.eigenvalues(ops.transition(a, dt, "damped", g)))
+    ev = np.asarray(schemes.eigenvalues(schemes.transition(a, dt, "damped", g)))
     np.testing.assert_allclose(np.abs(ev), 0.95, rtol=1e-5)
     np.testing.assert_allclose(np.abs(np.angle(ev)), 1.0, rtol=1e-4)
 
@@ -127,9 +128,9 @@ def test_complex_uniform_init_bounds():
 
 def test_transition_needs_g_for_damped_and_rejects_unknown_names():
     with pytest.raises(ValueError, match="needs the damping"):
-        ops.transition(jnp.ones(2), jnp.ones(2), "damped")
+        schemes.transition(jnp.ones(2), jnp.ones(2), "damped")
     with pytest.raises(ValueError, match="Unknown discretization"):
-        ops.transition(jnp.ones(2), jnp.ones(2), "euler")
+        schemes.transition(jnp.ones(2), jnp.ones(2), "euler")
 
 
 def test_damped_constrain_takes_keywords_and_returns_the_order_of_constrain():
@@ -155,8 +156,12 @@ def test_stable_constraint_keeps_imex_strictly_inside_and_changes_nothing_else()
     assert np.all(np.asarray(a_s * dt_s**2) <= 4 - 0.04 + 1e-5)
     inside = np.asarray(a_p * dt_p**2 < 3.95)
     np.testing.assert_array_equal(np.asarray(a_s)[inside], np.asarray(a_p)[inside])
-    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a_s, dt_s, "imex"))) < 1 + 1e-5)
-    assert np.all(np.asarray(ops.spectral_radius(ops.transition(a_p, dt_p, "imex")))[over] > 1.1)
+    assert np.all(
+        np.asarray(schemes.spectral_radius(schemes.transition(a_s, dt_s, "imex"))) < 1 + 1e-5
+    )
+    assert np.all(
+        np.asarray(schemes.spectral_radius(schemes.transition(a_p, dt_p, "imex")))[over] > 1.1
+    )
     for disc, g in (("im", None), ("damped", g_raw)):
         paper = ops.constrain(disc, a_raw, dt_raw, g)
         stable = ops.constrain(disc, a_raw, dt_raw, g, constraint="stable")

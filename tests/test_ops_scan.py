@@ -282,7 +282,7 @@ def test_chunked_refuses_flags_and_auto_keeps_flags_on_the_fast_path():
 def test_fft_was_removed_with_a_clear_message():
     assert "fft" not in ops.SCANS
     with pytest.raises(ValueError, match=r"Unknown scan 'fft': it was removed.*'chunked'"):
-        ops.check_scan("fft")
+        ops.table.check_scan("fft")
     u, a, dt, b, c, d, _ = random_problem(0, 1, 5, 2, 2, "im")
     with pytest.raises(ValueError, match="removed"):
         ops.linoss_apply(u, a, dt, b, c, d, scan="fft")
@@ -314,7 +314,7 @@ def test_scan_table_is_the_one_source():
     assert set(ops.SCAN_TABLE) == set(ops.Scan)
     assert ops.Scan.CHUNKED == "chunked" and ops.CHUNKED == "chunked"
     assert {"chunked": 1}[ops.Scan.CHUNKED] == 1  # hashes like its string
-    assert ops.check_scan(ops.PALLAS) == "pallas"
+    assert ops.table.check_scan(ops.PALLAS) == "pallas"
     table = ops.SCAN_TABLE
     assert [s for s, p in table.items() if not p.flags] == [ops.Scan.CHUNKED]
     assert [s for s, p in table.items() if p.forward_ad] == [ops.Scan.SEQUENTIAL]

@@ -43,8 +43,8 @@ def linoss_param_axes(name: str) -> tuple[str | None, ...]:
 
 def check_options(where: str, discretization: str, scan: str, state_size) -> None:
     """Validates the LinOSS-specific options once, at the edge."""
-    ops.check_discretization(discretization)
-    ops.check_scan(scan)
+    ops.schemes.check_discretization(discretization)
+    ops.table.check_scan(scan)
     if state_size is not None and (not isinstance(state_size, int | np.integer) or state_size < 1):
         raise ValueError(f"{where}: state_size must be a positive int or None, got {state_size!r}.")
 

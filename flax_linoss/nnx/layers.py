@@ -94,8 +94,8 @@ class LinOSSLayer(nnx.Module):
     ):
         self.in_features = check_size("LinOSSLayer", "in_features", in_features)
         self.state_size = check_size("LinOSSLayer", "state_size", state_size)
-        self.discretization = ops.check_discretization(discretization)
-        self.scan = ops.check_scan(scan)
+        self.discretization = ops.schemes.check_discretization(discretization)
+        self.scan = ops.table.check_scan(scan)
         self.constraint = check_constraint(constraint)
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -311,8 +311,12 @@ class LinOSSBlock(nnx.Module):
         """Applies the block to ``x [batch, length, H]``; ``mask [batch, length]`` optional
         (``True`` = valid step; padded steps never influence valid ones or the statistics).
         """
-        deterministic = self.deterministic if deterministic is None else deterministic
         check_sequence_input(x, "LinOSSBlock", rank=3, features=self.in_features)
+        return self._forward(x, deterministic=deterministic, mask=mask)
+
+    def _forward(self, x, *, deterministic, mask):
+        """The block on an already checked input (the model checks its own input once)."""
+        deterministic = self.deterministic if deterministic is None else deterministic
         skip = x
         if self.norm_kind in (BATCH, BATCH_RUNNING):
             x = self.norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
@@ -407,6 +411,6 @@ class LinOSSModel(nnx.Module):
         check_sequence_input(x, "LinOSSModel", rank=3, features=self.in_features)
         x = self.encoder(x)
         for block in self.blocks:
-            x = block(x, deterministic=deterministic, mask=mask)
+            x = block._forward(x, deterministic=deterministic, mask=mask)
         x = self.head(pool_or_subsample(x, self.task, self.output_step, mask))
         return x if self.task == CLASSIFICATION else jnp.tanh(x)

@@ -3,9 +3,10 @@
 No Flax in here; the linen and nnx layers both call these functions.
 
 * :func:`linoss_apply` (a sequence), :func:`linoss_step` (one step), :class:`LinOSSState`;
-* the schemes (:data:`IM`, :data:`IMEX`, :data:`DAMPED`) and their transitions
-  (:func:`transition`, :func:`eigenvalues`, :func:`spectral_radius`; :mod:`.schemes`);
-* the scan table (:class:`Scan`, :data:`SCAN_TABLE`, :data:`SCANS`; :mod:`.table`);
+* the scheme names (:data:`IM`, :data:`IMEX`, :data:`DAMPED`; their transitions,
+  eigenvalues and validation are in :mod:`.schemes`);
+* the scan names and table (:class:`Scan`, :data:`SCAN_TABLE`, :data:`SCANS`; validation and
+  capabilities in :mod:`.table`);
 * constraints and initialisers (:func:`constrain`, :data:`CONSTRAINTS`, ...; :mod:`.params`).
 
 Everything else (the scan paths in ``_scans/``, validation, projections, ``auto``) is
@@ -32,11 +33,6 @@ from flax_linoss.ops.schemes import (
     DISCRETIZATIONS,
     IM,
     IMEX,
-    Transition,
-    check_discretization,
-    eigenvalues,
-    spectral_radius,
-    transition,
 )
 from flax_linoss.ops.table import (
     ADJOINT,
@@ -49,8 +45,6 @@ from flax_linoss.ops.table import (
     SCANS,
     SEQUENTIAL,
     Scan,
-    ScanPath,
-    check_scan,
 )
 
 __all__ = [
@@ -70,23 +64,16 @@ __all__ = [
     "SEQUENTIAL",
     "LinOSSState",
     "Scan",
-    "ScanPath",
-    "Transition",
-    "check_discretization",
-    "check_scan",
     "complex_uniform_init",
     "constrain",
     "damped_constrain",
     "default_oscillator_init",
-    "eigenvalues",
     "imex_stable_constrain",
     "init_oscillators",
     "linoss_apply",
     "linoss_constrain",
     "linoss_step",
     "ring_init",
-    "spectral_radius",
     "stable_band",
-    "transition",
     "uniform_init",
 ]

@@ -187,6 +187,10 @@ class Parallel:
             lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), batch
         )
 
+    def lower(self, state: Any, batch: Any):
+        """The step lowered for ``state`` and ``batch`` (``.compile()``, memory analysis)."""
+        return self._step.lower(state, batch)
+
     def step(self, state: Any, batch: Any) -> tuple[Any, Any]:
         """One train step; metrics come back replicated (pmap: the first device's copy)."""
         state, metrics = self._step(state, batch)

@@ -85,7 +85,7 @@ def train_seeds(
 
 def _rewind(run: trainer.Run, step: int) -> None:
     """Puts ``run`` back to its checkpoint at ``step`` (another seed is behind)."""
-    state, meta = trainer._restore(run.s, run.ckpts, step, run.state, run.train_it)
+    state, meta = trainer.restore_state(run.s, run.ckpts, step, run.state, run.train_it)
     run.state, run.meta, run.step = state, meta, step
     run.ckpts.drop_after(step)
     run.ckpts.drop_best_after(step)

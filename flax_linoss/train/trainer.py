@@ -56,6 +56,7 @@ __all__ = [
     "make_optimizer",
     "make_step_fn",
     "model_signature",
+    "restore_state",
     "setup",
     "setup_distributed",
     "train_and_evaluate",
@@ -391,7 +392,7 @@ def _new_meta(s: Setup) -> dict[str, Any]:
     }
 
 
-def _restore(s: Setup, ckpts: ckpt_lib.RunCheckpoints, step: int, state, train_it):
+def restore_state(s: Setup, ckpts: ckpt_lib.RunCheckpoints, step: int, state, train_it):
     """The checkpoint at ``step`` in this run's API form (converted if another API wrote it)."""
     saved = ckpts.saved_meta(step).get("framework", "linen")  # older runs: linen form
     target = ckpt_lib.abstract_like(state, s.parallel.replicated)
@@ -467,7 +468,7 @@ class Run:
         self.state = s.parallel.replicate(create_train_state(s))
         self.meta = _new_meta(s)
         if latest is not None:
-            self.state, self.meta = _restore(s, self.ckpts, latest, self.state, self.train_it)
+            self.state, self.meta = restore_state(s, self.ckpts, latest, self.state, self.train_it)
             self.meta.setdefault("train_seconds", 0.0)
             self.ckpts.drop_best_after(latest)
             _say(f"Resumed from {workdir} at step {latest}.")
