@@ -22,8 +22,15 @@ PUBLIC = [
     "flax_linoss.convert",
     "flax_linoss.variants",
     "flax_linoss.data",
+    "flax_linoss.data.uea",
+    "flax_linoss.data.ppg",
+    "flax_linoss.data.lm_tasks",
+    "flax_linoss.data.loader",
     "flax_linoss.train",
     "flax_linoss.train.trainer",
+    "flax_linoss.train.reproduce",
+    "flax_linoss.train.seed_parallel",
+    "flax_linoss.train.plots",
     "flax_linoss.cli",
 ]
 

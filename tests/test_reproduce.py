@@ -83,6 +83,12 @@ def test_running_batch_norm_matches_equinox_in_nnx_and_blocks_agree():
         np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(bn.var[...], var, rtol=1e-5)
     assert bool(bn.initialized[...])
+    # Inference normalises with the stored statistics and leaves them alone.
+    x = jnp.asarray(batches[0])
+    np.testing.assert_allclose(
+        bn(x, use_running_average=True), (x - mean) / np.sqrt(var + 1e-5), atol=2e-5
+    )
+    np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-5, atol=1e-5)
     # The option reaches the block in both APIs (linen == nnx in training, stats included).
     x = jnp.asarray(batches[0])
     block = fl.LinOSSBlock(6, norm="batch_running", dropout_rate=0.0)
@@ -205,7 +211,9 @@ def test_results_files(sequential):
     assert os.path.getsize(plot_run(workdir)) > 5000
 
 
-def test_finished_seeds_are_skipped_and_a_crashed_seed_resumes(sequential, tmp_path, monkeypatch):
+def test_finished_seeds_are_skipped_and_a_crashed_seed_resumes(
+    sequential, tmp_path, monkeypatch, capsys
+):
     _, ref = sequential
     workdir = str(tmp_path / "crash")
     # Seed 3 finishes; seed 5 crashes after its step-8 checkpoint.
@@ -237,7 +245,11 @@ def test_finished_seeds_are_skipped_and_a_crashed_seed_resumes(sequential, tmp_p
     assert os.path.exists(os.path.join(seed_dir(workdir, 3), "results.json"))
     assert not os.path.exists(os.path.join(seed_dir(workdir, 5), "results.json"))
     mtime = os.path.getmtime(os.path.join(seed_dir(workdir, 3), "results.json"))
+    capsys.readouterr()
     again = reproduce(_tiny(), workdir, seeds=[3, 5])
+    out = capsys.readouterr().out
+    assert "seed 3: finished earlier, skipped" in out
+    assert f"Resumed from {seed_dir(workdir, 5)} at step 8." in out  # not from scratch
     assert os.path.getmtime(os.path.join(seed_dir(workdir, 3), "results.json")) == mtime  # skipped
     for got, want in zip(again["seeds"], ref["seeds"], strict=True):
         for key in ("best_step", "best_val", "test_at_best_val", "steps_run", "stopped_early"):
@@ -266,3 +278,39 @@ def test_the_reference_outputs_give_the_published_row():
     assert (round(np.mean(tests), 1), round(np.std(tests), 1)) == (mean, std)
     assert [r.best_step for r in seeds.values()] == [11000, 9000, 13000, 1000, 1000]
     assert [r.first_best_step for r in seeds.values()] == [10000, 9000, 3000, 1000, 1000]
+
+
+def test_reproduce_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        "from flax_linoss.train.default_config import get_tiny_config\n"
+        "def get_config():\n"
+        "    c = get_tiny_config()\n"
+        "    c.data.split_seed = -1\n"
+        "    return c\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    cmd = [
+        sys.executable,
+        "-m",
+        "flax_linoss",
+        "reproduce",
+        f"--config={cfg}",
+        f"--workdir={tmp_path / 'r'}",
+        "--seeds=1,2",
+        "--max_steps=8",
+        "--eval_every=4",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "over 2 seeds" in out.stdout
+    results = json.load(open(tmp_path / "r" / "results.json"))
+    assert [r["steps_run"] for r in results["seeds"]] == [8, 8]
+    assert results["budget"]["num_steps"] == 8 and results["budget"]["eval_every"] == 4
+    assert (
+        "Budget: 8 steps per seed, evaluation every 4 steps"
+        in open(tmp_path / "r" / "results.md").read()
+    )

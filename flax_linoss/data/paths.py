@@ -10,7 +10,7 @@ Inside it, TFDS's layout:
 
 * ``<data_dir>/<builder>/<config>/<version>/``: a prepared dataset (``array_record`` files,
   ``dataset_info.json`` and ``metadata.json``, which records the SHA-256 of every raw file
-  it was prepared from), e.g. ``uea/SelfRegulationSCP1/1.0.0/``;
+  it was prepared from), e.g. ``uea/SelfRegulationSCP1/1.1.0/``;
 * ``<data_dir>/downloads/manual/``: the default folder of raw files that you put there by
   hand (TFDS's manual folder), e.g. ``downloads/manual/SelfRegulationSCP1/*.arff`` or
   ``downloads/manual/uea/SelfRegulationSCP1/*.arff``;
