@@ -156,3 +156,33 @@ def test_cli_trains_a_mixer_on_mqar_and_reports_accuracy(tmp_path, framework):
     assert "Final: test accuracy" in out.stdout
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"decode_accuracy"' in metrics
+
+
+def test_the_train_step_passes_packing_to_the_model():
+    from flax_linoss.train import default_config, trainer
+    from flax_linoss.train.model import make_model
+
+    config = default_config.get_tiny_config()
+    config.model.kind = "transformer"
+    config.model.update(hidden_size=16, state_size=8, num_blocks=1, mixer="linoss-im,attention")
+    shape = {"task": "lm", "vocab_size": 16, "length": 12}
+    fns = make_model(config, shape)
+    variables = fns.init(jax.random.key(0), _tokens())
+    tokens = _tokens()
+    batch = {
+        "series": tokens,
+        "label": jnp.roll(tokens, -1, 1),
+        "weight": jnp.ones(tokens.shape),
+        "valid": jnp.ones((2,), bool),
+    }
+    packed = {**batch, "segment_ids": jnp.array([[1] * 5 + [2] * 7] * 2)}
+    step = trainer.make_step_fn(fns, trainer.make_optimizer(config))
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        **variables,
+        "opt_state": trainer.make_optimizer(config).init(variables["params"]),
+        "rng": jax.random.key(1),
+    }
+    plain_loss = step(state, batch, None)[1]["loss"]
+    packed_loss = step(state, packed, None)[1]["loss"]
+    assert not np.isclose(plain_loss, packed_loss)

@@ -44,12 +44,17 @@ def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> d
     """The model input ``series``, the ``label`` and the row mask ``valid`` (plus the scored
     positions ``weight`` of token tasks); adds the time channel if configured."""
     if "inputs" in batch:  # token task: inputs [B, L] int, next-token targets, weights
-        return {
+        out = {
             "series": np.asarray(batch["inputs"], np.int32),
             "label": np.asarray(batch["targets"], np.int32),
             "weight": np.asarray(batch["weights"], np.float32),
             "valid": batch["valid"],
         }
+        # Packed sequences: each attends to / carries state within its own segment.
+        for key in ("segment_ids", "positions"):
+            if key in batch:
+                out[key] = np.asarray(batch[key], np.int32)
+        return out
     series = np.asarray(batch["series"], np.float32)
     if config.data.time_channel:
         from flax_linoss.data.protocol import add_time_channel

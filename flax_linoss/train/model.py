@@ -46,8 +46,10 @@ class ModelFns:
 
     Attributes:
         init: ``(key, x [B, L, C]) -> {"params", "batch_stats"}`` in the API's own form.
-        apply: ``(variables, x, train: bool, rng) -> (out, batch_stats)``; ``out`` is logits
-            ``[B, K]`` or regression outputs ``[B, T, D]``.
+        apply: ``(variables, x, train: bool, rng, **packing) -> (out, batch_stats)``; ``out``
+            is logits ``[B, K]``, regression outputs ``[B, T, D]`` or next-token logits
+            ``[B, L, V]``; ``packing`` (token tasks): ``segment_ids`` / ``positions``
+            ``[B, L]`` of packed sequences, when the data has them.
         task: ``"classification"`` or ``"regression"``.
         framework: ``"linen"`` or ``"nnx"``.
     """
@@ -139,11 +141,17 @@ def make_model(
             v = LinOSSModel(**kw).init({"params": key}, x, deterministic=True)
             return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
 
-        def apply(variables, x, train, rng):
+        def apply(variables, x, train, rng, **packing):
             if not train:
-                return module.apply(variables, x, deterministic=True), variables["batch_stats"]
+                out = module.apply(variables, x, deterministic=True, **packing)
+                return out, variables["batch_stats"]
             out, mut = module.apply(
-                variables, x, deterministic=False, rngs={"dropout": rng}, mutable=["batch_stats"]
+                variables,
+                x,
+                deterministic=False,
+                rngs={"dropout": rng},
+                mutable=["batch_stats"],
+                **packing,
             )
             return out, mut.get("batch_stats", {})
 
@@ -169,13 +177,13 @@ def make_model(
         _, params, stats, _ = nnx.split(build(key, None), nnx.Param, nnx.BatchStat, ...)
         return {"params": params, "batch_stats": stats}
 
-    def apply(variables, x, train, rng):
+    def apply(variables, x, train, rng, **packing):
         model = nnx.merge(
             graphdef, variables["params"], variables["batch_stats"], rng_state, copy=True
         )
         if train:
             nnx.reseed(model, dropout=rng)
-        out = model(x, deterministic=not train)
+        out = model(x, deterministic=not train, **packing)
         return out, nnx.state(model, nnx.BatchStat)
 
     return ModelFns(init, apply, shape["task"], framework)

@@ -226,6 +226,11 @@ def task_loss(task: str, out: jax.Array, batch: dict[str, jax.Array]):
     return loss * w, metric * w
 
 
+def packing(batch) -> dict[str, Any]:
+    """The packing fields of a token batch (``segment_ids``, ``positions``) it has."""
+    return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+
 def metric_name(task: str) -> str:
     return "mse" if task == "regression" else "accuracy"
 
@@ -244,7 +249,7 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state["batch_stats"]}
-            out, stats = fns.apply(variables, batch["series"], True, rng)
+            out, stats = fns.apply(variables, batch["series"], True, rng, **packing(batch))
             loss, metric = task_loss(fns.task, out, batch)
             n = batch["series"].shape[0]
             return loss.sum() / n, (stats, metric.sum() / n)
@@ -273,7 +278,7 @@ def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
     """jit ``(variables, batch) -> {"loss", "metric", "count"}`` sums over valid rows."""
 
     def eval_fn(variables, batch):
-        out, _ = fns.apply(variables, batch["series"], False, None)
+        out, _ = fns.apply(variables, batch["series"], False, None, **packing(batch))
         loss, metric = task_loss(fns.task, out, batch)
         return {
             "loss": loss.sum(),
