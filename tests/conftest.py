@@ -43,3 +43,55 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_DATA_DIR, ignore_errors=True)
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def tamper_train_stream(monkeypatch):
+    """``tamper(edit, when=...)`` makes the trainer's train stream pass its ``n``-th batch
+    (from 1) through ``edit(n, batch)``, which may change it (a NaN) or raise (a simulated
+    kill), for the runs whose config satisfies ``when``; ``tamper.undo()`` restores it."""
+    from flax_linoss.train import data as data_lib
+
+    real = data_lib.train_iterator
+
+    def tamper(edit, when=lambda config: True):
+        def train_iterator(config, source):
+            it = real(config, source)
+            if not when(config):
+                return it
+
+            class Tampered:
+                n = 0
+
+                def __next__(self):
+                    self.n += 1
+                    return edit(self.n, next(it))
+
+                def __getattr__(self, name):
+                    return getattr(it, name)
+
+            return Tampered()
+
+        monkeypatch.setattr(data_lib, "train_iterator", train_iterator)
+
+    tamper.undo = lambda: monkeypatch.setattr(data_lib, "train_iterator", real)
+    return tamper
+
+
+def nan_from(step):
+    """An ``edit`` for :func:`tamper_train_stream`: NaN inputs from batch ``step`` on."""
+    import numpy as np
+
+    return lambda n, batch: dict(batch, series=batch["series"] * np.nan) if n >= step else batch
+
+
+def kill_after(step):
+    """An ``edit`` for :func:`tamper_train_stream`: a ``KeyboardInterrupt`` instead of batch
+    ``step + 1`` (a run killed there)."""
+
+    def edit(n, batch):
+        if n > step:
+            raise KeyboardInterrupt("simulated kill")
+        return batch
+
+    return edit

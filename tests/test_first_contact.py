@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import kill_after, nan_from
 from flax import nnx
 
 from flax_linoss import linen as fl
@@ -231,29 +232,9 @@ def test_eval_of_another_model_size_is_refused_before_restoring(tmp_path, tiny_f
 
 
 def test_a_nan_stop_keeps_only_checkpoints_whose_parameters_gave_a_finite_loss(
-    tmp_path, monkeypatch
+    tmp_path, tamper_train_stream
 ):
-    real = trainer.data_lib.train_iterator
-
-    def poisoned(config, source):
-        it = real(config, source)
-
-        class Poison:
-            n = 0
-
-            def __next__(self):
-                batch = next(it)
-                self.n += 1
-                if self.n >= 13:  # the loss of step 13 comes from the step-12 parameters
-                    batch = dict(batch, series=batch["series"] * np.nan)
-                return batch
-
-            def __getattr__(self, name):
-                return getattr(it, name)
-
-        return Poison()
-
-    monkeypatch.setattr(trainer.data_lib, "train_iterator", poisoned)
+    tamper_train_stream(nan_from(13))  # the loss of step 13 comes from the step-12 params
     config = _tiny(
         **{"train.checkpoint_every": 4, "train.eval_every": 4, "train.keep_checkpoints": 5}
     )
@@ -267,34 +248,17 @@ def test_a_nan_stop_keeps_only_checkpoints_whose_parameters_gave_a_finite_loss(
         trainer.train_and_evaluate(config, str(tmp_path / "early"))
 
 
-def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path, monkeypatch):
+def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_metrics(
+    tmp_path, tamper_train_stream
+):
     config = _tiny(**{"train.log_every": 4, "train.checkpoint_every": 12, "train.eval_every": 12})
     ref = tmp_path / "ref"
     trainer.train_and_evaluate(config, str(ref))
-    real = trainer.data_lib.train_iterator
-
-    def crashing(config, source):
-        it = real(config, source)
-
-        class Crash:
-            n = 0
-
-            def __next__(self):
-                self.n += 1
-                if self.n > 9:  # after the step-4 and step-8 lines, before checkpoint 12
-                    raise KeyboardInterrupt("killed")
-                return next(it)
-
-            def __getattr__(self, name):
-                return getattr(it, name)
-
-        return Crash()
-
-    monkeypatch.setattr(trainer.data_lib, "train_iterator", crashing)
+    tamper_train_stream(kill_after(9))  # after the step-4 and step-8 lines, before 12
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [4, 8]
-    monkeypatch.setattr(trainer.data_lib, "train_iterator", real)
+    tamper_train_stream.undo()
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
     got, want = read_metrics(str(tmp_path / "run")), read_metrics(str(ref))
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import kill_after
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -212,36 +213,15 @@ def test_results_files(sequential):
 
 
 def test_finished_seeds_are_skipped_and_a_crashed_seed_resumes(
-    sequential, tmp_path, monkeypatch, capsys
+    sequential, tmp_path, tamper_train_stream, capsys
 ):
     _, ref = sequential
     workdir = str(tmp_path / "crash")
     # Seed 3 finishes; seed 5 crashes after its step-8 checkpoint.
-    real = data_lib.train_iterator
-
-    def crashing(config, source):
-        it = real(config, source)
-        if config.seed != 5:
-            return it
-
-        class Crash:
-            n = 0
-
-            def __next__(self):
-                self.n += 1
-                if self.n > 10:
-                    raise KeyboardInterrupt("simulated kill")
-                return next(it)
-
-            def __getattr__(self, name):
-                return getattr(it, name)
-
-        return Crash()
-
-    monkeypatch.setattr(data_lib, "train_iterator", crashing)
+    tamper_train_stream(kill_after(10), when=lambda config: config.seed == 5)
     with pytest.raises(KeyboardInterrupt):
         reproduce(_tiny(), workdir, seeds=[3, 5])
-    monkeypatch.setattr(data_lib, "train_iterator", real)
+    tamper_train_stream.undo()
     assert os.path.exists(os.path.join(seed_dir(workdir, 3), "results.json"))
     assert not os.path.exists(os.path.join(seed_dir(workdir, 5), "results.json"))
     mtime = os.path.getmtime(os.path.join(seed_dir(workdir, 3), "results.json"))

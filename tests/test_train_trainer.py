@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import nan_from
 
 from flax_linoss.train import checkpoint as ckpt_lib
 from flax_linoss.train import default_config, trainer
@@ -108,28 +109,8 @@ def test_early_stopping_reports_test_at_best_val(tmp_path):
     assert trainer.train_and_evaluate(config, str(tmp_path))["final_step"] == 12
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    real = trainer.data_lib.train_iterator
-
-    def poisoned(config, source):
-        it = real(config, source)
-
-        class Poison:
-            n = 0
-
-            def __next__(self):
-                batch = next(it)
-                self.n += 1
-                if self.n >= 15:
-                    batch = dict(batch, series=batch["series"] * np.nan)
-                return batch
-
-            def __getattr__(self, name):
-                return getattr(it, name)
-
-        return Poison()
-
-    monkeypatch.setattr(trainer.data_lib, "train_iterator", poisoned)
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tamper_train_stream):
+    tamper_train_stream(nan_from(15))
     with pytest.raises(trainer.NonFiniteLossError, match=r"step 15\b.*step 12"):
         trainer.train_and_evaluate(_tiny(), str(tmp_path))
     step, params = _final_params(str(tmp_path))
