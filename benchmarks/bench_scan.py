@@ -125,14 +125,21 @@ def _core_replaced_by_baseline():
         ops.linoss_apply = original
 
 
-def bench_scp1_step(scan, repeats, disc="im"):
-    """One Adam step of the papers' SCP1 model: 6 blocks, H=128, P=256, batch 32, L=896."""
+def bench_scp1_step(scan, repeats, disc="im", dtype="float32"):
+    """One Adam step of the papers' SCP1 model: 6 blocks, H=128, P=256, batch 32, L=896;
+    ``dtype`` is the projections' computation dtype (the recurrence stays float32)."""
     import optax
 
     from flax_linoss.linen import LinOSSModel
 
     model = LinOSSModel(
-        6, 128, 256, 2, discretization=disc, scan="auto" if scan == BASELINE else scan
+        6,
+        128,
+        256,
+        2,
+        discretization=disc,
+        scan="auto" if scan == BASELINE else scan,
+        dtype=jnp.dtype(dtype),
     )
     x = jax.random.normal(jax.random.PRNGKey(0), (32, 896, 7))
     y = jax.random.randint(jax.random.PRNGKey(1), (32,), 0, 2)
@@ -149,6 +156,7 @@ def bench_scp1_step(scan, repeats, disc="im"):
                 mutable=["batch_stats"],
                 rngs={"dropout": rng},
             )
+            logits = logits.astype(jnp.float32)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -172,6 +180,12 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-scp1", action="store_true")
+    parser.add_argument(
+        "--scp1-dtypes",
+        nargs="+",
+        default=["float32"],
+        help="also time the SCP1 step with these computation dtypes (e.g. bfloat16)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -231,6 +245,15 @@ def main(argv=None):
     for s, (t, m) in results.items():
         print(
             f"| {s} | {t * 1e3:.1f} | {m / 2**20:.0f} | {results[BASELINE][0] / t:.1f}x |",
+            flush=True,
+        )
+    for dtype in args.scp1_dtypes:
+        if dtype == "float32":
+            continue
+        t, m = bench_scp1_step("auto", args.repeats, dtype=dtype)
+        print(
+            f"| auto, {dtype} projections | {t * 1e3:.1f} | {m / 2**20:.0f} | "
+            f"{results[BASELINE][0] / t:.1f}x |",
             flush=True,
         )
 
