@@ -145,3 +145,17 @@ def test_model_heads_and_masking():
         LinOSSModel(1, 8, 6, 2, task="ranking").init(jax.random.PRNGKey(0), x, deterministic=True)
     with pytest.raises(ValueError, match="rank 3"):
         clf.apply(v, x[0], deterministic=True)
+
+
+def test_fields_keep_their_positional_order():
+    # The linen classes are derived from nnx ones; new options go after the old fields so
+    # positional construction keeps working.
+    fields = lambda cls: [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+    layer = ["state_size", "discretization", "scan", "oscillator_init", "b_init", "c_init"]
+    layer += ["d_init", "dtype", "param_dtype"]
+    assert fields(LinOSSLayer)[: len(layer)] == layer
+    block = ["state_size", "discretization", "scan", "oscillator_init", "norm", "dropout_rate"]
+    block += ["norm_axis_name", "deterministic", "dtype", "param_dtype"]
+    assert fields(LinOSSBlock)[: len(block)] == block
+    model = ["num_blocks", "hidden_size", "state_size", "output_size", "task", "output_step"]
+    assert fields(LinOSSModel)[: len(model) + len(block) - 1] == model + block[1:]

@@ -83,12 +83,12 @@ class LinOSSLayer(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
-        constraint: str = STABLE,
         b_init: Initializer = default_b_init,
         c_init: Initializer = default_c_init,
         d_init: Initializer = default_d_init,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
+        constraint: str = STABLE,
         param_metadata: Mapping[str, Mapping[str, Any]] | None = None,
         rngs: nnx.Rngs,
     ):
@@ -273,13 +273,13 @@ class LinOSSBlock(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
-        constraint: str = STABLE,
         norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
         deterministic: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
+        constraint: str = STABLE,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_size("LinOSSBlock", "in_features", in_features)
@@ -364,13 +364,13 @@ class LinOSSModel(nnx.Module):
         discretization: str = ops.IM,
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
-        constraint: str = STABLE,
         norm: str = BATCH,
         dropout_rate: float = 0.05,
         norm_axis_name: str | None = None,
         deterministic: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
+        constraint: str = STABLE,
         rngs: nnx.Rngs,
     ):
         check_model_options(task, output_step, num_blocks)
