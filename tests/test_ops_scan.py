@@ -189,7 +189,7 @@ def _flags(rng, batch, length):
     return valid, seg
 
 
-@pytest.mark.parametrize(("disc", "length"), [("im", 37), ("damped", 130)])
+@pytest.mark.parametrize(("disc", "length"), [("im", 37), ("imex", 64), ("damped", 130)])
 def test_flags_match_float64_reference_values_and_gradients(disc, length):
     # Masks (hold) and packed segments (reset) on every path that takes them, against the
     # reference's step-by-step semantics; 130 crosses the native kernel's 64-step chunks.
