@@ -27,9 +27,8 @@ def test_committed_notebook_has_no_outputs():
             assert not cell.outputs and cell.execution_count is None
 
 
-@pytest.mark.parametrize(
-    "small", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["small", "as-shipped"]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("small", [False], ids=["as-shipped"])
 def test_notebook_runs(tmp_path, monkeypatch, small):
     kernelspec.install(prefix=str(tmp_path / "jupyter"), kernel_name="python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from flax_linoss import get_mixer
 from flax_linoss.mixers import base
 
-MIXERS = ["attention", "linoss-im", "d-linoss"]
+MIXERS = ["attention", "d-linoss"]
 # nnx.MultiHeadAttention's kernel is [E, heads, head_dim]; the tutorials shard the heads.
 TUTORIAL = {
     "kernel_metadata": {"out_sharding": (None, "model", None)},
@@ -120,7 +120,7 @@ def test_nnx_with_logical_axis_rules():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("mixer", ["attention", "d-linoss,attention", "linoss-im"])
+@pytest.mark.parametrize("mixer", ["d-linoss,attention"])
 def test_library_transformer_trains_under_an_explicit_mesh(mixer):
     from flax_linoss.nnx import TransformerLM
 

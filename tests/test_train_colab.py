@@ -16,7 +16,7 @@ def test_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("small", [True, False], ids=["small", "as-shipped"])
+@pytest.mark.parametrize("small", [False], ids=["as-shipped"])
 def test_colab_runs(tmp_path, monkeypatch, shared_data_dir, small):
     scp1 = shared_data_dir / "uea" / "SelfRegulationSCP1"
     if not scp1.is_dir():
