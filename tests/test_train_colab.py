@@ -1,4 +1,4 @@
-"""colabs/train_uea.ipynb runs top to bottom (tiny settings, CPU, real SCP1 files)."""
+"""colabs/train_uea.ipynb runs top to bottom as shipped (CPU budget, real SCP1 files)."""
 
 import pathlib
 
@@ -16,8 +16,7 @@ def test_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("small", [False], ids=["as-shipped"])
-def test_colab_runs(tmp_path, monkeypatch, shared_data_dir, small):
+def test_colab_runs_as_shipped(tmp_path, monkeypatch, shared_data_dir):
     scp1 = shared_data_dir / "uea" / "SelfRegulationSCP1"
     if not scp1.is_dir():
         pytest.skip(f"SelfRegulationSCP1 not found at {scp1}")
@@ -25,10 +24,7 @@ def test_colab_runs(tmp_path, monkeypatch, shared_data_dir, small):
 
     kernelspec.install(prefix=str(tmp_path / "jupyter"), kernel_name="python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
-    if small:
-        monkeypatch.setenv("FLAX_LINOSS_COLAB_SMALL", "1")
-    else:
-        monkeypatch.delenv("FLAX_LINOSS_COLAB_SMALL", raising=False)
+    monkeypatch.delenv("FLAX_LINOSS_COLAB_SMALL", raising=False)
     monkeypatch.setenv("FLAX_LINOSS_REPO", str(REPO))
     # A data directory whose manual folder holds the raw SCP1 files.
     manual = tmp_path / "data" / "downloads" / "manual"
@@ -55,6 +51,5 @@ def test_colab_runs(tmp_path, monkeypatch, shared_data_dir, small):
     assert ("steps/s" in text or "s/step" in text) and "Final: test accuracy" in text
     assert "Resumed from" in text
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    run = "scp1-linoss-im" + ("-small" if small else "")
-    assert (tmp_path / "runs" / run / "checkpoints").is_dir()
-    assert "model.hidden_size = 128" in text or small  # the paper's config, as shipped
+    assert (tmp_path / "runs" / "scp1-linoss-im" / "checkpoints").is_dir()
+    assert "model.hidden_size = 128" in text  # the paper's config, as shipped
