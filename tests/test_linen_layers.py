@@ -159,3 +159,15 @@ def test_fields_keep_their_positional_order():
     assert fields(LinOSSBlock)[: len(block)] == block
     model = ["num_blocks", "hidden_size", "state_size", "output_size", "task", "output_step"]
     assert fields(LinOSSModel)[: len(model) + len(block) - 1] == model + block[1:]
+
+
+def test_updating_statistics_needs_a_mutable_collection_as_in_linen():
+    import flax.errors
+
+    x = _x((2, 6, 4))
+    block = LinOSSBlock(4, dropout_rate=0.0)
+    v = block.init(jax.random.PRNGKey(0), x, deterministic=True)
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        block.apply(v, x, deterministic=False)  # batch_stats not mutable
+    # Evaluation changes nothing and needs nothing mutable.
+    block.apply(v, x, deterministic=True)
