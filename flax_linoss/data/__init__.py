@@ -87,22 +87,6 @@ __all__ = [
     "uea_table",
 ]
 
-_SUBMODULES = {
-    "builders",
-    "checksums",
-    "errors",
-    "lm_tasks",
-    "loader",
-    "paths",
-    "ppg",
-    "ppg_files",
-    "protocol",
-    "registry",
-    "synthetic",
-    "uea",
-    "uea_formats",
-    "uea_table",
-}
 _ATTRS = {
     "ArraySource": "loader",
     "make_loader": "loader",
@@ -111,6 +95,8 @@ _ATTRS = {
     "DatasetSplits": "registry",
     "data_dir": "paths",
 }
+# Every lower-case public name that is not an attribute above is a submodule.
+_SUBMODULES = frozenset(n for n in __all__ if n.islower()) - _ATTRS.keys()
 
 
 def __getattr__(name: str) -> Any:

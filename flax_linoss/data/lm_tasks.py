@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from flax_linoss.data.errors import DataError
-from flax_linoss.data.synthetic import Seed, example_rng
+from flax_linoss.data.synthetic import IndexedSource, Seed, example_rng
 
 __all__ = [
     "MQAR",
@@ -243,7 +243,7 @@ def make_task(name: str, **options: Any) -> _Task:
     return cls(**options)
 
 
-class TokenTaskSource:
+class TokenTaskSource(IndexedSource):
     """Random-access source of a token task's items, made on demand.
 
     Args:
@@ -261,13 +261,7 @@ class TokenTaskSource:
         self.num_examples = int(num_examples)
         self.seed = seed
 
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        i = int(i)
-        if not 0 <= i < self.num_examples:
-            raise IndexError(f"index {i} out of range for {self.num_examples} examples")
+    def example(self, i: int) -> dict[str, np.ndarray]:
         return self.task.example(i, self.seed)
 
     def __repr__(self) -> str:

@@ -285,7 +285,26 @@ def long_range_classification(
     return x, y
 
 
-class LongRangeSource:
+class IndexedSource:
+    """Base of the lazily generated sources: ``len`` and a checked index; subclasses set
+    ``num_examples`` and implement ``example(i)``."""
+
+    num_examples: int
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        i = int(i)
+        if not 0 <= i < self.num_examples:
+            raise IndexError(f"index {i} out of range for {self.num_examples} examples")
+        return self.example(i)
+
+    def example(self, i: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class LongRangeSource(IndexedSource):
     """Random-access source of :func:`long_range_classification` examples, made on demand.
 
     ``source[i] == {"series": x[i] (float32 [L, 1]), "label": y[i] (int32)}`` for
@@ -298,12 +317,6 @@ class LongRangeSource:
         self.kwargs = kwargs
         long_range_example(0, **kwargs)  # validate arguments early
 
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        i = int(i)
-        if not 0 <= i < self.num_examples:
-            raise IndexError(f"index {i} out of range for {self.num_examples} examples")
+    def example(self, i: int) -> dict[str, np.ndarray]:
         x, label = long_range_example(i, **self.kwargs)
         return {"series": x, "label": np.int32(label)}

@@ -112,6 +112,25 @@ class _Parsed:
     class_names: tuple[str, ...]
     declared_equal: bool | None  # what the header declares (.ts), None if nothing
 
+    def add(self, dims: list[np.ndarray], label: str, lineno: int) -> None:
+        """Appends one data row after checking its label against the declared classes."""
+        if label not in self.class_names:
+            raise UEAFormatError(
+                f"{self.path}:{lineno}: label {label[:40]!r} is not one of the declared "
+                f"classes {list(self.class_names)} (row truncated or corrupt?)"
+            )
+        self.rows.append(dims)
+        self.linenos.append(lineno)
+        self.labels.append(label)
+
+    def finish(self, in_data: bool) -> _Parsed:
+        """Checks that the file reached its data and held at least one row."""
+        if not in_data:
+            raise UEAFormatError(f"{self.path}: no @data section (file truncated?)")
+        if not self.rows:
+            raise UEAFormatError(f"{self.path}: no data rows after @data (file truncated?)")
+        return self
+
 
 def _parse_floats(text: str, path: Path, lineno: int) -> np.ndarray:
     parts = text.split(",")
@@ -138,14 +157,6 @@ def _lines(path: Path, what: str) -> list[str]:
             return f.read().splitlines()
         except UnicodeDecodeError as e:
             raise UEAFormatError(f"{path}: not a text {what} file ({e})") from None
-
-
-def _check_label(label: str, class_names: tuple[str, ...], path: Path, lineno: int) -> None:
-    if label not in class_names:
-        raise UEAFormatError(
-            f"{path}:{lineno}: label {label[:40]!r} is not one of the declared classes "
-            f"{list(class_names)} (row truncated or corrupt?)"
-        )
 
 
 def _parse_arff(path: Path) -> _Parsed:
@@ -218,15 +229,8 @@ def _parse_arff(path: Path) -> _Parsed:
                 )
             dims = [vals]
         label = label.strip().strip("'\"")
-        _check_label(label, out.class_names, path, lineno)
-        out.rows.append(dims)
-        out.linenos.append(lineno)
-        out.labels.append(label)
-    if not in_data:
-        raise UEAFormatError(f"{path}: no @data section (file truncated?)")
-    if not out.rows:
-        raise UEAFormatError(f"{path}: no data rows after @data (file truncated?)")
-    return out
+        out.add(dims, label, lineno)
+    return out.finish(in_data)
 
 
 def _parse_ts(path: Path) -> _Parsed:
@@ -278,15 +282,8 @@ def _parse_ts(path: Path) -> _Parsed:
                     f"{path}:{lineno}: dimension {bad[0][0] + 1} has {bad[0][1]} values, "
                     f"@seriesLength is {want} (row truncated?)"
                 )
-        _check_label(label, out.class_names, path, lineno)
-        out.rows.append(dims)
-        out.linenos.append(lineno)
-        out.labels.append(label)
-    if not in_data:
-        raise UEAFormatError(f"{path}: no @data section (file truncated?)")
-    if not out.rows:
-        raise UEAFormatError(f"{path}: no data rows after @data (file truncated?)")
-    return out
+        out.add(dims, label, lineno)
+    return out.finish(in_data)
 
 
 def _stack(p: _Parsed, equal_length: bool) -> np.ndarray:

@@ -74,6 +74,21 @@ def recurrence_step(tr: schemes.Transition, z, y, v):
     return z_new, y_new
 
 
+def coefficient_grads(lz, ly, z_prev, y_prev, v):
+    """Gradients of the six coefficients ``(m11, m12, m21, m22, f1, f2)`` from the adjoint
+    states ``lz, ly`` and the states before each step, all ``[N, L, P]``, summed over
+    batch and time; shared by the associative and chunked backward passes."""
+    total = lambda x: jnp.sum(x, axis=(0, 1))
+    return (
+        total(lz * z_prev),
+        total(lz * y_prev),
+        total(ly * z_prev),
+        total(ly * y_prev),
+        total(lz * v),
+        total(ly * v),
+    )
+
+
 def coded_step(m, z, y, v, code):
     """One step of the 2x2 update inside a kernel, with per-step flag bits ``code`` (or
     ``None``): ``RESET`` zeroes the state before the step, ``HOLD`` keeps the (reset) state.

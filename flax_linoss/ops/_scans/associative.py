@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from flax_linoss.ops._scans._common import (
     Flags,
+    coefficient_grads,
     prefix_scan,
     run_custom,
     transpose2,
@@ -42,15 +43,7 @@ def _backward(res, cts):
     lz, ly = lz[:, ::-1], ly[:, ::-1]
     z_prev = jnp.concatenate([z0[:, None], zs[:, :-1]], axis=1)
     y_prev = jnp.concatenate([y0[:, None], ys[:, :-1]], axis=1)
-    total = lambda x: jnp.sum(x, axis=(0, 1))
-    g_coeffs = (
-        total(lz * z_prev),
-        total(lz * y_prev),
-        total(ly * z_prev),
-        total(ly * y_prev),
-        total(lz * v),
-        total(ly * v),
-    )
+    g_coeffs = coefficient_grads(lz, ly, z_prev, y_prev, v)
     g_v = f1 * lz + f2 * ly
     g_z0 = m11 * lz[:, 0] + m21 * ly[:, 0]
     g_y0 = m12 * lz[:, 0] + m22 * ly[:, 0]

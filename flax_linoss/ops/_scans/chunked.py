@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from flax_linoss.ops._scans._common import (
     Flags,
+    coefficient_grads,
     powers,
     prefix_scan,
     run_custom,
@@ -148,15 +149,7 @@ def _backward(res, cts):
     )
     lz, ly = rz[:, ::-1], ry[:, ::-1] + g_ys
     (z_prev, y_prev), _ = _solve(coeffs[:4], coeffs[4:], v, z0, y0, chunk, pre=True)
-    total = lambda x: jnp.sum(x, axis=(0, 1))
-    g_coeffs = (
-        total(lz * z_prev),
-        total(lz * y_prev),
-        total(ly * z_prev),
-        total(ly * y_prev),
-        total(lz * v),
-        total(ly * v),
-    )
+    g_coeffs = coefficient_grads(lz, ly, z_prev, y_prev, v)
     return g_coeffs, f1 * lz + f2 * ly, g_z0, g_y0
 
 
