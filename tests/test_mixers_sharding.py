@@ -49,13 +49,13 @@ class _Net(nnx.Module):
         return self.head(x)
 
 
-def _train(model, tokens, steps=3):
+def _train(model, tokens, steps=3, **call_kwargs):
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, tokens):
         def loss_fn(m):
-            logits = m(tokens)
+            logits = m(tokens, **call_kwargs)
             return optax.softmax_cross_entropy_with_integer_labels(
                 logits[:, :-1], tokens[:, 1:]
             ).mean()
@@ -130,21 +130,7 @@ def test_library_transformer_trains_under_an_explicit_mesh(mixer):
             16, 2, 16, mixer=mixer, mixer_options={"state_size": 8}, rngs=nnx.Rngs(0)
         )
         tokens = jax.device_put(_tokens(), P("batch"))
-        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-        @nnx.jit
-        def step(model, opt, tokens):
-            def loss_fn(m):
-                logits = m(tokens, deterministic=True)
-                return optax.softmax_cross_entropy_with_integer_labels(
-                    logits[:, :-1], tokens[:, 1:]
-                ).mean()
-
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            opt.update(model, grads)
-            return loss
-
-        losses = [float(step(model, opt, tokens)) for _ in range(3)]
+        losses = _train(model, tokens, deterministic=True)
     assert losses[-1] < losses[0]
 
 
