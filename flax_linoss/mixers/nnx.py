@@ -235,9 +235,8 @@ class LinOSSMixer(nnx.Module):
             out_kernel_metadata = _logical(out_kernel_metadata, "out_proj/kernel")
             out_bias_metadata = _logical(out_bias_metadata, "out_proj/bias")
             if not param_metadata:
-                param_metadata = {
-                    n: {"out_sharding": base.PARAM_AXES[n]}
-                    for n in ("a_raw", "dt_raw", "g_raw", "b", "c", "d")
+                param_metadata = {  # the layer's own parameters (no projection prefix)
+                    n: {"out_sharding": axes} for n, axes in base.PARAM_AXES.items() if "/" not in n
                 }
 
         def layer():
