@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from flax_linoss import convert
-from flax_linoss import linen as fl
-from flax_linoss import nnx as fn
+from flax_linoss import models as fn
 from flax_linoss.mixers import registry
-from flax_linoss.nnx.transformer import mixer_pattern
+from flax_linoss.models import linen as fl
+from flax_linoss.models import mixer_pattern
 
 OPTIONS = {"state_size": 8}
 
@@ -58,11 +58,14 @@ def test_linen_equals_nnx(mixer):
 
 @pytest.mark.parametrize("mixer", ["attention", "d-linoss", "linoss-im,attention"])
 def test_decoding_through_the_caches_equals_the_full_pass(mixer):
+    """A 4-token prompt in one call (attention blocks take it token by token), then one
+    token per call: every pattern decodes any number of new tokens per call."""
     tokens = _tokens(length=10)
     model = _nnx(mixer)
     full = model(tokens, deterministic=True)
     model.init_cache(tokens.shape[0], tokens.shape[1])
-    steps = [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(10)]
+    steps = [model(tokens[:, :4], decode=True, deterministic=True)]
+    steps += [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(4, 10)]
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
 

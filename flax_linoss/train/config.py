@@ -189,7 +189,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(got["model.num_heads"] >= 1, "model.num_heads must be >= 1.")
     need(got["model.mlp_dim"] >= 0, "model.mlp_dim must be >= 0 (0: 4 * hidden_size).")
     if got["model.kind"] == "transformer":
-        from flax_linoss.nnx.transformer import mixer_pattern
+        from flax_linoss.models import mixer_pattern
 
         try:
             mixer_pattern(got["model.mixer"], got["model.num_blocks"])

@@ -102,9 +102,9 @@ def _classes(config: ml_collections.ConfigDict, framework: str):
     """``(model class, constructor arguments -> kwargs)`` for the config's model kind."""
     if config.model.kind == "transformer":
         if framework == LINEN:
-            from flax_linoss.linen import TransformerLM
+            from flax_linoss.models.linen import TransformerLM
         else:
-            from flax_linoss.nnx import TransformerLM
+            from flax_linoss.models import TransformerLM
         return TransformerLM, transformer_kwargs
     if framework == LINEN:
         from flax_linoss.linen import LinOSSModel
@@ -231,7 +231,7 @@ def make_decoder(config: ml_collections.ConfigDict, shape: dict[str, Any]):
     parameters are moved to the nnx form first (:func:`to_framework`)."""
     from flax import nnx
 
-    from flax_linoss.nnx import TransformerLM
+    from flax_linoss.models import TransformerLM
 
     kw = transformer_kwargs(config, shape)
     abstract = nnx.eval_shape(lambda: TransformerLM(**kw, rngs=nnx.Rngs(0)))

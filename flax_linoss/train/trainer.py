@@ -327,7 +327,7 @@ def decode_accuracy(s: Setup, variables, split: str) -> float:
     if s.config.framework != NNX:
         from flax import nnx
 
-        from flax_linoss.nnx import TransformerLM
+        from flax_linoss.models import TransformerLM
         from flax_linoss.train.model import transformer_kwargs
 
         template = nnx.state(
