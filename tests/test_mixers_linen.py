@@ -147,6 +147,8 @@ def test_lm1b_with_mixer_from_config_and_swap_helper(mixer):
     assert jax.tree.map(jnp.shape, cache["decoder"]["encoderdecoderblock_0"]) == {
         f"{CLASS_NAME[mixer]}_0": {
             "cache_index": (),
+            "last_index": (BATCH,),
+            "segment_id": (BATCH,),
             "state_y": (BATCH, 2, 32),
             "state_z": (BATCH, 2, 32),
         }
@@ -501,7 +503,7 @@ def test_cross_attention_is_rejected():
         ((3, 1, 10, 9), "query/key lengths"),
         ((3, 1, 1, 10), "query/key lengths"),  # a decode-style mask
         ((2, 1, 10, 10), "cannot broadcast"),
-        ((3, 10, 10), "rank 3"),
+        ((3, 1, 1, 10, 10), "rank 5"),
     ],
 )
 def test_bad_mask_shapes(shape, match):
