@@ -86,18 +86,18 @@ def read_mask(
       write_index: ``[batch...]`` int, the key column (cache slot, modulo ``K``) of this
         call's first step; ``None`` for a whole sequence (step ``i`` at column ``i``).
       last: ``[batch...]`` int, the absolute index of the last valid step before this call
-        (``-1``: none), from the decoding state.
+        (``-1``: none), from the decoding state (with ``write_index`` only).
 
     Raises:
       ValueError: if the mask has none of these forms or does not broadcast to the input.
     """
     lead_shape = tuple(lead_shape)
     batch, length = lead_shape[:-1], lead_shape[-1]
-    decoding = write_index is not None or last is not None
+    decoding = write_index is not None
     if mask is None:
         if not decoding:
             return Steps()
-        start, _ = _start_and_carried(batch, write_index, last)
+        start, _ = _decoding(batch, write_index, last)
         return Steps(last=start + (length - 1))  # every step valid
     mask = jnp.asarray(mask)
     expected = (
@@ -137,13 +137,12 @@ def reduce_mask(
     return steps.valid, steps.segment_ids
 
 
-def _start_and_carried(batch, write_index, last):
-    start = jnp.zeros(batch, jnp.int32) if write_index is None else jnp.asarray(write_index)
-    carried = jnp.full(batch, -1, jnp.int32) if last is None else jnp.asarray(last)
-    return (
-        jnp.broadcast_to(start.astype(jnp.int32), batch),
-        jnp.broadcast_to(carried.astype(jnp.int32), batch),
-    )
+def _decoding(batch, write_index, last):
+    """``(start, carried)`` ``[batch...]`` int32 (sharded like the decoding state)."""
+    start = jnp.broadcast_to(jnp.asarray(write_index).astype(jnp.int32), batch)
+    if last is None:
+        return start, jnp.full_like(start, -1)
+    return start, jnp.broadcast_to(jnp.asarray(last).astype(jnp.int32), batch)
 
 
 def _last_valid(valid: jax.Array) -> jax.Array:
@@ -154,7 +153,7 @@ def _last_valid(valid: jax.Array) -> jax.Array:
 
 def _advance(valid: jax.Array, write_index, last) -> jax.Array:
     """The absolute index of the last valid step after a call of ``valid [..., L]``."""
-    start, carried = _start_and_carried(valid.shape[:-1], write_index, last)
+    start, carried = _decoding(valid.shape[:-1], write_index, last)
     final = _last_valid(valid)[..., -1]
     return jnp.where(final >= 0, start + final, carried)
 
@@ -162,27 +161,36 @@ def _advance(valid: jax.Array, write_index, last) -> jax.Array:
 def _steps(attn: jax.Array, write_index, last) -> Steps:
     """``attn [..., L, K]`` bool -> :class:`Steps` (query ``i`` at column ``c_i``)."""
     length, kv_length = attn.shape[-2:]
-    batch = attn.shape[:-2]
-    start, carried = _start_and_carried(batch, write_index, last)
-    cols = (start[..., None] + jnp.arange(length, dtype=jnp.int32)) % kv_length
 
     def at(cols_):
         return jnp.take_along_axis(attn, cols_[..., None], axis=-1)[..., 0]
 
-    valid = at(cols)
+    decoding = write_index is not None
+    if decoding:
+        start, carried = _decoding(attn.shape[:-2], write_index, last)
+        cols = (start[..., None] + jnp.arange(length, dtype=jnp.int32)) % kv_length
+        valid = at(cols)
+    else:  # a whole sequence: step i at column i
+        valid = jnp.diagonal(attn, axis1=-2, axis2=-1)
     last_in = _last_valid(valid)
     prev = jnp.concatenate([jnp.full_like(last_in[..., :1], -1), last_in[..., :-1]], axis=-1)
     in_call = prev >= 0
-    prev_col = jnp.where(
-        in_call,
-        jnp.take_along_axis(cols, jnp.maximum(prev, 0), axis=-1),
-        jnp.maximum(carried, 0)[..., None] % kv_length,
-    )
-    has_prev = in_call | (carried >= 0)[..., None]
+    if decoding:
+        prev_col = jnp.where(
+            in_call,
+            jnp.take_along_axis(cols, jnp.maximum(prev, 0), axis=-1),
+            (jnp.maximum(carried, 0) % kv_length)[..., None],
+        )
+        has_prev = in_call | (carried >= 0)[..., None]
+    else:
+        prev_col, has_prev = jnp.maximum(prev, 0), in_call
     starts = valid & has_prev & jnp.logical_not(at(prev_col))
+    segment_ids = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)
+    if not decoding:
+        return Steps(valid, segment_ids)
     restart = jnp.any(starts & jnp.logical_not(in_call), axis=-1)
     new_last = jnp.where(last_in[..., -1] >= 0, start + last_in[..., -1], carried)
-    return Steps(valid, jnp.cumsum(starts, axis=-1, dtype=jnp.int32), restart, new_last)
+    return Steps(valid, segment_ids, restart, new_last)
 
 
 def restarts(steps: Steps, segment_ids, valid, state) -> jax.Array:

@@ -179,6 +179,19 @@ class GemmaNnx(NnxAdapter):
         return _cache(state, batch_size, self.batch_sharding)
 
 
+class _ClassOrInstance:
+    """A method that is a class method when looked up on the class and an instance method
+    when looked up on an instance (each delegating to a named method)."""
+
+    def __init__(self, on_class: str, on_instance: str):
+        self.on_class, self.on_instance = on_class, on_instance
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return getattr(objtype, self.on_class)
+        return getattr(obj, self.on_instance)
+
+
 class GemmaLinen(LinenAdapter):
     """Google DeepMind ``gemma``'s linen ``Attention`` protocol; its fields are copied from
     the attention class it replaces (``num_heads``, ``num_kv_heads``, ``features``,
@@ -199,13 +212,26 @@ class GemmaLinen(LinenAdapter):
         del segment_pos
         return _decode(self.mixer(), x, cache, attn_mask)
 
-    @classmethod
-    def init_cache(
-        cls, cache_size: int, num_heads: int, head_dim: int, batch_size: int, dtype=jnp.bfloat16
-    ) -> dict[str, Any]:
-        """The O(1) decoding state; Gemma passes the key/value heads as ``num_heads``, so the
-        state has ``num_heads * head_dim`` oscillators, as the layers built by this adapter
-        (``cache_size`` and ``dtype`` do not change it)."""
+    def _init_cache_of_layer(self, cache_size: int, batch_size: int, dtype=jnp.float32):
+        """``layer.init_cache(cache_size, batch_size, dtype)`` (flax's example's form)."""
         del cache_size, dtype
-        mixer = cls.mixer_from(qkv_features=num_heads * head_dim, state_size=num_heads * head_dim)
+        mixer = self.mixer_from(**self.mixer_kwargs())
         return _cache(mixer.init_state((batch_size,)), batch_size, None)
+
+    @classmethod
+    def _init_cache_of_class(
+        cls, cache_size: int, num_heads: int, head_dim: int, batch_size: int, dtype=jnp.bfloat16
+    ):
+        """``Attention.init_cache(cache_size, num_heads, head_dim, batch_size, dtype)``
+        (DeepMind gemma's class method); Gemma passes the key/value heads as
+        ``num_heads``, so the state has ``num_heads * head_dim`` oscillators, as the layers
+        built by this adapter."""
+        del cache_size, dtype
+        size = num_heads * head_dim
+        mixer = cls.mixer_from(num_heads=num_heads, qkv_features=size, state_size=size)
+        return _cache(mixer.init_state((batch_size,)), batch_size, None)
+
+    #: The O(1) decoding state (``cache_size`` and ``dtype`` do not change it), called on a
+    #: layer ``(cache_size, batch_size, dtype)`` or on the class ``(cache_size, num_heads,
+    #: head_dim, batch_size, dtype)``, as the two Gemma codebases do.
+    init_cache = _ClassOrInstance("_init_cache_of_class", "_init_cache_of_layer")
