@@ -73,12 +73,10 @@ def test_linen_swap_trains_and_samples_like_the_full_forward(pattern):
     with flax_linoss.swap_attention(pattern, target=linen_modules.Attention, adapter="gemma"):
         model = linen_transformer.Transformer(config)
         params = testing.linen_init(model)
-        layer_params = params["params"]["blocks_0"]["attn"]
+        layer_params = params["params"]["layer_0"]["attn"]
         assert "in_proj" in layer_params and "linoss" in layer_params  # no extra nesting
-        if pattern != "d-linoss":
-            assert "qkv_einsum" in params["params"]["blocks_1"]["attn"] or (
-                "q_einsum" in params["params"]["blocks_1"]["attn"]
-            )
+        attention = pattern != "d-linoss"
+        assert ("in_proj" not in params["params"]["layer_1"]["attn"]) == attention
         before, after, params = testing.linen_train_and_evaluate(model, params)
         assert after < before - 0.3, (before, after)
         testing.check_linen_sampler_matches_forward(model, params, rtol=1e-5)

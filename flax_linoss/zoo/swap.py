@@ -327,7 +327,7 @@ def swap_attention(
     if target_cls is None:
         homes, originals = _stock_homes(api)
     else:
-        homes = [sys.modules[target_cls.__module__]]
+        homes = [_home(target_cls)]
         originals = {target_cls.__name__: target_cls}
     order = _Order(api, len(entries))
     classes_by_attr = {
@@ -345,11 +345,10 @@ def swap_attention(
     with _LOCK:
         try:
             for space in [*homes, *namespaces]:
-                for attr in list(vars(space)) if hasattr(space, "__dict__") else dir(space):
-                    value = getattr(space, attr, None)
+                for attr, value in list(_items(space)):
                     if id(value) in by_original:
                         patched.append((space, attr, value))
-                        setattr(space, attr, by_original[id(value)])
+                        _set(space, attr, by_original[id(value)])
         except BaseException:
             _undo(patched)
             raise
@@ -373,6 +372,36 @@ def swap_attention(
             )
 
 
+def _home(target: type) -> Any:
+    """Where ``target`` is looked up by the code beside it: its module, or (a class defined
+    in code run with ``exec``, which has no module) its methods' global namespace."""
+    module = sys.modules.get(target.__module__)
+    if module is not None:
+        return module
+    for value in vars(target).values():
+        if hasattr(value, "__globals__"):
+            return value.__globals__
+    raise ValueError(
+        f"swap_attention: cannot find where {target.__qualname__} is looked up (module "
+        f"{target.__module__!r} is not imported); pass namespaces=[...]."
+    )
+
+
+def _items(space: Any):
+    if isinstance(space, dict):
+        return space.items()
+    if hasattr(space, "__dict__"):
+        return vars(space).items()
+    return ((a, getattr(space, a, None)) for a in dir(space))
+
+
+def _set(space: Any, attr: str, value: Any) -> None:
+    if isinstance(space, dict):
+        space[attr] = value
+    else:
+        setattr(space, attr, value)
+
+
 def _undo(patched: list[tuple[Any, str, Any]]) -> None:
     for obj, attr, value in reversed(patched):
-        setattr(obj, attr, value)
+        _set(obj, attr, value)
