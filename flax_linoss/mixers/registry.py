@@ -31,18 +31,59 @@ LINEN = "linen"
 NNX = "nnx"
 APIS = (LINEN, NNX)
 
-# (api, name) -> factory, or "module:attribute" for a lazy import. The LinOSS entries come
-# from the one definition of the three models (flax_linoss.variants).
-_REGISTRY: dict[tuple[str, str], Any] = {
-    (LINEN, "attention"): "flax.linen:MultiHeadDotProductAttention",
-    (NNX, "attention"): "flax.nnx:MultiHeadAttention",
-    **{
-        (api, v.mixer): f"flax_linoss.mixers.{api}:{v.mixer_class}"
-        for api in (LINEN, NNX)
-        for v in VARIANTS
-    },
-}
-_LOCK = threading.Lock()
+
+class ApiRegistry:
+    """Named entries per Flax API: ``(api, name) -> entry``, where an entry given as
+    ``"module:attribute"`` is imported when first asked for. Serves the mixer registry and
+    the zoo's adapter registry.
+
+    Args:
+      kind: what is registered (``"mixer"``), for messages.
+      entries: the built-in entries.
+      hint: a sentence on how to register one, appended to "not found" errors.
+    """
+
+    def __init__(self, kind: str, entries: dict[tuple[str, str], Any], hint: str = ""):
+        self.kind, self.hint = kind, hint
+        self._entries = dict(entries)
+        self._lock = threading.Lock()
+
+    def register(self, name: str, entry: Any, api: str, overwrite: bool, check) -> None:
+        """Adds ``entry`` (after ``check(entry)``, which raises on a wrong one)."""
+        _check_api(api)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
+        check(entry)
+        with self._lock:
+            if (api, name) in self._entries and not overwrite:
+                raise ValueError(
+                    f"{self.kind.capitalize()} {name!r} is already registered for "
+                    f"api={api!r}; pass overwrite=True to replace it."
+                )
+            self._entries[(api, name)] = entry
+
+    def get(self, name: str, api: str) -> Any:
+        _check_api(api)
+        try:
+            entry = self._entries[(api, name)]
+        except KeyError:
+            raise KeyError(
+                f"No {self.kind} {name!r} for api={api!r}; available: {self.names(api)}"
+                f"{f' ({self.hint})' if self.hint else ''}."
+            ) from None
+        if isinstance(entry, str):
+            module, attr = entry.split(":")
+            return getattr(importlib.import_module(module), attr)
+        return entry
+
+    def pop(self, key: tuple[str, str], *default: Any) -> Any:
+        """Removes ``(api, name)`` (as ``dict.pop``), e.g. a test's registration."""
+        with self._lock:
+            return self._entries.pop(key, *default)
+
+    def names(self, api: str) -> list[str]:
+        _check_api(api)
+        return sorted(name for (a, name) in self._entries if a == api)
 
 
 def _check_api(api: str) -> str:
@@ -51,11 +92,20 @@ def _check_api(api: str) -> str:
     return api
 
 
-def _resolve(entry: Any) -> Any:
-    if isinstance(entry, str):
-        module, attr = entry.split(":")
-        return getattr(importlib.import_module(module), attr)
-    return entry
+# (api, name) -> factory, or "module:attribute" for a lazy import. The LinOSS entries come
+# from the one definition of the three models (flax_linoss.variants).
+_REGISTRY = ApiRegistry(
+    "mixer",
+    {
+        (LINEN, "attention"): "flax.linen:MultiHeadDotProductAttention",
+        (NNX, "attention"): "flax.nnx:MultiHeadAttention",
+        **{
+            (api, v.mixer): f"flax_linoss.mixers.{api}:{v.mixer_class}"
+            for api in (LINEN, NNX)
+            for v in VARIANTS
+        },
+    },
+)
 
 
 def register_mixer(
@@ -75,22 +125,16 @@ def register_mixer(
     Returns:
       ``factory`` (or a decorator when ``factory`` is omitted).
     """
-    _check_api(api)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"A mixer name must be a non-empty string, got {name!r}.")
 
-    def register(fn):
+    def check(fn):
         if not callable(fn):
             raise TypeError(f"Mixer factory for {name!r} must be callable, got {fn!r}.")
-        with _LOCK:
-            if (api, name) in _REGISTRY and not overwrite:
-                raise ValueError(
-                    f"Mixer {name!r} is already registered for api={api!r}; pass "
-                    "overwrite=True to replace it."
-                )
-            _REGISTRY[(api, name)] = fn
+
+    def register(fn):
+        _REGISTRY.register(name, fn, api, overwrite, check)
         return fn
 
+    _check_api(api)
     return register if factory is None else register(factory)
 
 
@@ -100,17 +144,9 @@ def get_mixer(name: str, api: str = LINEN) -> Any:
     Raises:
       KeyError: naming the available mixers.
     """
-    _check_api(api)
-    try:
-        entry = _REGISTRY[(api, name)]
-    except KeyError:
-        raise KeyError(
-            f"No mixer {name!r} for api={api!r}; available: {available_mixers(api)}."
-        ) from None
-    return _resolve(entry)
+    return _REGISTRY.get(name, api)
 
 
 def available_mixers(api: str = LINEN) -> list[str]:
     """Sorted names of the mixers registered for ``api``."""
-    _check_api(api)
-    return sorted(name for (a, name) in _REGISTRY if a == api)
+    return _REGISTRY.names(api)

@@ -37,13 +37,11 @@ as ``attn(x, mask, cache) -> (out, cache)``::
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import threading
 from typing import Any, ClassVar
 
 import flax.linen as nn
 
-from flax_linoss.mixers.registry import APIS, LINEN, NNX
+from flax_linoss.mixers.registry import LINEN, NNX, ApiRegistry
 
 __all__ = [
     "LinenAdapter",
@@ -55,39 +53,29 @@ __all__ = [
 ]
 
 # (api, name) -> adapter class, or "module:attribute" for a lazy import.
-_ADAPTERS: dict[tuple[str, str], Any] = {
-    (NNX, "gemma"): "flax_linoss.zoo.gemma:GemmaNnx",
-    (LINEN, "gemma"): "flax_linoss.zoo.gemma:GemmaLinen",
-}
-_LOCK = threading.Lock()
-
-
-def _check_api(api: str) -> str:
-    if api not in APIS:
-        raise ValueError(f"Unknown api {api!r}; expected one of {list(APIS)}.")
-    return api
+_ADAPTERS = ApiRegistry(
+    "adapter",
+    {
+        (NNX, "gemma"): "flax_linoss.zoo.gemma:GemmaNnx",
+        (LINEN, "gemma"): "flax_linoss.zoo.gemma:GemmaLinen",
+    },
+    hint="register yours with flax_linoss.register_adapter(name, cls, api=...)",
+)
 
 
 def register_adapter(name: str, adapter: type | None = None, *, api: str, overwrite=False):
     """Registers ``adapter`` (a :class:`NnxAdapter` or :class:`LinenAdapter` subclass) as
     ``name`` for ``api``; usable as a decorator. Returns the class."""
-    _check_api(api)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"An adapter name must be a non-empty string, got {name!r}.")
 
-    def register(cls):
+    def check(cls):
         base = NnxAdapter if api == NNX else LinenAdapter
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(
                 f"An {api} adapter must be a subclass of flax_linoss.{base.__name__}, got {cls!r}."
             )
-        with _LOCK:
-            if (api, name) in _ADAPTERS and not overwrite:
-                raise ValueError(
-                    f"Adapter {name!r} is already registered for api={api!r}; pass "
-                    "overwrite=True to replace it."
-                )
-            _ADAPTERS[(api, name)] = cls
+
+    def register(cls):
+        _ADAPTERS.register(name, cls, api, overwrite, check)
         return cls
 
     return register if adapter is None else register(adapter)
@@ -95,24 +83,12 @@ def register_adapter(name: str, adapter: type | None = None, *, api: str, overwr
 
 def get_adapter(name: str, api: str) -> type:
     """The adapter class registered as ``name`` for ``api``."""
-    _check_api(api)
-    try:
-        entry = _ADAPTERS[(api, name)]
-    except KeyError:
-        raise KeyError(
-            f"No adapter {name!r} for api={api!r}; available: {available_adapters(api)} "
-            "(register yours with flax_linoss.register_adapter(name, cls, api=...))."
-        ) from None
-    if isinstance(entry, str):
-        module, attr = entry.split(":")
-        entry = getattr(importlib.import_module(module), attr)
-    return entry
+    return _ADAPTERS.get(name, api)
 
 
 def available_adapters(api: str) -> list[str]:
     """Sorted names of the adapters registered for ``api``."""
-    _check_api(api)
-    return sorted(name for (a, name) in _ADAPTERS if a == api)
+    return _ADAPTERS.names(api)
 
 
 class NnxAdapter:
