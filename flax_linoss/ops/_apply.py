@@ -40,6 +40,7 @@ def linoss_apply(
     mask: jnp.ndarray | None = None,
     segment_ids: jnp.ndarray | None = None,
     sequence_axis: str | None = None,
+    oscillator_axis: str | None = None,
     check: bool | str = True,
 ):
     """Applies a LinOSS / D-LinOSS layer to a sequence, for already-constrained parameters.
@@ -92,6 +93,8 @@ def linoss_apply(
             "sequence_axis with `mask` or `segment_ids` is not supported: the shards' "
             "closed-form combination needs a time-invariant transition."
         )
+    if oscillator_axis is not None:
+        _checks.check_mesh_axis("oscillator_axis", oscillator_axis)
     path = resolve_scan(scan, flags=flagged, dtype=_project.recurrence_dtype(a, dt, g))
     variant = None
     if path == PALLAS:
@@ -115,6 +118,7 @@ def linoss_apply(
         return_state=return_state,
         reverse=reverse,
         sequence_axis=sequence_axis,
+        oscillator_axis=oscillator_axis,
     )
 
 
@@ -140,6 +144,15 @@ def _flat_state(state: LinOSSState | None, lead, num_osc: int, dtype):
             ) from e
         out.append(x.reshape(n, 2 * num_osc).astype(dtype))
     return tuple(out)
+
+
+def _varying_like(x, like):
+    """``x`` marked as varying over the manual mesh axes ``like`` varies over (inside
+    ``shard_map`` a loop's carry must keep its type: a zero start state is the same on every
+    device, the state after one step is not)."""
+    varying = lambda a: jax.typeof(a).manual_axis_type.varying
+    missing = tuple(sorted(varying(like) - varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
@@ -168,6 +181,7 @@ def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
         "return_state",
         "reverse",
         "sequence_axis",
+        "oscillator_axis",
     ),
 )
 def _apply(
@@ -188,6 +202,7 @@ def _apply(
     return_state,
     reverse,
     sequence_axis,
+    oscillator_axis,
 ):
     del variant  # only a cache key: which kernel the Pallas interpreter runs
     entry = SCAN_TABLE[path]
@@ -215,11 +230,13 @@ def _apply(
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
     else:
-        ys, z_l, y_l = entry.run(tr, v, z0, y0, flags)
+        ys, z_l, y_l = entry.run(tr, v, _varying_like(z0, v), _varying_like(y0, v), flags)
     time_axis = 0 if entry.layout == LNQ else 1
     if reverse:
         ys = jnp.flip(ys, time_axis)
-    out = _project.project_out(ys, c, d, u_flat, rdt, entry.layout, channels).reshape(u.shape)
+    out = _project.project_out(
+        ys, c, d, u_flat, rdt, entry.layout, channels, oscillator_axis=oscillator_axis
+    ).reshape(u.shape)
     if not return_state:
         return out
     final = LinOSSState(
