@@ -18,7 +18,13 @@ import numpy as np
 from flax_linoss.ops import _checks, _project, _seqpar, schemes
 from flax_linoss.ops._auto import resolve_scan
 from flax_linoss.ops._project import LNQ
-from flax_linoss.ops._scans._common import Flags, recurrence_step, resets_from_segments
+from flax_linoss.ops._scans._common import (
+    Flags,
+    recurrence_step,
+    resets_from_segments,
+    vary,
+    varying_axes,
+)
 from flax_linoss.ops._state import LinOSSState
 from flax_linoss.ops.table import AUTO, PALLAS, SCAN_TABLE, Scan
 
@@ -146,15 +152,6 @@ def _flat_state(state: LinOSSState | None, lead, num_osc: int, dtype):
     return tuple(out)
 
 
-def _varying_like(x, like):
-    """``x`` marked as varying over the manual mesh axes ``like`` varies over (inside
-    ``shard_map`` a loop's carry must keep its type: a zero start state is the same on every
-    device, the state after one step is not)."""
-    varying = lambda a: jax.typeof(a).manual_axis_type.varying
-    missing = tuple(sorted(varying(like) - varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
     if x is None:
         return None
@@ -230,7 +227,10 @@ def _apply(
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
     else:
-        ys, z_l, y_l = entry.run(tr, v, _varying_like(z0, v), _varying_like(y0, v), flags)
+        # A zero start is the same on every device; inside shard_map the loop's carry must
+        # have the type of the state after a step (varying where the forcing varies).
+        axes = varying_axes(v)
+        ys, z_l, y_l = entry.run(tr, v, vary(z0, axes), vary(y0, axes), flags)
     time_axis = 0 if entry.layout == LNQ else 1
     if reverse:
         ys = jnp.flip(ys, time_axis)

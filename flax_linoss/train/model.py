@@ -1,6 +1,8 @@
-"""The configured model as pure functions, in each API's own form.
+"""The configured model: its description, and pure functions in each API's own form.
 
-:class:`ModelFns` reduces a linen or an nnx model to ``init(key, x) -> variables`` and
+:class:`ModelSpec` is the model a config describes, read once from the config and the data;
+the constructor arguments and the checkpoint signature derive from it. :class:`ModelFns`
+reduces a linen or an nnx model to ``init(key, x) -> variables`` and
 ``apply(variables, x, train, rng) -> (out, new_batch_stats)``, so one train step serves both.
 The variables are each API's own tree:
 
@@ -30,9 +32,7 @@ __all__ = [
     "NNX",
     "ModelFns",
     "ModelSpec",
-    "abstract_variables",
     "make_model",
-    "model_kwargs",
     "model_signature",
     "to_framework",
 ]
@@ -202,14 +202,6 @@ class ModelSpec:
         )
 
 
-def model_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the configured model (both APIs): :meth:`ModelSpec.kwargs`."""
-    return ModelSpec.from_config(config, shape).kwargs()
-
-
-transformer_kwargs = model_kwargs
-
-
 def make_model(
     config: ml_collections.ConfigDict,
     shape: dict[str, Any] | ModelSpec,
@@ -284,11 +276,6 @@ def make_model(
         return out, nnx.state(model, nnx.BatchStat)
 
     return ModelFns(init, apply, spec.task, framework)
-
-
-def abstract_variables(fns: ModelFns, example) -> dict[str, Any]:
-    """The variables' structure (``ShapeDtypeStruct`` leaves), without initialising."""
-    return jax.eval_shape(fns.init, jax.random.PRNGKey(0), jnp.asarray(example))
 
 
 def model_signature(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:

@@ -279,8 +279,7 @@ def create_train_state(s: Setup) -> TrainState:
         lambda: init_state(s.fns, s.tx, seed, example),
         out_shardings=s.parallel.state_shardings,
     )
-    with jax.set_mesh(s.mesh):
-        return create()
+    return create()
 
 
 # ----------------------------------------------------------------------------------------
