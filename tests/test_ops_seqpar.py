@@ -17,6 +17,32 @@ def rel_err(x, ref):
     return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def _assert_equals_reference(sharded, reference, args, ct, ct_z):
+    """Values and gradients of ``sharded(*args) -> (out, state)`` (float32) against
+    ``reference(*args) -> (out, z_L as [N, 2, P])`` (float64), through ``sum(ct * out) +
+    sum(ct_z * z_L)``."""
+    argnums = tuple(range(len(args)))
+
+    def loss(*p):
+        out, state = sharded(*p)
+        return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), (out, state.z)
+
+    grads, (out, z) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args)
+    with jax.enable_x64(True):
+
+        def ref_loss(*p):
+            out, z_l = reference(*p)
+            return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), (out, z_l)
+
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        grad_ref = jax.grad(ref_loss, argnums=argnums, has_aux=True)
+        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
+    assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
+    assert rel_err(z, ref_z) < 3e-5, ("final state", rel_err(z, ref_z))
+    for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
+        assert rel_err(gr, rg) < 3e-5, (f"d/d{name}", rel_err(gr, rg))
+
+
 def _mesh():
     return jax.make_mesh((8,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -62,34 +88,18 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
             p[0], state0, *p[1:]
         )
 
-    def loss(*p):
-        out, state = sharded(*p)
-        return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), (out, state)
+    def reference(*p):
+        out, z_l, _ = reference_apply(
+            flip(p[0]),
+            *p[1:6],
+            p[6] if disc == "damped" else None,
+            discretization=disc,
+            z0=z0,
+            y0=y0,
+        )
+        return flip(out), jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
 
-    grads, (out, state) = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
-
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                flip(p[0]),
-                *p[1:6],
-                p[6] if disc == "damped" else None,
-                discretization=disc,
-                z0=z0,
-                y0=y0,
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * flip(out)) + jnp.sum(ct_z * z_l), (flip(out), z_l)
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
-
-    assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
-    assert rel_err(state.z, ref_z) < 3e-5, ("final state", rel_err(state.z, ref_z))
-    for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
-        assert rel_err(gr, rg) < 3e-5, (f"d/d{name}", rel_err(gr, rg))
+    _assert_equals_reference(sharded, reference, args, ct, ct_z)
 
 
 def test_sequence_axis_errors_are_clear():
@@ -140,29 +150,13 @@ def test_oscillators_split_over_an_axis_equal_all_oscillators(scan, disc, seq, m
         fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs)
         return fn(p[0], mask, *p[1:])
 
-    def loss(*p):
-        out, state = sharded(*p)
-        return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), (out, state)
+    def reference(*p):
+        out, z_l, _ = reference_apply(
+            *p[:6], p[6] if disc == "damped" else None, discretization=disc, valid=mask
+        )
+        return out, jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
 
-    grads, (out, state) = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
-
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                *p[:6], p[6] if disc == "damped" else None, discretization=disc, valid=mask
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), (out, z_l)
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
-
-    assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
-    assert rel_err(state.z, ref_z) < 3e-5, ("final state", rel_err(state.z, ref_z))
-    for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
-        assert rel_err(gr, rg) < 3e-5, (f"d/d{name}", rel_err(gr, rg))
+    _assert_equals_reference(sharded, reference, args, ct, ct_z)
 
 
 def test_oscillator_axis_outside_shard_map_is_a_clear_error():
