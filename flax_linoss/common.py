@@ -264,12 +264,12 @@ def per_shard(fn, x: jax.Array, per_step: dict, state, params: dict, rules=None)
     if explicit:
         spec = tuple(jax.typeof(x).sharding.spec)
         lead = (spec + (None,) * x.ndim)[: x.ndim - 2]
+        taken = {a for e in lead if e for a in ((e,) if isinstance(e, str) else e)}
+        seq, osc = (None if a in taken else a for a in (seq, osc))
     elif x.ndim > 2:
         lead = (batch, *lead[1:])
     if not explicit and lead == (None,) * (x.ndim - 2) and seq is None and osc is None:
         return call(x, per_step, state, params)
-    if explicit and seq is not None:  # the length of an explicit-axes input keeps its sharding
-        seq = None
     row = P(*lead, seq, None)
     specs = (
         row,
