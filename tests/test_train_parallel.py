@@ -211,6 +211,16 @@ def test_memory_line_of_the_mixers_transformer_with_fsdp_and_model():
     assert 0 <= total - 4 * n * 3 < 64  # float32 parameters, Adam's two moments, counts
 
 
+def test_every_logical_name_has_a_default_rule():
+    from flax_linoss.common import BATCH_AXIS, LENGTH_AXIS
+    from flax_linoss.mixers.base import PARAM_AXES
+
+    tables = (sharding_lib.PAPER_AXES, sharding_lib.TRANSFORMER_AXES, PARAM_AXES)
+    names = {n for table in tables for axes in table.values() for n in axes if n}
+    rules = default_config.get_config().parallel.logical_axis_rules
+    assert names | {BATCH_AXIS, LENGTH_AXIS} == set(rules)
+
+
 def test_pmap_with_other_axes_is_rejected_before_compiling():
     for axis in ("fsdp", "model", "sequence"):
         config = _paper()

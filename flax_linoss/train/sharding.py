@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_linoss.common import BATCH_AXIS, LENGTH_AXIS, OSCILLATOR_AXIS, logical_to_mesh
+from flax_linoss.common import BATCH_AXIS, OSCILLATOR_AXIS, logical_to_mesh
 from flax_linoss.convert import path_names
 from flax_linoss.mixers.base import EMBED, KV
 
@@ -88,9 +88,6 @@ TRANSFORMER_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("head", "kernel"): (EMBED, VOCAB),
     ("head", "bias"): (VOCAB,),
 }
-
-#: Every logical name above and the recurrence's (:func:`flax_linoss.common.per_shard`).
-LOGICAL_NAMES = (BATCH_AXIS, LENGTH_AXIS, EMBED, KV, MLP, HEADS, VOCAB, OSC)
 
 
 def parse_rules(rules: Mapping[str, str] | ml_collections.ConfigDict) -> tuple:
