@@ -180,12 +180,12 @@ def test_the_train_step_passes_packing_to_the_model():
     }
     packed = {**batch, "segment_ids": jnp.array([[1] * 5 + [2] * 7] * 2)}
     step = trainer.make_step_fn(fns, trainer.make_optimizer(config))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
+    state = trainer.TrainState(
+        step=jnp.zeros((), jnp.int32),
         **variables,
-        "opt_state": trainer.make_optimizer(config).init(variables["params"]),
-        "rng": jax.random.key(1),
-    }
+        opt_state=trainer.make_optimizer(config).init(variables["params"]),
+        rng=jax.random.key(1),
+    )
     plain_loss = step(state, batch, None)[1]["loss"]
     packed_loss = step(state, packed, None)[1]["loss"]
     assert not np.isclose(plain_loss, packed_loss)

@@ -129,9 +129,12 @@ class NnxSkin(nn.Module):
                 prepare(module, True)
             loaded: dict[int, Any] = {}
         else:
-            module = nnx.eval_shape(
-                lambda: self.build(inputs, nnx.Rngs(params=0, dropout=0), scratch)
-            )
+            # Built abstractly to receive the stored variables: no sharding at construction
+            # (logical axis rules in effect for the call are for the computation).
+            with nn.logical_axis_rules(()):
+                module = nnx.eval_shape(
+                    lambda: self.build(inputs, nnx.Rngs(params=0, dropout=0), scratch)
+                )
             if prepare is not None:
                 prepare(module, False)
             loaded = self._load(module)
