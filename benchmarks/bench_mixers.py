@@ -112,7 +112,103 @@ def run_one(task, mixer, length, steps, workdir):
     }
 
 
-def write_markdown(rows, path, command, tasks, lengths):
+def decode_speed(mixer: str, context: int, *, width=64, layers=2, batch=1, tokens=32):
+    """Generation cost of ``mixer`` in the benchmark's transformer (random weights) with
+    ``context`` tokens already in the caches: median seconds per generated token through the
+    decoding path the trainer's ``decode`` uses (``TransformerLM(token, decode=True)`` with
+    ``init_cache``), and the bytes of the decoding caches. Attention's cost is set by its
+    cache's size (flax's decoding attends over every slot, masking the empty ones), so the
+    caches are made for ``context + tokens`` steps and the position is set to ``context``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from flax_linoss.models import TransformerLM
+
+    model = TransformerLM(
+        256,
+        layers,
+        width,
+        mixer=mixer,
+        num_heads=4,
+        positional="none",
+        max_len=context + tokens,
+        mixer_options={"state_size": width},
+        rngs=nnx.Rngs(0),
+    )
+    model.init_cache(batch, context + tokens)
+    for name, var in nnx.to_flat_state(nnx.state(model, nnx.Cache)):
+        if name[-1] == "cache_index" or name[-1] == "position":
+            var[...] = jnp.full_like(var[...], context)
+    cache_bytes = sum(
+        x.size * x.dtype.itemsize
+        for x in jax.tree.leaves(nnx.state(model, nnx.Cache))
+        if x.ndim > 1  # the state or the keys and values (not counters)
+    )
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, token):
+        m = nnx.merge(graphdef, state)
+        logits = m(token, decode=True, deterministic=True)
+        return nnx.state(m), logits
+
+    token = jnp.ones((batch, 1), jnp.int32)
+    state, logits = jax.block_until_ready(step(state, token))  # compile
+    times = []
+    for _ in range(tokens - 1):
+        t = time.perf_counter()
+        state, logits = jax.block_until_ready(step(state, token))
+        times.append(time.perf_counter() - t)
+    assert np.isfinite(np.asarray(logits)).all()
+    return statistics.median(times), cache_bytes
+
+
+def decode_table(mixers, contexts) -> list[dict]:
+    rows = []
+    for context in contexts:
+        for mixer in mixers:
+            seconds, nbytes = decode_speed(mixer, context)
+            rows.append(
+                {
+                    "mixer": mixer,
+                    "context": context,
+                    "ms_per_token": 1000 * seconds,
+                    "cache_mib": nbytes / 2**20,
+                }
+            )
+            print(
+                f"decode {mixer:24s} context {context:6d}: {1000 * seconds:7.2f} ms/token, "
+                f"cache {nbytes / 2**20:8.3f} MiB",
+                flush=True,
+            )
+    return rows
+
+
+def _decode_markdown(rows) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Generation cost: time per token and decoding-cache memory",
+        "",
+        "The same transformer (width 64, 2 blocks, batch 1, random weights), generating one "
+        "token at a time through the caches (`init_cache`, then `model(token, decode=True)`, "
+        "the path the trainer's decode accuracy uses) with `context` tokens already cached. "
+        "A LinOSS mixer keeps a fixed-size state; attention keeps keys and values for every "
+        "cached position and attends over all of them.",
+        "",
+        "| mixer | context | ms per token | decoding cache MiB |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mixer']} | {r['context']:,} | {r['ms_per_token']:.2f} | {r['cache_mib']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def write_markdown(rows, path, command, tasks, lengths, decode_rows=()):
     lines = [
         "# Sequence mixers compared",
         "",
@@ -150,6 +246,7 @@ def write_markdown(rows, path, command, tasks, lengths):
                     f"{r['step_ms']:.1f} | {peak} |"
                 )
             lines.append("")
+    lines += _decode_markdown(list(decode_rows))
     pathlib.Path(path).write_text("\n".join(lines))
 
 
@@ -161,6 +258,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--workdir", default="runs/bench_mixers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "MIXERS.md"))
+    parser.add_argument(
+        "--decode-contexts",
+        nargs="*",
+        type=int,
+        default=[1024, 8192, 32768],
+        help="context lengths of the generation-cost table (none: skip it)",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     log = os.path.join(args.workdir, "mixers.jsonl")
@@ -188,7 +292,8 @@ def main(argv=None):
     command = "python benchmarks/bench_mixers.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    write_markdown(rows, args.out, command.strip(), args.tasks, args.lengths)
+    decode_rows = decode_table(args.mixers, args.decode_contexts)
+    write_markdown(rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows)
     print(f"wrote {args.out}")
 
 

@@ -189,3 +189,27 @@ def test_the_train_step_passes_packing_to_the_model():
     plain_loss = step(state, batch, None)[1]["loss"]
     packed_loss = step(state, packed, None)[1]["loss"]
     assert not np.isclose(plain_loss, packed_loss)
+
+
+@pytest.mark.slow
+def test_bench_mixers_runs_small(tmp_path):
+    """benchmarks/bench_mixers.py end to end at a tiny size: a training row and the
+    generation-cost table (a LinOSS state does not grow with the context; attention's
+    key/value cache does)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixers.py"
+    spec = importlib.util.spec_from_file_location("bench_mixers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "m.md"
+    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention", "--lengths", "16"]
+    args += ["--steps", "4", "--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
+    bench.main([*args, "--out", str(out)])
+    text = out.read_text()
+    assert "## induction, length 16" in text and "Generation cost" in text
+    rows = bench.decode_table(["linoss-im", "attention"], [16, 64])
+    cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in rows}
+    assert cache[("linoss-im", 16)] == cache[("linoss-im", 64)]
+    assert cache[("attention", 64)] > 1.5 * cache[("attention", 16)]  # (64 + 32) / (16 + 32)
