@@ -141,6 +141,7 @@ class Uea(builders.RawFilesBuilder):
                 fmt=self.builder_config.fmt,
                 verify=False,  # verified by the base class, once
                 expected=info,
+                missing="nan",  # kept as NaN; get_dataset's `missing` refuses or treats them
             )
             for split in ("train", "test")
         }
