@@ -570,6 +570,18 @@ def test_tfds_prepared_copy_keeps_missing_values_for_get_dataset_to_refuse(tmp_p
     protocol.check_missing(arrays, "fill")
 
 
+def test_preparing_says_from_which_folder_and_draws_no_bars_off_a_terminal(tmp_path, capsys):
+    from flax_linoss.data import uea
+
+    folder = make_tiny(tmp_path / "raw", write_ts)
+    uea.load(TINY, root=tmp_path / "raw", data_dir=tmp_path / "data")
+    out, err = capsys.readouterr()
+    assert f"Preparing uea/Tiny from {folder}\n" in out, out
+    assert f"Prepared uea/Tiny in {tmp_path / 'data' / 'uea' / 'Tiny'}" in out
+    assert "Downloading and preparing" not in out and "Unknown size" not in out
+    assert "\x1b[" not in out + err and "\r" not in out + err, err  # no progress bars in a log
+
+
 def test_tfds_unknown_config_suggests(tmp_path):
     from flax_linoss.data import uea
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_linoss.data import checksums
-from flax_linoss.data.errors import DataFormatError, DataNotFoundError
+from flax_linoss.data.errors import DataFormatError, DataNotFoundError, option
 from flax_linoss.data.uea_table import ARCHIVE_URL, DATASET_URL, UEADatasetInfo
 
 __all__ = [
@@ -105,8 +105,9 @@ def _where_to_put(name: str) -> str:
     return (
         f"Put {name}_TRAIN.arff and {name}_TEST.arff, or {name}Dimension1_TRAIN.arff ... "
         f"{name}DimensionC_TEST.arff, or {name}_TRAIN.ts and {name}_TEST.ts there or in a "
-        f"{name}/ sub-folder (from {DATASET_URL.format(name=name)}, unzipped), or pass the "
-        "folder that holds them as root= (--manual_dir)."
+        f"{name}/ sub-folder (from {DATASET_URL.format(name=name)}, unzipped), or name the "
+        f"folder that holds them with {option('root')} (or a data directory whose "
+        f"downloads/manual/ holds them with {option('data_dir')})."
     )
 
 

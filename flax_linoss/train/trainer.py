@@ -499,10 +499,12 @@ class Run:
             if cfg.model.kind == "transformer"
             else f"LinOSS-{cfg.model.discretization}"
         )
+        devices, processes = self.s.mesh.size, jax.process_count()
         _say(
             f"Training {cfg.framework} {what} on {cfg.data.name} for {cfg.train.num_steps} "
-            f"steps ({self.s.parallel.implementation} over {self.s.mesh.size} devices, "
-            f"{jax.process_count()} process(es)); workdir {self.workdir}"
+            f"steps ({self.s.parallel.implementation} over {devices} "
+            f"device{'s' if devices != 1 else ''}, {processes} "
+            f"process{'es' if processes != 1 else ''}); workdir {self.workdir}"
         )
 
     def next_batch(self) -> dict[str, np.ndarray]:
@@ -563,8 +565,8 @@ class Run:
             self.ckpts.save_best(step, variables, {**best_meta, **meta["best"]})
         best = meta["best"]
         _say(
-            f"eval step {step}: val {name} {res['val']['metric']:.4f} | test {name} "
-            f"{res['test']['metric']:.4f} | best val {best['val']:.4f} at step {best['step']}"
+            f"eval step {step}: {_eval_text(res, name)} | best val {best['val']:.4f} at step "
+            f"{best['step']}"
         )
         stop = self.stopping.should_stop(meta)
         if stop:
@@ -682,8 +684,18 @@ def evaluate(
     for split in ("val", "test"):
         out[f"{split}_{name}"] = res[split]["metric"]
         out[f"{split}_loss"] = res[split]["loss"]
-    _say(
-        f"Checkpoint step {step}: val {name} {out[f'val_{name}']:.4f} | test {name} "
-        f"{out[f'test_{name}']:.4f}"
-    )
+        if "decode_metric" in res[split]:
+            out[f"{split}_decode_{name}"] = res[split]["decode_metric"]
+    _say(f"Checkpoint step {step}: {_eval_text(res, name)}")
     return out
+
+
+def _eval_text(res: dict[str, dict[str, float]], name: str) -> str:
+    """``val accuracy 0.9 | test accuracy 0.8`` (token tasks add the decode accuracies)."""
+    parts = [f"{split} {name} {res[split]['metric']:.4f}" for split in ("val", "test")]
+    parts += [
+        f"{split} decode_{name} {res[split]['decode_metric']:.4f}"
+        for split in ("val", "test")
+        if "decode_metric" in res[split]
+    ]
+    return " | ".join(parts)
