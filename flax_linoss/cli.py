@@ -277,6 +277,7 @@ def config_text(config) -> str:
 # Commands.
 
 _FLAGS: dict = {}
+_RUN: dict = {}  # the run folder of the command being run ("workdir"), for messages
 
 
 def _define_flags() -> None:
@@ -340,6 +341,7 @@ def _run_command(command: str, rest: list[str]) -> None:
             )
             print(f"{given}: this run goes to {os.path.abspath(workdir)}", flush=True)
         _use_data_dir(_FLAGS["config"].value)
+        _RUN["workdir"] = workdir
         trainer.train_and_evaluate(_FLAGS["config"].value, workdir)
     elif command == "eval":
         workdir = _workdir("eval")
@@ -385,16 +387,19 @@ def _reproduce() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean the user asked for something impossible."""
     from flax_linoss.data.errors import DataError
-    from flax_linoss.train.checkpoint import IncompatibleCheckpointError
+    from flax_linoss.train.checkpoint import DamagedCheckpointError, IncompatibleCheckpointError
     from flax_linoss.train.config import ConfigError
     from flax_linoss.train.trainer import NonFiniteLossError
+    from flax_linoss.train.workdir import WorkdirError
 
     return (
         UserError,
         ConfigError,
         DataError,
         IncompatibleCheckpointError,
+        DamagedCheckpointError,
         NonFiniteLossError,
+        WorkdirError,
         FileNotFoundError,
     )
 
@@ -407,12 +412,39 @@ def _absl_main(argv: list[str]) -> None:
         raise UserError(f"unexpected arguments {rest!r} (flags are written --name=value)")
     if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from flax_linoss.train import workdir as workdir_lib
+
     try:
-        _run_command(command, rest)
+        with workdir_lib.quiet_background_errors():
+            _run_command(command, rest)
+    except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, and how to go on
+        if _show_traceback():
+            raise
+        if not isinstance(e, workdir_lib.Interrupted):
+            resume = workdir_lib.latest_checkpoint_step(_RUN.get("workdir"))
+            e = "interrupted" + (
+                f"; rerun the same command to resume from step {resume}"
+                if resume is not None
+                else ""
+            )
+        _exit(f"flax-linoss: {e}", 130)
     except _user_errors() as e:
         if _show_traceback():
             raise
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:  # a full disk, a read-only folder: one line, not Orbax's pages
+        message = workdir_lib.describe_failure(e, _RUN.get("workdir"))
+        if message is None or _show_traceback():
+            raise
+        _exit(f"flax-linoss: error: {message}", 1)
+
+
+def _exit(message: str, status: int) -> None:
+    """Prints ``message`` and ends the process at once: background threads (Orbax's saves)
+    may still hold the failure that stopped the run and would print it again at exit."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _show_traceback() -> bool:

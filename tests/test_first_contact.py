@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import kill_after, nan_from
+from conftest import tiny_config as _tiny
 from flax import nnx
 
 from flax_linoss import linen as fl
@@ -34,18 +35,6 @@ def _cli(*args, cwd=None, timeout=240, env=None):
         timeout=timeout,
         cwd=cwd,
     )
-
-
-def _tiny(**over):
-    config = default_config.get_tiny_config()
-    config.parallel.num_devices = 1
-    for key, value in over.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 TINY = "from flax_linoss.train.default_config import get_tiny_config as get_config\n"
@@ -223,6 +212,29 @@ def test_progress_shows_seconds_per_step_when_slow(monkeypatch):
     assert "3.00 s/step" in p.line(10, {"loss": 1.0})  # 10 steps in 30 s
     p.restart(10)
     assert "40.0 steps/s" in p.line(30, {"loss": 1.0})  # 20 steps in 0.5 s
+
+
+def test_step_cost_is_said_once_after_the_compiling_step_for_long_runs(monkeypatch):
+    clock = iter([10.0, 12.0, 14.0, 16.0])  # steps 1 (compiles), 2, 3, 4 done, 2 s apart
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    cost = metrics.StepCost(0, 100_000)
+    lines = [cost.observe(step) for step in (1, 2, 3, 4, 5, 6)]
+    assert lines[:3] == [None] * 3 and lines[4:] == [None, None]
+    assert lines[3].startswith("a step takes 2.00 s here (cpu, steps 2-4): the 99,996 steps ")
+    assert "would take 55h33m" in lines[3] and "wants an accelerator" in lines[3]
+    assert "--config.train.num_steps=N" in lines[3] and "--max_steps=N" in lines[3]
+    short = metrics.StepCost(0, 200)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: 0.0)
+    assert all(short.observe(step) is None for step in range(1, 10))
+
+
+def test_a_long_run_says_early_what_a_step_costs(tmp_path, tamper_train_stream, capsys):
+    tamper_train_stream(kill_after(8))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(_tiny(**{"train.num_steps": 10**7}), str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Training") and out[1].startswith("a step takes "), out
+    assert "wants an accelerator" in out[1]
 
 
 def _events(folder):
