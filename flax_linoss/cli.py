@@ -413,6 +413,7 @@ def _absl_main(argv: list[str]) -> None:
     if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from flax_linoss.train import workdir as workdir_lib
+    from flax_linoss.train.checkpoint import DamagedCheckpointError
 
     try:
         with workdir_lib.quiet_background_errors():
@@ -431,7 +432,10 @@ def _absl_main(argv: list[str]) -> None:
     except _user_errors() as e:
         if _show_traceback():
             raise
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, DamagedCheckpointError):  # Orbax's threads hold the failed reads
+            _exit(f"flax-linoss: error: {message}", 1)
+        _fail(message)
     except Exception as e:  # a full disk, a read-only folder: one line, not Orbax's pages
         message = workdir_lib.describe_failure(e, _RUN.get("workdir"))
         if message is None or _show_traceback():

@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from flax_linoss.train.workdir import exception_chain
+
 __all__ = [
     "DamagedCheckpointError",
     "IncompatibleCheckpointError",
@@ -61,17 +63,23 @@ _DAMAGE = re.compile(
 
 def is_damage(e: BaseException) -> bool:
     """Whether ``e`` (or an exception in its chain) says a checkpoint's bytes are bad."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ValueError | UnicodeDecodeError) and (
-            isinstance(e, json.JSONDecodeError | UnicodeDecodeError) or _DAMAGE.search(str(e))
-        ):
-            return True
-        if isinstance(e, FileNotFoundError | EOFError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(
+        isinstance(x, json.JSONDecodeError | UnicodeDecodeError | FileNotFoundError | EOFError)
+        or (isinstance(x, ValueError) and _DAMAGE.search(str(x)) is not None)
+        for x in exception_chain(e)
+    )
+
+
+def _first_readable(candidates: Iterable[Any], load: Callable[[Any], Any]):
+    """``(candidate, load(candidate))`` for the first candidate that reads, skipping damaged
+    ones quietly (a first look; :func:`newest_intact` reports them); ``None`` if none."""
+    for c in candidates:
+        try:
+            return c, load(c)
+        except Exception as e:
+            if not is_damage(e):
+                raise
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -193,14 +201,8 @@ class RunCheckpoints:
     def newest_meta(self) -> dict[str, Any] | None:
         """The meta of the newest checkpoint whose meta reads (damaged ones are reported by
         :meth:`restore_newest`), or ``None`` without checkpoints."""
-        steps = self.latest.all_steps()
-        for step in sorted(steps, reverse=True):
-            try:
-                return self.saved_meta(step)
-            except Exception as e:
-                if not is_damage(e):
-                    raise
-        return None
+        found = _first_readable(sorted(self.latest.all_steps(), reverse=True), self.saved_meta)
+        return None if found is None else found[1]
 
     def restore_newest(self, restore: Callable[[int], Any]) -> tuple[int, Any] | None:
         """``(step, restore(step))`` for the newest intact checkpoint (:func:`newest_intact`);
@@ -323,13 +325,10 @@ def _newest(workdir: str, which: str, load: Callable[[str, int], Any], *, warn: 
         )
     if warn:
         return newest_intact(candidates, lambda c: load(*c), lambda c: f"at step {c[1]} in {c[0]}")
-    for c in candidates:  # a first look (the signature): skip damaged ones quietly
-        try:
-            return c, load(*c)
-        except Exception as e:
-            if not is_damage(e):
-                raise
-    raise DamagedCheckpointError(f"every checkpoint in {workdir} is damaged")
+    found = _first_readable(candidates, lambda c: load(*c))  # a first look (the signature)
+    if found is None:
+        raise DamagedCheckpointError(f"every checkpoint in {workdir} is damaged")
+    return found
 
 
 def checkpoint_meta(workdir: str, *, which: str = "best") -> tuple[dict[str, Any], int]:

@@ -46,6 +46,7 @@ __all__ = [
     "WorkdirError",
     "check_workdir",
     "describe_failure",
+    "exception_chain",
     "latest_checkpoint_step",
     "total_train_seconds",
 ]
@@ -270,7 +271,8 @@ _READ_ONLY = re.compile(r"Read-only file system|\[Errno 30\]|os_error_code='30'"
 _DENIED = re.compile(r"Permission denied|\[Errno 13\]|os_error_code='13'")
 
 
-def _chain(e: BaseException):
+def exception_chain(e: BaseException):
+    """``e``, then its ``__cause__`` (or ``__context__``), and so on."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -302,7 +304,7 @@ def describe_failure(e: BaseException, workdir: str | None) -> str | None:
     """One line for a failure the user can fix (no space, quota, read-only, no permission)
     anywhere in ``e``'s chain, naming the workdir and the step a rerun resumes from; else
     ``None``."""
-    for x in _chain(e):
+    for x in exception_chain(e):
         code, text = getattr(x, "errno", None), str(x)
         for number, pattern, what, fix in _FAILURES:
             if code == number or pattern.search(text):
@@ -321,7 +323,8 @@ def describe_failure(e: BaseException, workdir: str | None) -> str | None:
 def quiet_background_errors():
     """While a command runs: drop the ERROR lines (and tracebacks) Orbax logs for a failure
     it raises again in the main thread (a full disk is logged a dozen times, Ctrl-C while
-    waiting for a save once); the command then reports it once."""
+    waiting for a save once), and the "Event loop is closed" that tensorstore's callbacks
+    print after a failed read; the command then reports the failure once."""
     import logging
 
     class _Filter(logging.Filter):
@@ -332,9 +335,17 @@ def quiet_background_errors():
                 and (record.exc_info or "raised an exception" in record.getMessage())
             )
 
-    logger, flt = logging.getLogger("absl"), _Filter()
+    def unraisable(u) -> None:  # a read that failed leaves tensorstore callbacks behind
+        if not (
+            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        ):
+            default(u)
+
+    logger, flt, default = logging.getLogger("absl"), _Filter(), sys.unraisablehook
     logger.addFilter(flt)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         logger.removeFilter(flt)
+        sys.unraisablehook = default
