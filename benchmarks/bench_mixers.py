@@ -67,16 +67,13 @@ def _step_profile(s, state):
             getattr(mem, k, 0) or 0
             for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
         )
+    params = int(np.sum([x.size for x in jax.tree.leaves(state.params)]))
     times = []
     for _ in range(6):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(dstate, batch))
+        dstate, _ = jax.block_until_ready(compiled(dstate, batch))  # the state is donated
         times.append(time.perf_counter() - t)
-    return (
-        statistics.median(times[1:]),
-        peak,
-        int(np.sum([x.size for x in jax.tree.leaves(state["params"])])),
-    )
+    return statistics.median(times[1:]), peak, params
 
 
 def run_one(task, mixer, length, steps, workdir):

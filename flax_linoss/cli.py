@@ -233,6 +233,29 @@ def _saved_config(workdir: str, argv: list[str], parsed):
     return config
 
 
+def _fit_mesh(config, overridden: list[str]) -> None:
+    """Evaluating a run on fewer devices than it trained on: the training mesh (its device
+    count, fsdp / model / seq sizes) is dropped for all devices here, data-parallel, when it
+    does not fit and the command line did not set it (checkpoints restore into any mesh)."""
+    import jax
+
+    p = config.parallel
+    keys = ["num_devices"] + [f"{axis}_axis_size" for axis in ("fsdp", "model", "sequence")]
+    if any(f"parallel.{k}" in overridden for k in keys):
+        return
+    here = jax.device_count()
+    devices = p.num_devices or here
+    if devices > here or devices % (p.fsdp_axis_size * p.model_axis_size * p.sequence_axis_size):
+        print(
+            f"The run's mesh ({', '.join(f'{k}={p[k]}' for k in keys)}) does not fit the "
+            f"{here} device(s) here; evaluating data-parallel on all of them.",
+            flush=True,
+        )
+        p.num_devices = 0
+        for k in keys[1:]:
+            p[k] = 1
+
+
 # ----------------------------------------------------------------------------------------
 # `flax-linoss config`
 
@@ -350,6 +373,7 @@ def _run_command(command: str, rest: list[str]) -> None:
         saved = os.path.join(workdir, "config.json")
         if _flag_value(sys.argv, "config") is None and os.path.exists(saved):
             config = _saved_config(workdir, sys.argv, _FLAGS["config"].value)
+            _fit_mesh(config, _override_keys(sys.argv))
         else:
             config = _FLAGS["config"].value
         _use_data_dir(config)

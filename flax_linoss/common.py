@@ -155,47 +155,147 @@ def running_batch_norm(
     return y.astype(x.dtype), (mean, var, initialized)
 
 
-def per_shard(fn, x: jax.Array, per_example: dict, replicated: dict):
-    """``fn(x, **per_example, **replicated)``, run per device under a mesh with explicit axes.
+#: Logical names of the recurrence's axes, read from the logical axis rules by
+#: :func:`per_shard`: the batch, the length, and the oscillators (``P``).
+BATCH_AXIS = "batch"
+LENGTH_AXIS = "length"
+OSCILLATOR_AXIS = "oscillator"
 
-    ``x [batch..., L, H]`` and every ``per_example`` array (leading axes ``batch...``) keep
-    the sharding of ``x``'s batch axes; the length and feature axes are gathered and the
-    ``replicated`` arrays (parameters) replicated, and ``fn`` runs inside ``shard_map`` on
-    each device's rows, as on one device. The output ``[batch..., L, H]`` (and any other
-    output with the batch axes in front) gets ``x``'s sharding back. Elsewhere (no mesh, or
-    automatic axes) this is just ``fn(...)``.
 
-    Why: explicit sharding refuses the recurrence's input projection when ``H`` is sharded
-    (tensor-parallel metadata shards it) and needs carry shardings the scans do not know;
-    per device the layer is an ordinary data-parallel computation.
+def _alternatives(rules, name):
+    """The mesh-axis tuples ``rules`` offer for logical ``name``, in order (``()`` for an
+    explicit ``None``, after which nothing else is offered)."""
+    for logical, axes in rules or ():
+        if logical != name:
+            continue
+        if axes is None:
+            yield ()
+            return
+        yield (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_mesh(names, rules, mesh_shape, shape=None) -> tuple:
+    """PartitionSpec entries for an array whose dimensions have logical ``names``.
+
+    ``rules`` are flax's ``(logical name, mesh axis | tuple of axes | None)`` pairs; a name
+    may appear several times: the first of its entries whose mesh axes are in
+    ``mesh_shape``, not taken by an earlier dimension of this array and (given ``shape``)
+    divide the dimension is used; otherwise the dimension is not sharded. Names without a
+    rule (and ``None``) are not sharded.
+
+    Args:
+      names: one logical name (or ``None``) per dimension.
+      rules: the logical axis rules.
+      mesh_shape: mesh axis name -> size.
+      shape: the array's shape, to skip entries that do not divide a dimension.
+
+    Returns:
+      One entry per dimension: ``None``, a mesh axis name or a tuple of them.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    explicit = jax.sharding.AxisType.Explicit
-    if mesh.empty or explicit not in tuple(mesh.axis_types):
-        return fn(x, **per_example, **replicated)
-    P = jax.sharding.PartitionSpec
-    spec = tuple(jax.typeof(x).sharding.spec)
-    spec = spec + (None,) * (x.ndim - len(spec))
-    lead = spec[:-2]
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        pick = None
+        for axes in _alternatives(rules, name) if name is not None else ():
+            if not axes:
+                break
+            if any(a not in mesh_shape or a in used for a in axes):
+                continue
+            if shape is not None and shape[i] % int(np.prod([mesh_shape[a] for a in axes])):
+                continue
+            pick = axes
+            break
+        if pick:
+            used.update(pick)
+        out.append(None if not pick else pick[0] if len(pick) == 1 else pick)
+    return tuple(out)
 
-    def rows(a):
-        return P(*lead, *([None] * (a.ndim - len(lead))))
 
-    per_example = {k: v for k, v in per_example.items() if v is not None}
-    replicated = {k: v for k, v in replicated.items() if v is not None}
-    args = (x, per_example, replicated)
-    specs = (rows(x), jax.tree.map(rows, per_example), jax.tree.map(lambda _: P(), replicated))
-    args = jax.tree.map(jax.sharding.reshard, args, specs)
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    out_shape = jax.eval_shape(lambda a, e, r: fn(a, **e, **r), *plain)
-    mapped = jax.shard_map(
-        lambda a, e, r: fn(a, **e, **r),
-        mesh=mesh,
-        in_specs=specs,
-        out_specs=jax.tree.map(rows, out_shape),
-        check_vma=False,
+def _axes_size(entry, sizes) -> int:
+    """The number of devices a PartitionSpec entry splits a dimension over."""
+    if entry is None:
+        return 1
+    return int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+
+def per_shard(fn, x: jax.Array, per_step: dict, state, params: dict, rules=None):
+    """The recurrence ``fn`` run per device, with the sharding the mesh and rules ask for.
+
+    ``fn(x, **per_step, initial_state=state, **params, sequence_axis=, oscillator_axis=)``
+    is :func:`flax_linoss.ops.linoss_apply` with the layer's options bound; ``x [batch..., L,
+    H]``, ``per_step`` arrays ``[batch..., L]`` (mask, segment ids), ``state`` leaves
+    ``[batch..., 2, P]`` (or ``None``), ``params`` ``a, dt, g [P]``, ``b [P, H, 2]``, ``c [H,
+    P, 2]``, ``d [H]``.
+
+    Under a mesh, the logical ``rules`` (flax's ``(name, mesh axes)`` pairs) say which mesh
+    axes split the first batch axis (``"batch"``), the length (``"length"``) and the
+    oscillators (``"oscillator"``); under explicit axes the batch axes keep ``x``'s own
+    sharding. ``fn`` then runs inside ``jax.shard_map`` on each device's rows, steps and
+    oscillators: the length through ``linoss_apply(..., sequence_axis=)`` (per-shard scan,
+    closed-form carry between shards), the oscillators through ``oscillator_axis=`` (each
+    device runs its own; the output projection's sum over ``P`` is the one reduction). The
+    parameters enter with their ``P`` axis split (whatever their sharding outside, e.g. over
+    an fsdp axis: gathered as they enter) and ``H`` whole. A masked or packed input keeps
+    its length whole (the shards' closed-form carry needs a time-invariant transition).
+    Without a mesh, inside ``shard_map`` / ``pmap``, or with nothing to split, this is
+    ``fn(...)`` (under a plain ``jit`` XLA partitions it).
+
+    Returns:
+      ``fn``'s output ``[batch..., L, H]`` (and its final state, ``[batch..., 2, P]``).
+    """
+    call = lambda x, per_step, state, params, **axes: fn(
+        x, **per_step, initial_state=state, **params, **axes
     )
-    out = mapped(*args)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Manual in tuple(mesh.axis_types):
+        return call(x, per_step, state, params)  # no mesh, or already per device
+    P = jax.sharding.PartitionSpec
+    explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    per_step = {k: v for k, v in per_step.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None}
+    sizes = dict(mesh.shape)
+    length = LENGTH_AXIS if not per_step else None  # flagged inputs keep their length whole
+    names = (BATCH_AXIS, length, OSCILLATOR_AXIS)
+    dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], params["a"].shape[0])
+    batch, seq, osc = (
+        None if _axes_size(a, sizes) == 1 else a for a in logical_to_mesh(names, rules, sizes, dims)
+    )
+    lead = (None,) * (x.ndim - 2)
+    if explicit:
+        spec = tuple(jax.typeof(x).sharding.spec)
+        lead = (spec + (None,) * x.ndim)[: x.ndim - 2]
+        taken = {a for e in lead if e for a in ((e,) if isinstance(e, str) else e)}
+        seq, osc = (None if a in taken else a for a in (seq, osc))
+    elif x.ndim > 2:
+        lead = (batch, *lead[1:])
+    if not explicit and lead == (None,) * (x.ndim - 2) and seq is None and osc is None:
+        return call(x, per_step, state, params)
+    row = P(*lead, seq, None)
+    specs = (
+        row,
+        {k: P(*lead, seq) for k in per_step},
+        None if state is None else jax.tree.map(lambda _: P(*lead, None, osc), state),
+        {
+            k: {"b": P(osc, None, None), "c": P(None, osc, None), "d": P()}.get(k, P(osc))
+            for k in params
+        },
+    )
+    args = (x, per_step, state, params)
+    if explicit:
+        args = jax.tree.map(jax.sharding.reshard, args, specs, is_leaf=lambda a: a is None)
+    axes = {"sequence_axis": seq, "oscillator_axis": osc}
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    out_shape = jax.eval_shape(lambda *a: call(*a), *plain)
+    out_specs = (
+        (row, jax.tree.map(lambda _: P(*lead, None, osc), out_shape[1]))
+        if isinstance(out_shape, tuple)
+        else row
+    )
+    out = jax.shard_map(
+        lambda *a: call(*a, **axes), mesh=mesh, in_specs=specs, out_specs=out_specs
+    )(*args)
+    if not explicit:
+        return out
     first = jax.tree.leaves(out)[0]
-    restored = jax.sharding.reshard(first, P(*spec))
+    restored = jax.sharding.reshard(first, P(*(tuple(jax.typeof(x).sharding.spec))))
     return jax.tree.unflatten(jax.tree.structure(out), [restored, *jax.tree.leaves(out)[1:]])

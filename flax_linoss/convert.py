@@ -75,6 +75,12 @@ def linen_to_nnx(variables: dict[str, Any], model: nnx.Module) -> nnx.Module:
     return model
 
 
+def path_names(keypath) -> tuple[str, ...]:
+    """A key path's names in the form both APIs share (see :func:`_canonical`), e.g.
+    ``("params", "blocks_3", "ssm", "b")`` for linen and nnx alike."""
+    return tuple(str(name) for _, name in _canonical(keypath))
+
+
 def _canonical(keypath) -> tuple:
     """A key path in a form both APIs share: list items join their name (``blocks``, 3 ->
     ``blocks_3``) and the ``value`` attribute of nnx variables is dropped."""

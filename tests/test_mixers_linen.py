@@ -1,6 +1,7 @@
 """flax_linoss.mixers.linen: the LinOSS mixer as a drop-in for linen attention.
 
-Proves, numerically: the lm1b example's language model trains and decodes with each mixer
+Proves, numerically: a small linen decoder language model (tests/linen_lm.py, whose blocks
+call ``nn.SelfAttention(...)(x, mask)`` the stock way) trains and decodes with each mixer
 swapped in by a config value (registry) and by the swap helper; a prefill + one-token
 decode equals the full forward pass (float32 and bfloat16); padding never influences valid
 outputs (all mask forms, left/right/middle padding); packed segments equal running them
@@ -15,7 +16,7 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import lm1b_model as lm
+import linen_lm as lm
 import numpy as np
 import optax
 import pytest
@@ -35,13 +36,12 @@ VOCAB, LENGTH, BATCH = 16, 16, 4
 
 
 def _config(**kw):
-    return lm.TransformerConfig(
+    return lm.LMConfig(
         vocab_size=VOCAB,
-        output_vocab_size=VOCAB,
-        emb_dim=32,
+        width=32,
         num_heads=2,
         num_layers=1,
-        qkv_dim=32,
+        qkv_features=32,
         mlp_dim=64,
         max_len=LENGTH,
         dropout_rate=0.1,
@@ -51,7 +51,7 @@ def _config(**kw):
 
 
 def _pattern_tokens(batch=BATCH, length=LENGTH, period=5):
-    """A repeated pattern 1..period (tokens > 0: lm1b treats 0 as padding)."""
+    """A repeated pattern 1..period (tokens > 0: linen_lm treats 0 as padding)."""
     offsets = np.arange(batch)[:, None]
     return jnp.asarray((np.arange(length)[None] + offsets) % period + 1, jnp.int32)
 
@@ -62,12 +62,11 @@ def _xent(logits, tokens):
 
 
 def _mixer_params(params):
-    block = params["decoder"]["encoderdecoderblock_0"]
-    return {k for k in block if not k.startswith(("LayerNorm", "MlpBlock"))}
+    return set(params["block_0"]) - {"attn_norm", "mlp_norm", "mlp_in", "mlp_out"}
 
 
 class _LM:
-    """Jitted init / forward / train step / decoding of the lm1b copy for one config.
+    """Jitted init / forward / train step / decoding of ``linen_lm.DecoderLM`` for one config.
 
     Each function is traced on its first call (linen looks the attention class up then, so
     under swap_attention the first call must happen inside the block).
@@ -81,7 +80,7 @@ class _LM:
         tx = optax.adam(1e-2)
 
         def loss(p, key):
-            logits = lm.TransformerLM(train_cfg).apply({"params": p}, tokens, rngs={"dropout": key})
+            logits = lm.DecoderLM(train_cfg).apply({"params": p}, tokens, rngs={"dropout": key})
             return _xent(logits, tokens)
 
         def train_step(p):
@@ -90,16 +89,16 @@ class _LM:
             return optax.apply_updates(p, updates)
 
         def decode_step(p, cache, x):
-            out, mut = lm.TransformerLM(dec_cfg).apply(
+            out, mut = lm.DecoderLM(dec_cfg).apply(
                 {"params": p, "cache": cache}, x, mutable=["cache"]
             )
             return out, mut["cache"]
 
         # flax convention: init of the decode model on a full-length input creates the
         # params and the (zero) cache; the params are those of the non-decode model.
-        self.init_fn = lambda: nn.unbox(lm.TransformerLM(dec_cfg).init(jax.random.key(0), tokens))
+        self.init_fn = lambda: nn.unbox(lm.DecoderLM(dec_cfg).init(jax.random.key(0), tokens))
         self._init = jax.jit(self.init_fn)
-        self.forward = jax.jit(lambda p: lm.TransformerLM(eval_cfg).apply({"params": p}, tokens))
+        self.forward = jax.jit(lambda p: lm.DecoderLM(eval_cfg).apply({"params": p}, tokens))
         self.train_step = jax.jit(train_step)
         self._decode_step = jax.jit(decode_step)
 
@@ -132,28 +131,30 @@ def _check_trains_and_decodes(model, params, cache, prefill):
 
 @pytest.mark.filterwarnings("ignore:SelfAttention will be deprecated")
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_lm1b_with_mixer_from_config_and_swap_helper(mixer):
-    """The lm1b model with each mixer, picked (a) by one config value (registry) and (b) by
+def test_lm_with_mixer_from_config_and_swap_helper(mixer):
+    """The test LM with each mixer, picked (a) by one config value (registry) and (b) by
     swap_attention around the stock `nn.SelfAttention(...)(x, decoder_mask)` code.
 
     (a) trains one step and decodes (prompt of 5, then one token at a time) exactly like
     the full forward pass. (b) builds the very same parameters, computes the same logits
     and decodes the same through the `SelfAttention`-signature subclass; its training step
-    is the same function and is run for d-linoss in `test_lm1b_swap_helper_trains`.
+    is the same function and is run for d-linoss in `test_lm_swap_helper_trains`.
     """
     model = _LM(config_mixer=mixer)
     params, cache = model.init()
     assert _mixer_params(params) == {f"{CLASS_NAME[mixer]}_0"}
-    assert jax.tree.map(jnp.shape, cache["decoder"]["encoderdecoderblock_0"]) == {
+    assert jax.tree.map(jnp.shape, cache["block_0"]) == {
         f"{CLASS_NAME[mixer]}_0": {
             "cache_index": (),
+            "last_index": (BATCH,),
+            "segment_id": (BATCH,),
             "state_y": (BATCH, 2, 32),
             "state_z": (BATCH, 2, 32),
         }
     }
     new_params = _check_trains_and_decodes(model, params, cache, prefill=5)
 
-    stock = _LM(config_mixer=None)  # the example's own line: nn.SelfAttention
+    stock = _LM(config_mixer=None)  # the stock line: nn.SelfAttention(...)(x, mask)
     with swap_attention(mixer):
         # Shapes only (tracing, no compile): the swapped model has the same variables.
         shapes = jax.eval_shape(stock.init_fn)
@@ -168,16 +169,11 @@ def test_lm1b_with_mixer_from_config_and_swap_helper(mixer):
             rtol=1e-5,
         )
     # Outside the block the stock model is attention again.
-    assert (
-        "SelfAttention_0"
-        in jax.eval_shape(_LM(config_mixer=None).init_fn)["params"]["decoder"][
-            "encoderdecoderblock_0"
-        ]
-    )
+    assert "SelfAttention_0" in jax.eval_shape(_LM(config_mixer=None).init_fn)["params"]["block_0"]
 
 
 @pytest.mark.filterwarnings("ignore:SelfAttention will be deprecated")
-def test_lm1b_swap_helper_trains():
+def test_lm_swap_helper_trains():
     stock = _LM(config_mixer=None)
     with swap_attention("d-linoss"):
         params, _ = stock.init()
@@ -187,9 +183,9 @@ def test_lm1b_swap_helper_trains():
     assert after < before - 1e-3, (before, after)
 
 
-def test_lm1b_with_stock_attention():
-    """The test model itself is sound with flax attention: its one-token decoding through
-    the (modified) position embedding equals the full forward pass."""
+def test_lm_with_stock_attention():
+    """The test model itself is sound with flax attention: its one-token decoding (position
+    offset and attention keys in the cache) equals the full forward pass."""
     model = _LM(config_mixer="attention")
     params, cache = model.init()
     assert _mixer_params(params) == {"MultiHeadDotProductAttention_0"}
@@ -198,10 +194,11 @@ def test_lm1b_with_stock_attention():
     )
 
 
-def test_lm1b_packed_segments_equal_alone():
-    """lm1b packing (block-diagonal mask, positions, padding): each segment as if alone."""
+def test_lm_packed_segments_equal_alone():
+    """Packing (block-diagonal mask, per-segment positions, padding): each segment as if
+    alone."""
     cfg = _config(mixer="d-linoss", deterministic=True)
-    model = lm.TransformerLM(cfg)
+    model = lm.DecoderLM(cfg)
     seg_a = jnp.array([3, 1, 4, 1, 5, 9], jnp.int32) % VOCAB
     seg_b = jnp.array([2, 6, 5, 3, 5, 8, 9], jnp.int32) % VOCAB
     pad = 3
@@ -210,9 +207,7 @@ def test_lm1b_packed_segments_equal_alone():
     positions = jnp.array([list(range(6)) + list(range(7)) + [0] * pad])
     params = jax.jit(model.init)(jax.random.key(0), row)["params"]
     apply = jax.jit(model.apply)
-    packed = apply(
-        {"params": params}, row, inputs_positions=positions, inputs_segmentation=segmentation
-    )
+    packed = apply({"params": params}, row, positions=positions, segment_ids=segmentation)
     alone_a = apply({"params": params}, seg_a[None])
     alone_b = apply({"params": params}, seg_b[None])
     np.testing.assert_allclose(packed[:, :6], alone_a, atol=1e-5, rtol=1e-5)
@@ -501,7 +496,7 @@ def test_cross_attention_is_rejected():
         ((3, 1, 10, 9), "query/key lengths"),
         ((3, 1, 1, 10), "query/key lengths"),  # a decode-style mask
         ((2, 1, 10, 10), "cannot broadcast"),
-        ((3, 10, 10), "rank 3"),
+        ((3, 1, 1, 10, 10), "rank 5"),
     ],
 )
 def test_bad_mask_shapes(shape, match):

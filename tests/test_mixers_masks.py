@@ -58,7 +58,12 @@ def test_per_step_mask_and_broadcasting():
 
 @pytest.mark.parametrize(
     ("shape", "match"),
-    [((4,), "cannot broadcast"), ((2, 1, 4, 5), "query/key lengths"), ((2, 5, 5), "rank 3")],
+    [
+        ((4,), "cannot broadcast"),
+        ((2, 1, 4, 5), "query/key lengths"),
+        ((2, 1, 1, 5, 5), "rank 5"),
+        ((2, 5, 7), "query/key lengths"),
+    ],
 )
 def test_bad_shapes(shape, match):
     with pytest.raises(ValueError, match=match):

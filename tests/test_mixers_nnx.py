@@ -235,9 +235,12 @@ def test_errors():
     bi = LinOSSMixer(in_features=8, bidirectional=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="is_causal"):
         bi(x, is_causal=True)
-    bi.init_cache(x.shape)
+    with pytest.raises(ValueError, match="cannot decode"):
+        bi.init_cache(x.shape)
     with pytest.raises(ValueError, match="cannot decode"):
         bi(x, decode=True)
+    with pytest.raises(ValueError, match="cannot decode"):
+        bi.init_state((2,))
     with pytest.raises(TypeError, match="in_features"):
         LinOSSMixer(rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="discretization"):

@@ -122,7 +122,7 @@ def test_nnx_with_logical_axis_rules():
 
 @pytest.mark.parametrize("mixer", ["d-linoss,attention"])
 def test_library_transformer_trains_under_an_explicit_mesh(mixer):
-    from flax_linoss.nnx import TransformerLM
+    from flax_linoss.models import TransformerLM
 
     mesh = jax.make_mesh((2, 1), ("batch", "model"), devices=jax.devices()[:2])
     with jax.set_mesh(mesh):

@@ -1,5 +1,6 @@
-"""Sequence parallelism: linoss_apply(..., sequence_axis=) inside shard_map over 8 CPU devices
-equals the float64 step-by-step reference of the whole sequence, values and gradients."""
+"""Sequence and oscillator parallelism: linoss_apply(..., sequence_axis=, oscillator_axis=)
+inside shard_map over 8 CPU devices equals the float64 step-by-step reference of the whole
+sequence and all oscillators, values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,32 @@ from flax_linoss import ops
 def rel_err(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def _assert_equals_reference(sharded, reference, args, ct, ct_z):
+    """Values and gradients of ``sharded(*args) -> (out, state)`` (float32) against
+    ``reference(*args) -> (out, z_L as [N, 2, P])`` (float64), through ``sum(ct * out) +
+    sum(ct_z * z_L)``."""
+    argnums = tuple(range(len(args)))
+
+    def loss(*p):
+        out, state = sharded(*p)
+        return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), (out, state.z)
+
+    grads, (out, z) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args)
+    with jax.enable_x64(True):
+
+        def ref_loss(*p):
+            out, z_l = reference(*p)
+            return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), (out, z_l)
+
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        grad_ref = jax.grad(ref_loss, argnums=argnums, has_aux=True)
+        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
+    assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
+    assert rel_err(z, ref_z) < 3e-5, ("final state", rel_err(z, ref_z))
+    for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
+        assert rel_err(gr, rg) < 3e-5, (f"d/d{name}", rel_err(gr, rg))
 
 
 def _mesh():
@@ -61,34 +88,18 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
             p[0], state0, *p[1:]
         )
 
-    def loss(*p):
-        out, state = sharded(*p)
-        return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), (out, state)
+    def reference(*p):
+        out, z_l, _ = reference_apply(
+            flip(p[0]),
+            *p[1:6],
+            p[6] if disc == "damped" else None,
+            discretization=disc,
+            z0=z0,
+            y0=y0,
+        )
+        return flip(out), jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
 
-    grads, (out, state) = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
-
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                flip(p[0]),
-                *p[1:6],
-                p[6] if disc == "damped" else None,
-                discretization=disc,
-                z0=z0,
-                y0=y0,
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * flip(out)) + jnp.sum(ct_z * z_l), (flip(out), z_l)
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
-
-    assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
-    assert rel_err(state.z, ref_z) < 3e-5, ("final state", rel_err(state.z, ref_z))
-    for name, gr, rg in zip("u a dt b c d g".split(), grads, ref_grads):
-        assert rel_err(gr, rg) < 3e-5, (f"d/d{name}", rel_err(gr, rg))
+    _assert_equals_reference(sharded, reference, args, ct, ct_z)
 
 
 def test_sequence_axis_errors_are_clear():
@@ -97,3 +108,58 @@ def test_sequence_axis_errors_are_clear():
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq")
     with pytest.raises(ValueError, match="sequence_axis with `mask`"):
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq", mask=np.ones((1, 16), bool))
+
+
+# Oscillators split over "osc" (each device runs its own, the output projection is summed
+# across the axis), alone and with the sequence split over "seq" too; a mask (held steps)
+# on the oscillator split alone.
+@pytest.mark.parametrize(
+    ("scan", "disc", "seq", "masked"),
+    [("auto", "damped", 4, False), ("adjoint", "im", 1, True), ("chunked", "imex", 2, False)],
+)
+def test_oscillators_split_over_an_axis_equal_all_oscillators(scan, disc, seq, masked):
+    osc = 8 // seq
+    mesh = jax.make_mesh((seq, osc), ("seq", "osc"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    length, num_osc = 6 * seq, 2 * osc
+    u, a, dt, b, c, d, g = random_problem(seq, 2, length, 3, num_osc, disc)
+    rng = np.random.default_rng(seq)
+    ct = rng.normal(size=u.shape).astype(np.float32)
+    ct_z = rng.normal(size=(2, 2, num_osc)).astype(np.float32)
+    mask = rng.uniform(size=(2, length)) > 0.3 if masked else None
+    nargs = 7 if disc == "damped" else 6
+    args = (u, a, dt, b, c, d, g)[:nargs]
+    seq_axis = "seq" if seq > 1 else None
+
+    def sharded(*p):
+        def local(u, mask, *params):
+            return ops.linoss_apply(
+                u,
+                *params[:5],
+                g=params[5] if disc == "damped" else None,
+                discretization=disc,
+                scan=scan,
+                mask=mask,
+                return_state=True,
+                sequence_axis=seq_axis,
+                oscillator_axis="osc",
+            )
+
+        specs = (P(None, seq_axis), P(None, seq_axis), P("osc"), P("osc"), P("osc"))
+        specs += (P(None, "osc"), P()) + (P("osc"),) * (nargs - 6)
+        out_specs = (P(None, seq_axis), ops.LinOSSState(P(None, None, "osc"), P(None, None, "osc")))
+        fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs)
+        return fn(p[0], mask, *p[1:])
+
+    def reference(*p):
+        out, z_l, _ = reference_apply(
+            *p[:6], p[6] if disc == "damped" else None, discretization=disc, valid=mask
+        )
+        return out, jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
+
+    _assert_equals_reference(sharded, reference, args, ct, ct_z)
+
+
+def test_oscillator_axis_outside_shard_map_is_a_clear_error():
+    u, a, dt, b, c, d, _ = random_problem(0, 1, 16, 2, 3, "im")
+    with pytest.raises(ValueError, match="oscillator_axis='osc' is not a mesh axis"):
+        ops.linoss_apply(u, a, dt, b, c, d, oscillator_axis="osc")

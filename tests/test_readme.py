@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -13,8 +14,22 @@ def test_the_readme_has_code_blocks():
     assert len(BLOCKS) >= 6
 
 
+def _gemma_example(monkeypatch) -> dict:
+    """Blocks written for flax's ``examples/gemma`` folder (``import modules``, ``import
+    transformer``, a ``config``) run on its stand-in, ``tests/gemma_style``."""
+    from gemma_style import modules, transformer
+    from gemma_style.transformer_cfg import TransformerConfig
+
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "transformer", transformer)
+    return {"config": TransformerConfig.tiny()}
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, capsys):
+def test_readme_block_runs(index, capsys, monkeypatch):
     code = BLOCKS[index]
-    exec(compile(code, f"README.md block {index}", "exec"), {"__name__": f"readme_{index}"})
+    namespace = {"__name__": f"readme_{index}"}
+    if "import modules\nimport transformer\n" in code:
+        namespace.update(_gemma_example(monkeypatch))
+    exec(compile(code, f"README.md block {index}", "exec"), namespace)
     assert capsys.readouterr().out.strip()  # every block prints what it made

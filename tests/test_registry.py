@@ -1,4 +1,5 @@
-"""flax_linoss.mixers.registry: mixer names, registration, and the attention swap helper.
+"""flax_linoss.mixers.registry and flax_linoss.zoo.swap: mixer names, registration, and the
+attention swap helper.
 
 Cheap (no compilation): what is registered, that get_mixer returns the right classes, that
 registering guards against silent overwrites, and that swap_attention patches exactly the
@@ -75,42 +76,72 @@ def test_register_and_errors():
         register_mixer("", linen_mixers.LinOSSMixer)
 
 
+class _UsesSelfAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.SelfAttention(num_heads=1)(x)
+
+
 def test_swap_attention_linen_patches_and_restores():
     import flax.linen.attention as attention
+    import jax
+    import jax.numpy as jnp
 
     originals = {a: getattr(nn, a) for a in ("MultiHeadDotProductAttention", "MultiHeadAttention")}
     self_attention = nn.SelfAttention
     # A user module that bound the class at import time (`from flax.linen import ...`).
     user = types.SimpleNamespace(SelfAttention=nn.SelfAttention, other=1)
-    with swap_attention("d-linoss", namespaces=[user]) as cls:
-        assert cls is linen_mixers.DLinOSSMixer
-        assert nn.MultiHeadDotProductAttention is cls
-        assert attention.MultiHeadAttention is cls
-        assert issubclass(nn.SelfAttention, cls) and nn.SelfAttention.__name__ == "DLinOSSMixer"
+    x = jnp.ones((1, 3, 4))
+    with swap_attention("d-linoss", namespaces=[user]) as swap:
+        assert swap.classes == (linen_mixers.DLinOSSMixer,)
+        built = nn.MultiHeadDotProductAttention()
+        assert type(built) is linen_mixers.DLinOSSMixer
+        assert isinstance(built, attention.MultiHeadAttention)  # the patched name
+        params = _UsesSelfAttention().init(jax.random.key(0), x)["params"]
+        assert list(params) == ["DLinOSSMixer_0"]  # SelfAttention built the mixer
+        assert issubclass(swap.built[-1], linen_mixers.DLinOSSMixer)
+        assert swap.built[-1].__name__ == "DLinOSSMixer"
         assert user.SelfAttention is nn.SelfAttention
         assert user.other == 1
         with swap_attention("linoss-im"):  # nesting: the inner block wins
-            assert nn.MultiHeadDotProductAttention is linen_mixers.LinOSSMixer
-        assert nn.MultiHeadDotProductAttention is cls
+            assert type(nn.MultiHeadDotProductAttention()) is linen_mixers.LinOSSMixer
+        assert type(nn.MultiHeadDotProductAttention()) is linen_mixers.DLinOSSMixer
     for a, orig in originals.items():
         assert getattr(nn, a) is orig and getattr(attention, a) is orig
     assert nn.SelfAttention is self_attention and user.SelfAttention is self_attention
 
     with pytest.raises(RuntimeError), swap_attention(linen_mixers.LinOSSMixer):
-        raise RuntimeError("boom")
+        raise RuntimeError("boom")  # the body's error, not the "nothing built" one
     assert nn.MultiHeadDotProductAttention is originals["MultiHeadDotProductAttention"]
 
 
 def test_swap_attention_nnx():
     original = nnx.MultiHeadAttention
-    with swap_attention("linoss-imex", api="nnx") as cls:
-        assert nnx.MultiHeadAttention is cls is nnx_mixers.LinOSSIMEXMixer
+    with swap_attention("linoss-imex", api="nnx") as swap:
         layer = nnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
-    assert isinstance(layer, nnx_mixers.LinOSSIMEXMixer)
+        assert isinstance(layer, nnx.MultiHeadAttention)
+    assert type(layer) is nnx_mixers.LinOSSIMEXMixer
+    assert swap.built == [nnx_mixers.LinOSSIMEXMixer]
     assert nnx.MultiHeadAttention is original
 
 
+def test_swap_attention_raises_when_nothing_was_built():
+    with pytest.raises(ValueError, match=r"no flax\.nnx.*MultiHeadAttention was built"):
+        with swap_attention("linoss-im", api="nnx"):
+            pass
+    assert nnx.MultiHeadAttention.__name__ == "MultiHeadAttention"
+    with pytest.raises(ValueError, match="names no mixer"):
+        with swap_attention("attention,attention", api="nnx"):
+            pass
+    with pytest.raises(ValueError, match="cannot import target"):
+        with swap_attention("linoss-im", target="flax_linoss.NoSuchClass"):
+            pass
+    with pytest.raises(KeyError, match="No adapter 'nope'"):
+        with swap_attention("linoss-im", target=nnx.MultiHeadAttention, adapter="nope"):
+            pass
+
+
 def test_swap_attention_self_attention_needs_a_class():
-    with pytest.raises(TypeError, match="linen Module class"), swap_attention(lambda **kw: None):
+    with pytest.raises(TypeError, match="mixer class"), swap_attention(lambda **kw: None):
         pass
     assert nn.SelfAttention.__name__ == "SelfAttention"

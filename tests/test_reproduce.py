@@ -161,7 +161,7 @@ def test_one_seed_drives_split_and_init(shared_data_dir):
 def test_two_seeds_initialise_differently_the_same_seed_identically():
     def init(seed):
         config = _tiny(seed)
-        return trainer.create_train_state(trainer.setup(config))["params"]
+        return trainer.create_train_state(trainer.setup(config)).params
 
     a, b, a2 = init(1), init(2), init(1)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

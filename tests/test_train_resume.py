@@ -1,5 +1,6 @@
-"""A run killed with SIGKILL (once during a checkpoint save, once at a random moment) and
-restarted ends with parameters bit-identical to an uninterrupted run (real subprocesses)."""
+"""A sharded run (4 devices: fsdp=2 x model=2) killed with SIGKILL (once during a checkpoint
+save, once at a random moment) and restarted ends with parameters bit-identical to an
+uninterrupted run (real subprocesses)."""
 
 import os
 import pathlib
@@ -29,6 +30,8 @@ def get_config():
     config.train.eval_every = 30
     config.train.log_every = 10
     config.model.dropout_rate = 0.1  # dropout keys must resume exactly too
+    config.parallel.fsdp_axis_size = 2  # parameters and optimiser state sharded, 2 x 2
+    config.parallel.model_axis_size = 2
     return config
 """
 
@@ -36,7 +39,7 @@ def get_config():
 def _env(tmp_path):
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = ""  # one CPU device: the fastest here
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -3,12 +3,14 @@ stopping, NaN stop, refusal of an incompatible workdir, restore into other devic
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import nan_from
+from conftest import kill_after, nan_from
 from conftest import tiny_config as _tiny
 
 from flax_linoss.train import checkpoint as ckpt_lib
@@ -25,7 +27,7 @@ def _final_params(workdir, framework="linen"):
     step = mngr.latest_step()
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
-    return step, jax.tree.map(np.asarray, out["state"]["params"])
+    return step, jax.tree.map(np.asarray, out["state"].params)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,3 +131,70 @@ def test_restore_into_other_device_counts(run_a):
         assert o["test_loss"] == pytest.approx(outs[0]["test_loss"], rel=1e-5)
     latest = trainer.evaluate(_tiny(**{"parallel.num_devices": 4}), workdir, which="latest")
     assert latest["step"] == 24
+
+
+def test_resume_onto_another_mesh_and_eval_on_one_device(tmp_path, tamper_train_stream):
+    # 8 devices (data=2, fsdp=2, model=2) -> killed at step 4 -> 2 devices data-parallel ->
+    # killed at step 8 -> back to the 8-device mesh: the same run as an uninterrupted one.
+    sharded = {
+        "parallel.num_devices": 8,
+        "parallel.fsdp_axis_size": 2,
+        "parallel.model_axis_size": 2,
+        "model.dropout_rate": 0.0,
+        "train.num_steps": 12,
+        "train.log_every": 4,
+        "train.checkpoint_every": 4,
+        "train.eval_every": 12,
+    }
+    data_only = {
+        **sharded,
+        "parallel.num_devices": 2,
+        "parallel.fsdp_axis_size": 1,
+        "parallel.model_axis_size": 1,
+    }
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    trainer.train_and_evaluate(_tiny(**sharded), ref_dir)
+    tamper_train_stream(kill_after(4))
+    for over in (sharded, data_only):
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train_and_evaluate(_tiny(**over), run_dir)
+    tamper_train_stream.undo()
+    assert trainer.train_and_evaluate(_tiny(**sharded), run_dir)["final_step"] == 12
+
+    def final_state(workdir):
+        s = trainer.setup(_tiny(**sharded))
+        mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+        assert mngr.all_steps() == [8, 12]
+        out = mngr.restore(
+            12, args=ocp.args.Composite(state=ocp.args.StandardRestore(s.abstract_state))
+        )
+        mngr.close()
+        return jax.tree.map(np.asarray, out["state"])
+
+    ref, got = final_state(ref_dir), final_state(run_dir)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    train = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if r["split"] == "train"]
+    assert [s for s, _ in train(run_dir)] == [4, 8, 12]
+    np.testing.assert_allclose(train(run_dir), train(ref_dir), rtol=1e-4)
+
+    # `flax-linoss eval` on one device restores the sharded checkpoint (the run's saved
+    # config names a mesh of 8; it is dropped to fit).
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "flax_linoss", "eval", f"--workdir={run_dir}", "--which=latest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "does not fit the 1 device(s) here" in out.stdout
+    here = trainer.evaluate(_tiny(**sharded), run_dir, which="latest")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("Checkpoint step 12"))
+    assert line == (
+        f"Checkpoint step 12: val accuracy {here['val_accuracy']:.4f} | test accuracy "
+        f"{here['test_accuracy']:.4f}"
+    )

@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 from flax_linoss import convert
-from flax_linoss import linen as fl
-from flax_linoss import nnx as fn
+from flax_linoss import models as fn
 from flax_linoss.mixers import registry
-from flax_linoss.nnx.transformer import mixer_pattern
+from flax_linoss.models import linen as fl
+from flax_linoss.models import mixer_pattern
 
 OPTIONS = {"state_size": 8}
 
@@ -59,11 +59,14 @@ def test_linen_equals_nnx(mixer):
 
 @pytest.mark.parametrize("mixer", ["attention", "d-linoss", "linoss-im,attention"])
 def test_decoding_through_the_caches_equals_the_full_pass(mixer):
+    """A 4-token prompt in one call (attention blocks take it token by token), then one
+    token per call: every pattern decodes any number of new tokens per call."""
     tokens = _tokens(length=10)
     model = _nnx(mixer)
     full = model(tokens, deterministic=True)
     model.init_cache(tokens.shape[0], tokens.shape[1])
-    steps = [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(10)]
+    steps = [model(tokens[:, :4], decode=True, deterministic=True)]
+    steps += [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(4, 10)]
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
 
@@ -180,12 +183,12 @@ def test_the_train_step_passes_packing_to_the_model():
     }
     packed = {**batch, "segment_ids": jnp.array([[1] * 5 + [2] * 7] * 2)}
     step = trainer.make_step_fn(fns, trainer.make_optimizer(config))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
+    state = trainer.TrainState(
+        step=jnp.zeros((), jnp.int32),
         **variables,
-        "opt_state": trainer.make_optimizer(config).init(variables["params"]),
-        "rng": jax.random.key(1),
-    }
+        opt_state=trainer.make_optimizer(config).init(variables["params"]),
+        rng=jax.random.key(1),
+    )
     plain_loss = step(state, batch, None)[1]["loss"]
     packed_loss = step(state, packed, None)[1]["loss"]
     assert not np.isclose(plain_loss, packed_loss)

@@ -1,6 +1,5 @@
 """Flax linen modules of flax-linoss, derived from the nnx ones (same parameter trees)."""
 
 from flax_linoss.linen.layers import LinOSSBlock, LinOSSLayer, LinOSSModel, RunningBatchNorm
-from flax_linoss.linen.transformer import TransformerLM
 
-__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm", "TransformerLM"]
+__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm"]

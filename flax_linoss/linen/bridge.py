@@ -33,7 +33,7 @@ from flax import nnx
 from flax.core import meta
 from flax.nnx import variablelib
 
-__all__ = ["NnxSkin", "Size", "derive", "linen_path"]
+__all__ = ["NnxSkin", "Size", "derive", "linen_path", "nnx_fields"]
 
 
 def linen_path(path: tuple) -> tuple[str, ...]:
@@ -129,9 +129,12 @@ class NnxSkin(nn.Module):
                 prepare(module, True)
             loaded: dict[int, Any] = {}
         else:
-            module = nnx.eval_shape(
-                lambda: self.build(inputs, nnx.Rngs(params=0, dropout=0), scratch)
-            )
+            # Built abstractly to receive the stored variables: no sharding at construction
+            # (logical axis rules in effect for the call are for the computation).
+            with nn.logical_axis_rules(()):
+                module = nnx.eval_shape(
+                    lambda: self.build(inputs, nnx.Rngs(params=0, dropout=0), scratch)
+                )
             if prepare is not None:
                 prepare(module, False)
             loaded = self._load(module)
@@ -194,6 +197,30 @@ def _deterministic(skin: nn.Module, kwargs: dict[str, Any]) -> bool | None:
     return nn.merge_param("deterministic", skin.deterministic, kwargs.pop("deterministic", None))
 
 
+def nnx_fields(
+    nnx_class: type[nnx.Module],
+    names: list[str] | None = None,
+    *,
+    exclude: tuple[str, ...] = (),
+    linen_defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Linen dataclass fields (a class namespace: ``__annotations__`` and defaults) taken
+    from ``nnx_class``'s constructor: the arguments ``names`` (default: all of them, less
+    ``self``, ``rngs`` and ``exclude``), in that order, with the nnx annotations and
+    defaults (``linen_defaults`` override a default)."""
+    params = inspect.signature(nnx_class.__init__).parameters
+    if names is None:
+        names = [n for n in params if n not in ("self", "rngs", *exclude)]
+    linen_defaults = dict(linen_defaults or {})
+    namespace: dict[str, Any] = {"__annotations__": {n: params[n].annotation for n in names}}
+    for name in names:
+        if name in linen_defaults:
+            namespace[name] = linen_defaults[name]
+        elif params[name].default is not inspect.Parameter.empty:
+            namespace[name] = params[name].default
+    return namespace
+
+
 def derive(
     nnx_class: type[nnx.Module],
     *,
@@ -216,20 +243,9 @@ def derive(
       ``__call__``'s arguments. A ``deterministic`` field follows linen's ``merge_param``
       rule, and dropout keys come from the ``"dropout"`` stream.
     """
-    linen_defaults = dict(linen_defaults or {})
-    params = [
-        p
-        for name, p in inspect.signature(nnx_class.__init__).parameters.items()
-        if name not in ("self", "rngs", *inferred)
-    ]
-    annotations = {p.name: p.annotation for p in params}
-    namespace: dict[str, Any] = {"__annotations__": annotations, "__module__": module}
-    for p in params:
-        if p.name in linen_defaults:
-            namespace[p.name] = linen_defaults[p.name]
-        elif p.default is not inspect.Parameter.empty:
-            namespace[p.name] = p.default
-    names = [p.name for p in params]
+    namespace = nnx_fields(nnx_class, exclude=tuple(inferred), linen_defaults=linen_defaults)
+    namespace["__module__"] = module
+    names = list(namespace["__annotations__"])
     has_deterministic = "deterministic" in names
 
     def build(self, inputs, rngs, scratch):

@@ -25,20 +25,22 @@ class maps the linen attention's fields, collections and conventions onto it thr
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
 from flax_linoss import ops
-from flax_linoss.linen.bridge import NnxSkin
+from flax_linoss.linen.bridge import NnxSkin, nnx_fields
 from flax_linoss.mixers import base
 from flax_linoss.mixers import nnx as nnx_mixers
-from flax_linoss.ops.params import STABLE
+from flax_linoss.mixers import state as state_lib
+from flax_linoss.mixers.state import MixerState
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -58,114 +60,88 @@ def _unboxing(init: Initializer, boxes: dict[str, meta.AxisMetadata], name: str)
     return wrapped
 
 
-class LinOSSMixer(NnxSkin):
-    """LinOSS / D-LinOSS self-mixer with the interface of ``nn.MultiHeadDotProductAttention``.
+#: Fields of ``nn.MultiHeadDotProductAttention``, in its order (the mixer's first fields, so
+#: positional construction works as for attention).
+_ATTENTION_FIELDS = [
+    f.name
+    for f in dataclasses.fields(nn.MultiHeadDotProductAttention)
+    if f.init and f.name not in ("parent", "name")
+]
+#: nnx-only constructor arguments: sizes read off the input, nnx's RNG and metadata
+#: conventions (linen boxes initialisers instead), and options linen attention lacks.
+_NNX_ONLY = (
+    "in_features",
+    "num_kv_heads",
+    "in_kv_features",
+    "qkv_promote_dtype",
+    "out_promote_dtype",
+    "ln_promote_dtype",
+    "keep_rngs",
+    "kernel_metadata",
+    "out_kernel_metadata",
+    "bias_metadata",
+    "out_bias_metadata",
+    "query_ln_scale_metadata",
+    "key_ln_scale_metadata",
+)
+_NNX_ARGS = [
+    n
+    for n in inspect.signature(nnx_mixers.LinOSSMixer.__init__).parameters
+    if n not in ("self", "rngs", *_NNX_ONLY)
+]
 
-    Causal by construction (unless ``bidirectional``); self-mixing only.
 
-    Attention arguments and what they mean here:
-      num_heads: accepted and **ignored** (default 1): the mixer is one group of ``P``
-        diagonal oscillators over all ``H`` channels; it has no heads and no per-head
-        constraint (``qkv_features`` need not divide by it).
-      dtype, param_dtype, precision: as in Flax (``precision`` applies to the two
-        projections; the recurrence always runs in float32 or wider).
-      qkv_features: the inner width ``H`` (default: the input width ``E``).
-      out_features: the output width ``O`` (default ``E``).
-      broadcast_dropout, dropout_rate: dropout on the mixed sequence ``y`` (attention drops
-        attention weights; a mixer has none); ``broadcast_dropout`` shares one mask over the
-        batch axes.
-      deterministic: default of the call argument; needed only if ``dropout_rate > 0``.
-      kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: the two projections.
-        Initialisers already wrapped in ``nn.with_logical_partitioning`` keep their names.
-      qkv_dot_general(_cls), out_dot_general(_cls): passed to the in/out ``nn.Dense``.
-      decode: keep the oscillator state in the ``"cache"`` collection (see ``__call__``).
-      attention_fn, normalize_qk, force_fp32_for_softmax, qk_attn_weights_einsum_cls,
-        attn_weights_value_einsum_cls: accepted and ignored (there is no softmax, no query
-        or key).
+def _fields() -> dict[str, Any]:
+    """The linen mixer's fields: attention's (the nnx mixer's definitions where it has them,
+    attention's own where they mean nothing here), then the nnx mixer's LinOSS options."""
+    attention = {f.name: f for f in dataclasses.fields(nn.MultiHeadDotProductAttention)}
+    shared = [n for n in _ATTENTION_FIELDS if n in _NNX_ARGS]
+    own = [n for n in _NNX_ARGS if n not in _ATTENTION_FIELDS]
+    namespace = nnx_fields(
+        nnx_mixers.LinOSSMixer,
+        shared + own,
+        linen_defaults={"decode": False, "kernel_init": nn.linear.default_kernel_init},
+    )
+    annotations = {}
+    for name in _ATTENTION_FIELDS:  # attention's order, then the LinOSS options
+        if name in shared:
+            annotations[name] = namespace["__annotations__"][name]
+        else:  # accepted and ignored (see the class docstring)
+            annotations[name] = attention[name].type
+            namespace[name] = attention[name].default
+    for name in own:
+        annotations[name] = namespace["__annotations__"][name]
+    namespace["__annotations__"] = annotations
+    return namespace
 
-    LinOSS options:
-      discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
-        (D-LinOSS).
-      state_size: oscillators ``P`` (default ``H``).
-      bidirectional: add a second layer (``linoss_reverse``) scanning from the last step to
-        the first and **sum** the two outputs; for encoders. Cannot decode.
-      scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`.
-      oscillator_init: initialiser of ``(a_raw, dt_raw[, g_raw])``, see
-        :class:`flax_linoss.linen.LinOSSLayer`.
-      constraint: ``"stable"`` (default) or ``"paper"``, see
-        :class:`flax_linoss.nnx.LinOSSLayer`.
-    """
 
-    num_heads: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    qkv_features: int | None = None
-    out_features: int | None = None
-    broadcast_dropout: bool = True
-    dropout_rate: float = 0.0
-    deterministic: bool | None = None
-    precision: Any = None
-    kernel_init: Initializer = nn.linear.default_kernel_init
-    out_kernel_init: Initializer | None = None
-    bias_init: Initializer = nn.initializers.zeros_init()
-    out_bias_init: Initializer | None = None
-    use_bias: bool = True
-    attention_fn: Callable[..., Any] | None = None
-    decode: bool = False
-    normalize_qk: bool = False
-    force_fp32_for_softmax: bool = False
-    qkv_dot_general: Any = None
-    out_dot_general: Any = None
-    qkv_dot_general_cls: Any = None
-    out_dot_general_cls: Any = None
-    qk_attn_weights_einsum_cls: Any = None
-    attn_weights_value_einsum_cls: Any = None
-    # LinOSS options.
-    discretization: str = ops.IM
-    state_size: int | None = None
-    bidirectional: bool = False
-    scan: str = ops.AUTO
-    oscillator_init: Callable | None = None
-    constraint: str = STABLE
+class _MixerSkin(NnxSkin):
+    """The linen mixer's behaviour; its fields are added by :data:`LinOSSMixer`'s
+    definition below (derived from the nnx mixer's constructor)."""
 
     def build(
         self, inputs: jax.Array, rngs: nnx.Rngs, scratch: dict[str, Any]
     ) -> nnx_mixers.LinOSSMixer:
-        if self.is_initializing() and not self.variables:
-            in_features = inputs.shape[-1]
-        else:
-            in_features = meta.unbox(self.variables["params"]["in_proj"]["kernel"]).shape[0]
         boxes = scratch.setdefault("boxes", {})
-        return nnx_mixers.LinOSSMixer(
-            self.num_heads,
-            in_features,
-            self.qkv_features,
-            self.out_features,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            broadcast_dropout=self.broadcast_dropout,
-            dropout_rate=self.dropout_rate,
-            precision=self.precision,
+        kwargs = {name: getattr(self, name) for name in _NNX_ARGS}
+        kwargs.update(
             kernel_init=_unboxing(self.kernel_init, boxes, "in_proj/kernel"),
             out_kernel_init=_unboxing(
                 self.out_kernel_init or self.kernel_init, boxes, "out_proj/kernel"
             ),
             bias_init=_unboxing(self.bias_init, boxes, "in_proj/bias"),
             out_bias_init=_unboxing(self.out_bias_init or self.bias_init, boxes, "out_proj/bias"),
-            use_bias=self.use_bias,
-            qkv_dot_general=self.qkv_dot_general,
-            out_dot_general=self.out_dot_general,
-            qkv_dot_general_cls=self.qkv_dot_general_cls,
-            out_dot_general_cls=self.out_dot_general_cls,
-            keep_rngs=False,
-            discretization=self.discretization,
-            state_size=self.state_size,
-            bidirectional=self.bidirectional,
-            scan=self.scan,
-            oscillator_init=self.oscillator_init,
-            constraint=self.constraint,
-            rngs=rngs,
+            deterministic=None,  # linen merges it at the call
+            decode=None,
         )
+        return nnx_mixers.LinOSSMixer(
+            in_features=self._in_features(inputs), keep_rngs=False, rngs=rngs, **kwargs
+        )
+
+    def _in_features(self, inputs=None) -> int:
+        if self.is_initializing() and not self.variables:
+            return inputs.shape[-1]
+        return meta.unbox(self.variables["params"]["in_proj"]["kernel"]).shape[0]
 
     def box(
         self, path: tuple[str, ...], variable: nnx.Variable, value: Any, scratch: dict[str, Any]
@@ -178,6 +154,32 @@ class LinOSSMixer(NnxSkin):
         if key in boxes:
             return boxes[key].replace_boxed(value)
         return nn.LogicallyPartitioned(value, base.PARAM_AXES[key])
+
+    def init_state(
+        self, batch_shape: tuple[int, ...] | int, *, dtype: Dtype | None = None, out_sharding=None
+    ) -> MixerState:
+        """The decoding state before the first step (see the nnx mixer's ``init_state``).
+
+        The number of oscillators is ``state_size``, else ``qkv_features``, else the input
+        width: with neither field set, call it on a bound module (``mixer.bind(variables)``,
+        or inside ``init``/``apply``).
+        """
+        base.check_decode_options(type(self).__name__, self.bidirectional)
+        num_osc = self.state_size or self.qkv_features
+        if num_osc is None:
+            if self.scope is None:
+                raise ValueError(
+                    f"{type(self).__name__}.init_state: set state_size or qkv_features, or "
+                    "call it on a bound module (mixer.bind(variables).init_state(...)): the "
+                    "number of oscillators defaults to the input width."
+                )
+            num_osc = self._in_features()
+        return state_lib.zero_state(
+            batch_shape,
+            num_osc,
+            dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
+            out_sharding=out_sharding,
+        )
 
     @nn.compact
     def __call__(
@@ -192,7 +194,9 @@ class LinOSSMixer(NnxSkin):
         dropout_rng: jax.Array | None = None,
         sow_weights: bool = False,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        state: MixerState | None = None,
+        write_index: jax.Array | None = None,
+    ):
         """Mixes ``inputs_q`` along its length axis.
 
         Args:
@@ -200,7 +204,7 @@ class LinOSSMixer(NnxSkin):
           inputs_k, inputs_v, inputs_kv: must be ``None`` (or ``inputs_q`` itself); a
             mixer cannot do cross-attention and raises a ``ValueError``.
           mask: ``None``, a padding mask ``[batch..., L]`` or an attention mask
-            ``[batch..., heads, L, L]`` (``True`` = allowed), see
+            ``[batch..., L, K]`` / ``[batch..., heads, L, K]`` (``True`` = allowed), see
             :mod:`flax_linoss.mixers.masks`: padded steps never influence valid steps
             (their own outputs are unspecified), and a block-diagonal (packing) mask
             restarts the state at each segment start. Other entries, e.g. a missing
@@ -210,36 +214,46 @@ class LinOSSMixer(NnxSkin):
           sow_weights: ignored (a mixer has no attention weights).
           segment_ids: optional ``[batch..., L]`` ints (packing without a mask); the state
             restarts wherever they change, combined with the segments of ``mask``.
+          state: a :class:`~flax_linoss.mixers.state.MixerState` (:meth:`init_state`) to
+            continue from (functional decoding); the call returns ``(y, new_state)``.
+          write_index: see the nnx mixer (default ``state.index``).
 
         Returns:
-          ``[batch..., L, O]``.
+          ``[batch..., L, O]``, or ``(output, new_state)`` with ``state``.
 
-        Decoding (``decode=True``), following flax attention: ``init`` on an input of the
-        decoding batch shape (any length) creates the ``"cache"`` collection ``{state_z,
-        state_y: [batch..., 2, P], cache_index: int32}`` (its size does not depend on the
-        maximum length) and returns the full forward pass. Then ``apply(..., mutable=
-        ["cache"])`` with ``L >= 1`` new steps (a multi-step prompt, then one token at a
-        time) continues from the cached state and stores the new one.
+        Decoding in the Flax attention style (``decode=True``): ``init`` on an input of the
+        decoding batch shape (any length) creates the ``"cache"`` collection (the fields
+        of a :class:`~flax_linoss.mixers.state.MixerState` under the names of
+        :data:`flax_linoss.mixers.state.CACHE_NAMES`; its size does not depend on the
+        maximum length) and returns the full forward pass. Then ``apply(...,
+        mutable=["cache"])`` with ``L >= 1`` new steps (a multi-step prompt, then one token at
+        a time) continues from the cached state and stores the new one.
         """
         where = type(self).__name__
         base.check_self_mixing(where, inputs_q, inputs_k, inputs_v, inputs_kv)
-        call = dict(mask=mask, sow_weights=sow_weights, segment_ids=segment_ids)
-        key = None
+        call = dict(
+            mask=mask,
+            sow_weights=sow_weights,
+            segment_ids=segment_ids,
+            state=state,
+            write_index=write_index,
+        )
         if self.dropout_rate > 0.0:
             det = nn.merge_param("deterministic", self.deterministic, deterministic)
             call["deterministic"] = det
             if not det:
                 key = self.make_rng("dropout") if dropout_rng is None else dropout_rng
                 call["rngs"] = nnx.Rngs(dropout=key)
-        decoding = self.decode and not self.is_initializing()
-        if self.decode:
+        cached = self.decode and state is None
+        decoding = cached and not self.is_initializing()
+        if cached:
             base.check_decode_options(where, self.bidirectional)
             self._check_cache(where)
         return self.run(
             inputs_q,
             lambda m: m(inputs_q, decode=decoding, **call),
             prepare=(lambda m, fresh: self._prepare_cache(m, fresh, inputs_q.shape))
-            if self.decode
+            if cached
             else None,
         )
 
@@ -267,6 +281,51 @@ class LinOSSMixer(NnxSkin):
         else:
             batch = self.variables["cache"]["state_z"].shape[:-2]
             module.init_cache((*batch, 1, module.in_features))
+
+
+_DOC = """LinOSS / D-LinOSS self-mixer with the interface of ``nn.MultiHeadDotProductAttention``.
+
+Causal by construction (unless ``bidirectional``); self-mixing only. Its fields are
+attention's, in attention's order, then the LinOSS options; every one that the nnx mixer
+(:class:`flax_linoss.mixers.nnx.LinOSSMixer`, the one source) takes is derived from its
+constructor (same names, annotations and defaults).
+
+Attention arguments and what they mean here:
+  num_heads: accepted and **ignored** (default 1): the mixer is one group of ``P``
+    diagonal oscillators over all ``H`` channels; it has no heads and no per-head
+    constraint (``qkv_features`` need not divide by it).
+  dtype, param_dtype, precision: as in Flax (``precision`` applies to the two
+    projections; the recurrence always runs in float32 or wider).
+  qkv_features: the inner width ``H`` (default: the input width ``E``).
+  out_features: the output width ``O`` (default ``E``).
+  broadcast_dropout, dropout_rate: dropout on the mixed sequence ``y`` (attention drops
+    attention weights; a mixer has none); ``broadcast_dropout`` shares one mask over the
+    batch axes.
+  deterministic: default of the call argument; needed only if ``dropout_rate > 0``.
+  kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: the two projections.
+    Initialisers already wrapped in ``nn.with_logical_partitioning`` keep their names.
+  qkv_dot_general(_cls), out_dot_general(_cls): passed to the in/out projections.
+  decode: keep the decoding state in the ``"cache"`` collection (see ``__call__``).
+  attention_fn, normalize_qk, force_fp32_for_softmax, qk_attn_weights_einsum_cls,
+    attn_weights_value_einsum_cls: accepted and ignored (there is no softmax, no query
+    or key).
+
+LinOSS options:
+  discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
+    (D-LinOSS).
+  state_size: oscillators ``P`` (default ``H``).
+  bidirectional: add a second layer (``linoss_reverse``) scanning from the last step to
+    the first and **sum** the two outputs; for encoders. Cannot decode.
+  scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`.
+  oscillator_init: initialiser of ``(a_raw, dt_raw[, g_raw])``, see
+    :class:`flax_linoss.linen.LinOSSLayer`.
+  constraint: ``"stable"`` (default) or ``"paper"``, see
+    :class:`flax_linoss.nnx.LinOSSLayer`.
+"""
+
+LinOSSMixer = type(
+    "LinOSSMixer", (_MixerSkin,), {**_fields(), "__module__": __name__, "__doc__": _DOC}
+)
 
 
 class LinOSSIMEXMixer(LinOSSMixer):

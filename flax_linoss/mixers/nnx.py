@@ -11,20 +11,35 @@ Sharding, as ``nnx.MultiHeadAttention`` does it:
   Every parameter records its logical axis names (:data:`flax_linoss.mixers.base.PARAM_AXES`:
   ``embed``, ``kv``, ``oscillator``) as ``logical_axes`` metadata, which no mesh reads.
 * ``kernel_metadata``, ``bias_metadata``, ``out_kernel_metadata``, ``out_bias_metadata``
-  are honoured as for attention. Their ``out_sharding`` (or ``sharding_names``) is written
-  for attention's shapes, and is mapped onto ours like this: the input kernel
-  ``(E, heads, head_dim)`` -> ``in_proj/kernel [E, H]`` takes ``(E's axis, heads' axis)``;
-  the input bias ``(heads, head_dim)`` -> ``in_proj/bias [H]`` takes ``(heads' axis,)``;
-  the output kernel ``(heads, head_dim, O)`` -> ``out_proj/kernel [H, O]`` takes ``(heads'
-  axis, O's axis)``; the output bias is used as it is. Specs already of our rank are used as
-  they are; where the heads entry is ``None`` the ``head_dim`` entry is used. The inner width
-  ``H`` then has one mesh axis, and the LinOSS layers shard every ``H`` axis the same way:
-  ``b [P, H, 2]`` as ``(None, h, None)``, ``c [H, P, 2]`` as ``(h, None, None)``, ``d [H]``
-  as ``(h,)``; the oscillator parameters ``[P]`` are replicated. Other metadata keys go to
-  the projections unchanged.
+  are honoured as for attention (the output projection uses ``out_kernel_metadata or
+  kernel_metadata`` and ``out_bias_metadata or bias_metadata``, as flax does). Their
+  ``out_sharding`` (or ``sharding_names``) is written for attention's shapes, and is
+  mapped onto ours like this: the input kernel ``(E, heads, head_dim)`` ->
+  ``in_proj/kernel [E, H]`` takes ``(E's axis, heads' axis)``; the input bias ``(heads,
+  head_dim)`` -> ``in_proj/bias [H]`` takes ``(heads' axis,)``; the output kernel ``(heads,
+  head_dim, O)`` -> ``out_proj/kernel [H, O]`` takes ``(heads' axis, O's axis)``; the output
+  bias is used as it is. Specs already of our rank are used as they are; where the heads
+  entry is ``None`` the ``head_dim`` entry is used. The inner width ``H`` then has one mesh
+  axis, and the LinOSS layers shard every ``H`` axis the same way: ``b [P, H, 2]`` as
+  ``(None, h, None)``, ``c [H, P, 2]`` as ``(h, None, None)``, ``d [H]`` as ``(h,)``; the
+  oscillator parameters ``[P]`` are replicated. Other metadata keys go to the projections
+  unchanged. Every parameter is created with its logical names (``logical_axes``).
 * Logical axis names become ``out_sharding`` only when you ask for them: build the mixer
   inside ``flax.linen.logical_axis_rules(rules)`` under a mesh (``jax.set_mesh``); flax maps
   them through the rules and shards the parameters at creation.
+* Activations under an explicit mesh: when the input kernel carries a sharding, the inner
+  activations ``[batch..., L, H]`` take the input's batch and length shardings and the
+  kernel's ``H`` axis, and the output takes the input's sharding, unless the call passes
+  ``qkv_sharding`` / ``out_sharding`` (so code written for attention needs no extra
+  argument).
+
+Decoding, two ways (the same computation):
+
+* functional: ``state = mixer.init_state((batch,))``, then ``y, state = mixer(x, state=state)``
+  (any number of new steps; a :class:`~flax_linoss.mixers.state.MixerState` of fixed type,
+  a valid ``lax.scan`` / ``lax.while_loop`` carry);
+* Flax attention style: ``init_cache`` (or ``nnx.view(..., decode=True, batch_size=...)``)
+  makes ``nnx.Cache`` variables, and ``mixer(x, decode=True)`` reads and writes them.
 """
 
 from __future__ import annotations
@@ -42,6 +57,8 @@ from jax import lax
 
 from flax_linoss import ops
 from flax_linoss.mixers import base, masks
+from flax_linoss.mixers import state as state_lib
+from flax_linoss.mixers.state import MixerState
 from flax_linoss.nnx.layers import LinOSSLayer
 from flax_linoss.ops.params import STABLE
 
@@ -93,22 +110,24 @@ def _inner_axis(in_kernel: Mapping[str, Any], out_kernel: Mapping[str, Any]):
     return None if spec is None else spec[0]
 
 
-def _logical(metadata: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """``metadata`` with the logical names of ``key`` as its sharding, unless it has one."""
-    if _sharding(metadata) is not None:
-        return metadata
-    return {**metadata, "out_sharding": base.PARAM_AXES[key]}
+def _with_axes(metadata: Mapping[str, Any], key: str, logical_sharding: bool) -> dict[str, Any]:
+    """``metadata`` for the parameter ``key`` (a :data:`~flax_linoss.mixers.base.PARAM_AXES`
+    name) as it is created: its logical axis names recorded (``logical_axes``, which no mesh
+    reads), and, when ``logical_sharding``, used as its sharding unless it has one."""
+    out = {"logical_axes": base.PARAM_AXES[key], **metadata}
+    if logical_sharding and _sharding(out) is None:
+        out["out_sharding"] = base.PARAM_AXES[key]
+    return out
 
 
-def _layer_metadata(h_axis) -> dict[str, dict[str, Any]]:
-    """``out_sharding`` of a LinOSS layer's parameters whose ``H`` axis is ``h_axis``."""
-    if h_axis is None:
-        return {}
-    return {
-        "b": {"out_sharding": (None, h_axis, None)},
-        "c": {"out_sharding": (h_axis, None, None)},
-        "d": {"out_sharding": (h_axis,)},
-    }
+def _layer_metadata(h_axis, logical_sharding: bool) -> dict[str, dict[str, Any]]:
+    """Metadata of a LinOSS layer's parameters whose ``H`` axis has mesh axis ``h_axis``."""
+    by_h = {"b": (None, h_axis, None), "c": (h_axis, None, None), "d": (h_axis,)}
+    out = {}
+    for name in ("a_raw", "dt_raw", "g_raw", "b", "c", "d"):
+        meta = {"out_sharding": by_h[name]} if h_axis is not None and name in by_h else {}
+        out[name] = _with_axes(meta, name, logical_sharding)
+    return out
 
 
 class LinOSSMixer(nnx.Module):
@@ -221,23 +240,27 @@ class LinOSSMixer(nnx.Module):
                 rngs=rngs,
             )
 
+        # As nnx.MultiHeadAttention: the output projection falls back to the input's metadata.
+        out_kernel_metadata = out_kernel_metadata or kernel_metadata
+        out_bias_metadata = out_bias_metadata or bias_metadata
         kernel_metadata = _remap(kernel_metadata, 2, lambda s: (s[0], _heads(s, 1)))
         bias_metadata = _remap(bias_metadata, 1, lambda s: (_heads(s, 0),))
         out_kernel_metadata = _remap(out_kernel_metadata, 2, lambda s: (_heads(s, 0), s[-1]))
-        param_metadata = _layer_metadata(_inner_axis(kernel_metadata, out_kernel_metadata))
+        self._inner_axis = _inner_axis(kernel_metadata, out_kernel_metadata)
+        self._sharded_kernels = (
+            _sharding(kernel_metadata) is not None or _sharding(out_kernel_metadata) is not None
+        )
         # Under logical axis rules (and a mesh: flax's eager sharding needs one), parameters
         # without a sharding of their own are created with their logical names as
         # `out_sharding`; flax maps them through the rules and shards them at creation.
         mesh = not jax.sharding.get_abstract_mesh().empty or not nnx.using_eager_sharding()
-        if get_logical_axis_rules() and mesh:
-            kernel_metadata = _logical(kernel_metadata, "in_proj/kernel")
-            bias_metadata = _logical(bias_metadata, "in_proj/bias")
-            out_kernel_metadata = _logical(out_kernel_metadata, "out_proj/kernel")
-            out_bias_metadata = _logical(out_bias_metadata, "out_proj/bias")
-            if not param_metadata:
-                param_metadata = {  # the layer's own parameters (no projection prefix)
-                    n: {"out_sharding": axes} for n, axes in base.PARAM_AXES.items() if "/" not in n
-                }
+        logical = bool(get_logical_axis_rules()) and mesh
+        kernel_metadata = _with_axes(kernel_metadata, "in_proj/kernel", logical)
+        bias_metadata = _with_axes(bias_metadata, "in_proj/bias", logical)
+        out_kernel_metadata = _with_axes(out_kernel_metadata, "out_proj/kernel", logical)
+        out_bias_metadata = _with_axes(out_bias_metadata, "out_proj/bias", logical)
+        # The layer's own parameters follow the user's H axis if there is one, else the rules.
+        param_metadata = _layer_metadata(self._inner_axis, logical and self._inner_axis is None)
 
         def layer():
             return LinOSSLayer(
@@ -277,14 +300,9 @@ class LinOSSMixer(nnx.Module):
             out_kernel_metadata,
             out_bias_metadata,
         )
-        # Logical names are recorded always (no mesh reads this key).
-        for path, var in nnx.to_flat_state(nnx.state(self, nnx.Param)):
-            key = "/".join(map(str, path[-2:])) if "proj" in str(path[0]) else str(path[-1])
-            var.set_metadata(logical_axes=base.PARAM_AXES[key])
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
-        self.state_z: nnx.Cache | None = nnx.data(None)
-        self.state_y: nnx.Cache | None = nnx.data(None)
-        self.cache_index: nnx.Cache | None = nnx.data(None)
+        for name in state_lib.CACHE_NAMES.values():  # decode=True's nnx.Cache variables
+            setattr(self, name, nnx.data(None))
 
     def __call__(
         self,
@@ -301,20 +319,35 @@ class LinOSSMixer(nnx.Module):
         out_sharding=None,
         qkv_sharding=None,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        state: MixerState | None = None,
+        write_index: jax.Array | None = None,
+    ):
         """Mixes ``inputs_q [batch..., L, E]`` along its length axis -> ``[batch..., L, O]``.
 
         Args:
-          inputs_q, inputs_k, inputs_v, mask, segment_ids: as in the linen mixer
+          inputs_q, inputs_k, inputs_v, segment_ids: as in the linen mixer
             (``inputs_k``/``inputs_v`` other than ``None`` or ``inputs_q`` raise).
+          mask: ``None``, ``[batch..., L]`` validity, or an attention mask ``[batch..., L, K]``
+            / ``[batch..., heads, L, K]`` (``K = L``; when decoding, ``K`` may be a cache
+            size: step ``i`` is then read at column ``(write_index + i) % K``), see
+            :mod:`flax_linoss.mixers.masks`.
           deterministic: disables dropout (default: the attribute).
           rngs: dropout randomness (default: the stored stream).
           sow_weights: ignored (no attention weights).
-          decode: continue from the cache made by :meth:`init_cache` (default: the
-            attribute). Any number ``L >= 1`` of new steps per call.
+          decode: continue from the ``nnx.Cache`` variables made by :meth:`init_cache`
+            (default: the attribute). Any number ``L >= 1`` of new steps per call.
           is_causal: ignored by the causal mixer (it is causal anyway); ``True`` on a
             bidirectional mixer raises.
-          out_sharding: passed to the output projection; ``qkv_sharding`` to the input one.
+          out_sharding, qkv_sharding: the output's and the inner activations' sharding
+            (explicit meshes); default: see the module doc.
+          state: a :class:`~flax_linoss.mixers.state.MixerState` (from :meth:`init_state`
+            or an earlier call) to continue from; the call then returns ``(y, new_state)``.
+            Masked steps leave the state unchanged.
+          write_index: ``[batch...]`` int, the position of the first new step (the cache
+            slot a cache-sized mask describes); default: ``state.index``.
+
+        Returns:
+          ``[batch..., L, O]``; with ``state``, ``(output, new_state)``.
         """
         where = type(self).__name__
         del sow_weights
@@ -327,20 +360,19 @@ class LinOSSMixer(nnx.Module):
             )
         if is_causal and self.bidirectional:
             raise ValueError(f"{where}: is_causal=True contradicts bidirectional=True.")
-        lead = inputs_q.shape[:-1]
-        valid, seg = masks.reduce_mask(mask, lead, where=where)
-        seg = masks.combine_segment_ids(
-            seg, masks.check_segment_ids(segment_ids, lead, where=where)
+        decode = self.decode if decode is None else decode
+        cached = state is None and bool(decode)
+        if state is not None or cached:
+            base.check_decode_options(where, self.bidirectional)
+        if cached:
+            state = self._cached_state(where)
+        if state is not None:
+            base.check_cache_batch(where, state.batch_shape, inputs_q.shape[:-2])
+        qkv_sharding, out_sharding = self._activation_shardings(
+            inputs_q, qkv_sharding, out_sharding
         )
         h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
-        decode = self.decode if decode is None else decode
-        if decode:
-            base.check_decode_options(where, self.bidirectional)
-            y = self._decode(h, valid, seg)
-        else:
-            y = self.linoss(h, mask=valid, segment_ids=seg)
-        if self.linoss_reverse is not None:
-            y = y + self.linoss_reverse(h, reverse=True, mask=valid, segment_ids=seg)
+        y, new_state = self._mix(where, h, mask, segment_ids, state, write_index)
         if self.dropout_rate > 0.0:
             deterministic = self.deterministic if deterministic is None else deterministic
             if deterministic is None:
@@ -357,31 +389,107 @@ class LinOSSMixer(nnx.Module):
                         f"{where}: dropout needs `rngs` (the mixer was built with keep_rngs=False)."
                     )
                 y = base.dropout(y, self.dropout_rate, stream(), self.broadcast_dropout)
-        return self.out_proj(y, out_sharding=out_sharding)
+        out = self.out_proj(y, out_sharding=out_sharding)
+        if cached:
+            for name, value in new_state.cache_variables().items():
+                getattr(self, name)[...] = value
+            return out
+        return out if new_state is None else (out, new_state)
 
-    def _decode(self, h, valid, seg):
-        where = type(self).__name__
-        if self.state_z is None or self.state_y is None or self.cache_index is None:
+    def _activation_shardings(self, x, qkv_sharding, out_sharding):
+        """The defaults of ``qkv_sharding`` / ``out_sharding`` (see the module doc)."""
+        if not self._sharded_kernels or not state_lib._explicit_mesh():
+            return qkv_sharding, out_sharding
+        spec = tuple(jax.typeof(x).sharding.spec)
+        spec = spec + (None,) * (x.ndim - len(spec))
+        P = jax.sharding.PartitionSpec
+        if qkv_sharding is None:
+            qkv_sharding = P(*spec[:-1], self._inner_axis)
+        if out_sharding is None:
+            out_sharding = P(*spec)
+        return qkv_sharding, out_sharding
+
+    def _mix(self, where, h, mask, segment_ids, state, write_index):
+        """The recurrence on the inner activations ``h [batch..., L, H]``: ``(y, new_state)``
+        (``new_state`` is ``None`` without ``state``)."""
+        lead = h.shape[:-1]
+        user_seg = masks.check_segment_ids(segment_ids, lead, where=where)
+        if state is None:
+            steps = masks.read_mask(mask, lead, where=where)
+        else:
+            start = state.index if write_index is None else jnp.asarray(write_index)
+            steps = masks.read_mask(mask, lead, where=where, write_index=start, last=state.last)
+        valid = steps.valid
+        seg = masks.combine_segment_ids(steps.segment_ids, user_seg)
+        if state is None:
+            y = self.linoss(h, mask=valid, segment_ids=seg)
+            if self.linoss_reverse is not None:
+                y = y + self.linoss_reverse(h, reverse=True, mask=valid, segment_ids=seg)
+            return y, None
+        restart = masks.restarts(steps, user_seg, valid, state)
+        initial = jax.tree.map(
+            lambda s: jnp.where(restart[..., None, None], jnp.zeros_like(s), s),
+            state.oscillators,
+        )
+        y, final = self.linoss(
+            h, initial_state=initial, return_state=True, mask=valid, segment_ids=seg
+        )
+        new_state = state.replace(
+            z=final.z,
+            y=final.y,
+            index=state.index + h.shape[-2],
+            last=steps.last,
+            segment=masks.last_segment(user_seg, valid, state.segment),
+        )
+        return y, state_lib.like(new_state, state)
+
+    def init_state(
+        self, batch_shape: tuple[int, ...] | int, *, dtype: Dtype | None = None, out_sharding=None
+    ) -> MixerState:
+        """The decoding state before the first step, for inputs ``[*batch_shape, L, E]``.
+
+        Args:
+          batch_shape: the batch axes (an int for one).
+          dtype: the oscillators' dtype; default float32 (float64 with float64 parameters),
+            whatever the activations' dtype.
+          out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
+            the batch axes; every leaf is created with it (a loop carry of one type).
+
+        Returns:
+          A :class:`~flax_linoss.mixers.state.MixerState` with ``[*batch_shape, 2, P]``
+          oscillators.
+        """
+        base.check_decode_options(type(self).__name__, self.bidirectional)
+        return state_lib.zero_state(
+            batch_shape,
+            self.state_size,
+            dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
+            out_sharding=out_sharding,
+        )
+
+    def _cached_state(self, where: str) -> MixerState:
+        if self.state_z is None:
             raise ValueError(
                 f"{where}: decoding cache not initialised; call `init_cache(input_shape)` "
-                "(or nnx.view(model, decode=True, batch_size=...)) before decoding."
+                "(or nnx.view(model, decode=True, batch_size=...)) before decoding, or pass "
+                "`state=mixer.init_state(batch_shape)`."
             )
-        base.check_cache_batch(where, self.state_z.shape[:-2], h.shape[:-2])
-        state = ops.LinOSSState(self.state_z[...], self.state_y[...])
-        y, state = self.linoss(
-            h, initial_state=state, return_state=True, mask=valid, segment_ids=seg
+        return MixerState.from_cache_variables(
+            {
+                n: getattr(self, n)[...]
+                for n in state_lib.CACHE_NAMES.values()
+                if getattr(self, n) is not None
+            }
         )
-        self.state_z[...] = state.z.astype(self.state_z.dtype)
-        self.state_y[...] = state.y.astype(self.state_y.dtype)
-        self.cache_index[...] += h.shape[-2]
-        return y
 
     def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
-        """Creates a zero decoding state for inputs of shape ``[batch..., length, E]``.
+        """Creates a zero decoding state as ``nnx.Cache`` variables, for ``decode=True``
+        calls on inputs of shape ``[batch..., length, E]`` (the Flax attention style; see
+        :meth:`init_state` for the functional one).
 
-        Only the batch shape matters (the state is ``[batch..., 2, P]`` whatever the maximum
-        length); ``dtype`` is accepted for compatibility: the state is kept in the
-        recurrence dtype (float32, or float64 with float64 parameters).
+        Only the batch shape matters (the state does not grow with the length); ``dtype``
+        is accepted for compatibility: the state is kept in the recurrence dtype (float32,
+        or float64 with float64 parameters).
         """
         del dtype
         if len(input_shape) < 2:
@@ -392,11 +500,8 @@ class LinOSSMixer(nnx.Module):
         self._make_cache(tuple(input_shape[:-2]))
 
     def _make_cache(self, batch: tuple[int, ...]) -> None:
-        shape = (*batch, 2, self.state_size)
-        sdtype = base.state_dtype(self.param_dtype)
-        self.state_z = nnx.Cache(jnp.zeros(shape, sdtype))
-        self.state_y = nnx.Cache(jnp.zeros(shape, sdtype))
-        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+        for name, value in self.init_state(batch).cache_variables().items():
+            setattr(self, name, nnx.Cache(value))
 
     def set_view(
         self,

@@ -1,6 +1,5 @@
 """Flax nnx modules of flax-linoss: the one source of every layer (linen derives from them)."""
 
 from flax_linoss.nnx.layers import LinOSSBlock, LinOSSLayer, LinOSSModel, RunningBatchNorm
-from flax_linoss.nnx.transformer import TransformerLM
 
-__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm", "TransformerLM"]
+__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm"]

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
 
 from flax_linoss import ops
 from flax_linoss.common import (
@@ -156,7 +157,9 @@ class LinOSSLayer(nnx.Module):
         )
         a, dt, g = self.constrained()
 
-        def core(x, a, dt, b, c, d, g=None, initial_state=None, mask=None, segment_ids=None):
+        def core(
+            x, a, dt, b, c, d, g=None, initial_state=None, mask=None, segment_ids=None, **axes
+        ):
             return ops.linoss_apply(
                 x,
                 a,
@@ -173,13 +176,18 @@ class LinOSSLayer(nnx.Module):
                 mask=mask,
                 segment_ids=segment_ids,
                 check="shapes",
+                **axes,
             )
 
+        # Under a mesh, the logical axis rules say how the batch, the length and the
+        # oscillators are split (see flax_linoss.common.per_shard).
         return per_shard(
             core,
             x,
-            {"initial_state": initial_state, "mask": mask, "segment_ids": segment_ids},
+            {"mask": mask, "segment_ids": segment_ids},
+            initial_state,
             {"a": a, "dt": dt, "b": b, "c": c, "d": d, "g": g},
+            get_logical_axis_rules(),
         )
 
 

@@ -18,7 +18,13 @@ import numpy as np
 from flax_linoss.ops import _checks, _project, _seqpar, schemes
 from flax_linoss.ops._auto import resolve_scan
 from flax_linoss.ops._project import LNQ
-from flax_linoss.ops._scans._common import Flags, recurrence_step, resets_from_segments
+from flax_linoss.ops._scans._common import (
+    Flags,
+    recurrence_step,
+    resets_from_segments,
+    vary,
+    varying_axes,
+)
 from flax_linoss.ops._state import LinOSSState
 from flax_linoss.ops.table import AUTO, PALLAS, SCAN_TABLE, Scan
 
@@ -40,6 +46,7 @@ def linoss_apply(
     mask: jnp.ndarray | None = None,
     segment_ids: jnp.ndarray | None = None,
     sequence_axis: str | None = None,
+    oscillator_axis: str | None = None,
     check: bool | str = True,
 ):
     """Applies a LinOSS / D-LinOSS layer to a sequence, for already-constrained parameters.
@@ -92,6 +99,8 @@ def linoss_apply(
             "sequence_axis with `mask` or `segment_ids` is not supported: the shards' "
             "closed-form combination needs a time-invariant transition."
         )
+    if oscillator_axis is not None:
+        _checks.check_mesh_axis("oscillator_axis", oscillator_axis)
     path = resolve_scan(scan, flags=flagged, dtype=_project.recurrence_dtype(a, dt, g))
     variant = None
     if path == PALLAS:
@@ -115,6 +124,7 @@ def linoss_apply(
         return_state=return_state,
         reverse=reverse,
         sequence_axis=sequence_axis,
+        oscillator_axis=oscillator_axis,
     )
 
 
@@ -168,6 +178,7 @@ def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
         "return_state",
         "reverse",
         "sequence_axis",
+        "oscillator_axis",
     ),
 )
 def _apply(
@@ -188,6 +199,7 @@ def _apply(
     return_state,
     reverse,
     sequence_axis,
+    oscillator_axis,
 ):
     del variant  # only a cache key: which kernel the Pallas interpreter runs
     entry = SCAN_TABLE[path]
@@ -215,11 +227,16 @@ def _apply(
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
     else:
-        ys, z_l, y_l = entry.run(tr, v, z0, y0, flags)
+        # A zero start is the same on every device; inside shard_map the loop's carry must
+        # have the type of the state after a step (varying where the forcing varies).
+        axes = varying_axes(v)
+        ys, z_l, y_l = entry.run(tr, v, vary(z0, axes), vary(y0, axes), flags)
     time_axis = 0 if entry.layout == LNQ else 1
     if reverse:
         ys = jnp.flip(ys, time_axis)
-    out = _project.project_out(ys, c, d, u_flat, rdt, entry.layout, channels).reshape(u.shape)
+    out = _project.project_out(
+        ys, c, d, u_flat, rdt, entry.layout, channels, oscillator_axis=oscillator_axis
+    ).reshape(u.shape)
     if not return_state:
         return out
     final = LinOSSState(

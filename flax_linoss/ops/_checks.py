@@ -153,3 +153,15 @@ def check_state(state, num_osc: int, lead: tuple[int, ...], name: str = "state")
                 f"`{name}.{part}` of shape {shape} does not broadcast to the batch shape "
                 f"{lead} of the input."
             ) from e
+
+
+def check_mesh_axis(name: str, axis) -> int:
+    """The size of mesh axis ``axis`` (passed as argument ``name``); raises a clear
+    ``ValueError`` outside ``shard_map`` over a mesh with that axis."""
+    try:
+        return jax.lax.axis_size(axis)
+    except NameError as e:
+        raise ValueError(
+            f"{name}={axis!r} is not a mesh axis here: call linoss_apply inside jax.shard_map "
+            "over a mesh with that axis."
+        ) from e

@@ -100,12 +100,20 @@ def project_in(u, b, rdt, layout: str = NLQ, channels: int | None = None):
     return v.reshape(*u.shape[:-1], w.shape[1])
 
 
-def project_out(ys, c, d, u, rdt, layout: str = NLQ, channels: int | None = None):
-    """``Re(C y) + d * u`` in ``u``'s dtype; ``ys`` in ``layout``, ``u [..., H]``."""
+def project_out(
+    ys, c, d, u, rdt, layout: str = NLQ, channels: int | None = None, oscillator_axis=None
+):
+    """``Re(C y) + d * u`` in ``u``'s dtype; ``ys`` in ``layout``, ``u [..., H]``.
+
+    ``oscillator_axis``: the mesh axis the oscillators are split over (inside ``shard_map``):
+    ``Re(C y)`` is then this device's part of the sum over ``P``, added up across the axis.
+    """
     w = output_weights(c, channels).astype(u.dtype)
     if layout == LNQ:
         y, w_ = _cpu_safe(ys.astype(u.dtype), w, rdt)
         out = jnp.einsum("lnq,qh->nlh", y, w_, preferred_element_type=rdt)
     else:
         out = jnp.matmul(_rows(ys.astype(u.dtype)), w, preferred_element_type=rdt)
+    if oscillator_axis is not None:
+        out = jax.lax.psum(out, oscillator_axis)
     return (out.reshape(u.shape) + d.astype(rdt) * u).astype(u.dtype)

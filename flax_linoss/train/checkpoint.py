@@ -8,9 +8,11 @@ Layout in the workdir::
     best/<step>/model          params, batch_stats of the best validation evaluation
     best/<step>/meta           JSON: its step and val / test metrics
 
-Saves are asynchronous where Orbax supports it; a save interrupted by a kill leaves only a
-temporary directory, which Orbax ignores and cleans up, so a restart resumes from the last
-complete checkpoint. All processes call save and restore (Orbax writes collectively).
+Arrays are saved as they are sharded: each process writes its own devices' shards, nothing
+is gathered; a restore reads them into the shardings of the target (another mesh, another
+device count). Saves are asynchronous where Orbax supports it; a save interrupted by a kill
+leaves only a temporary directory, which Orbax ignores and cleans up, so a restart resumes
+from the last complete checkpoint. All processes call save and restore (Orbax writes collectively).
 
 A checkpoint damaged on disk (a truncated file; a flipped bit, which OCDBT's checksums report
 as ``DATA_LOSS``) is skipped with one warning line naming it: resuming and evaluating use the
@@ -134,14 +136,21 @@ def newest_intact(
     return None
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """``ShapeDtypeStruct`` leaves (with ``sharding``) to restore ``tree``'s structure into."""
-
-    def leaf(a):
-        s = sharding if sharding is not None else getattr(a, "sharding", None)
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-    return jax.tree.map(leaf, tree)
+def abstract_like(tree: Any, sharding: Any = None) -> Any:
+    """``ShapeDtypeStruct`` leaves to restore ``tree``'s structure into, with ``sharding``:
+    one sharding for every leaf, a tree of them shaped like ``tree``, or ``None`` (each
+    leaf's own). Orbax restores each array straight into its sharding, whatever mesh or
+    device count wrote it."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=sharding or getattr(a, "sharding", None)
+            ),
+            tree,
+        )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding
+    )
 
 
 def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:

@@ -2,8 +2,8 @@
 
 :func:`validate` compares a config with :func:`~flax_linoss.train.default_config.get_config`
 (unknown or missing keys, wrong types), checks the choices and ranges of each field, and
-rejects impossible combinations (such as ``pmap`` with a ``model`` axis). Errors name the field
-and, for unknown keys, list the closest known ones.
+rejects impossible combinations (such as ``pmap`` with an ``fsdp``, ``model`` or ``seq``
+axis). Errors name the field and, for unknown keys, list the closest known ones.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from flax_linoss.common import NORMS
 from flax_linoss.ops import CONSTRAINTS, DISCRETIZATIONS, SCANS
-from flax_linoss.train import default_config
+from flax_linoss.train import default_config, sharding
 
 __all__ = [
     "CHOICES",
@@ -49,7 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Free-form sub-dicts: their keys are passed through (dataset options).
-_OPEN = ("data.options",)
+_OPEN = ("data.options", "parallel.logical_axis_rules")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -164,7 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "train.num_steps",
         "train.log_every",
         "train.keep_checkpoints",
+        "parallel.fsdp_axis_size",
         "parallel.model_axis_size",
+        "parallel.sequence_axis_size",
     ):
         need(got[key] >= 1, f"Config field {key!r} must be >= 1, got {got[key]}.")
     need(
@@ -189,7 +192,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(got["model.num_heads"] >= 1, "model.num_heads must be >= 1.")
     need(got["model.mlp_dim"] >= 0, "model.mlp_dim must be >= 0 (0: 4 * hidden_size).")
     if got["model.kind"] == "transformer":
-        from flax_linoss.nnx.transformer import mixer_pattern
+        from flax_linoss.models import mixer_pattern
 
         try:
             mixer_pattern(got["model.mixer"], got["model.num_blocks"])
@@ -210,16 +213,31 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "--config.optimizer.schedule=constant.",
     )
     impl = got["parallel.implementation"]
+    axes = {k: got[f"parallel.{k}_axis_size"] for k in ("fsdp", "model", "sequence")}
+    if impl == "pmap":
+        for name, size in axes.items():
+            need(
+                size == 1,
+                f"parallel.implementation='pmap' is data-parallel only: set "
+                f"parallel.{name}_axis_size=1 or use 'jit'.",
+            )
+    if impl == "shard_map":
+        for name in ("model", "sequence"):
+            need(
+                axes[name] == 1,
+                f"parallel.implementation='shard_map' maps the batch axes (data, fsdp) only: "
+                f"set parallel.{name}_axis_size=1 or use 'jit'.",
+            )
+    sharded = int(np.prod(list(axes.values())))
     need(
-        not (impl == "pmap" and got["parallel.model_axis_size"] != 1),
-        "parallel.implementation='pmap' cannot use a model axis: set "
-        "parallel.model_axis_size=1 or use 'jit' / 'shard_map'.",
+        got["parallel.num_devices"] % sharded == 0,
+        f"parallel.num_devices={got['parallel.num_devices']} must be a multiple of "
+        f"fsdp_axis_size * model_axis_size * sequence_axis_size = {sharded}.",
     )
-    need(
-        got["parallel.num_devices"] == 0
-        or got["parallel.num_devices"] % got["parallel.model_axis_size"] == 0,
-        "parallel.num_devices must be a multiple of parallel.model_axis_size.",
-    )
+    try:
+        sharding.parse_rules(config.parallel.logical_axis_rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not got["parallel.distributed"]:
         need(
             got["parallel.num_processes"] in (0, 1) and got["parallel.process_id"] in (-1, 0),

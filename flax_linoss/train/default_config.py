@@ -129,12 +129,39 @@ def get_config() -> ml_collections.ConfigDict:
     train.tensorboard = True
 
     config.parallel = par = ml_collections.ConfigDict()  # devices, mesh, processes
-    # Train step: "jit" (NamedSharding), "shard_map" (explicit pmean) or "pmap".
+    # Train step: "jit" (named shardings: every mesh axis; the main implementation),
+    # "shard_map" (the step per device with an explicit pmean over the batch axes data and
+    # fsdp) or "pmap" (data parallelism only).
     par.implementation = "jit"
     # Devices to use (0: all). Only a prefix of the local devices in one process.
     par.num_devices = 0
-    # Size of the "model" mesh axis (1: pure data parallelism; pmap needs 1).
+    # The mesh is (data, fsdp, seq, model); `data` takes the devices the three sizes below
+    # leave. Size of the "fsdp" axis: parameters and optimiser state are sharded over it
+    # (fully sharded data parallelism: each device keeps 1/fsdp of them and gathers a layer's
+    # weights when it runs) and the batch is split over it, as over `data`.
+    par.fsdp_axis_size = 1
+    # Size of the "model" (tensor) axis: widths (MLP, heads, vocabulary) and the LinOSS
+    # oscillators are split over it; each device runs its own oscillators' recurrence.
     par.model_axis_size = 1
+    # Size of the "seq" axis: the length is split over it; the recurrence runs per shard
+    # with the closed-form carry between shards (ops' sequence_axis), attention gathers.
+    par.sequence_axis_size = 1
+    # Logical axis rules: logical name -> mesh axes ("": never split; "a+b": split over both;
+    # "a|b": the first of them not already used by another dimension of the same array and
+    # dividing it). Parameters name their dimensions with these names (see
+    # flax_linoss/train/sharding.py); add entries for the names of a mixer you registered.
+    par.logical_axis_rules = ml_collections.ConfigDict(
+        {
+            "batch": "data+fsdp",  # the batch of the inputs and activations
+            "length": "seq",  # the sequence length of the activations
+            "embed": "fsdp|model",  # the model width (paper model: the hidden size H)
+            "kv": "fsdp|model",  # a mixer's inner width; attention's head dimension
+            "mlp": "model",  # the MLP's (paper model: the GLU's) hidden width
+            "heads": "model",  # attention heads
+            "vocab": "model",  # the vocabulary (embedding table, output layer)
+            "oscillator": "model",  # the P oscillators of every LinOSS layer
+        }
+    )
     # Call jax.distributed.initialize (multi-host; also set the three fields below if the
     # platform cannot detect them).
     par.distributed = False

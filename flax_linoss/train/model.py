@@ -1,6 +1,8 @@
-"""The configured model as pure functions, in each API's own form.
+"""The configured model: its description, and pure functions in each API's own form.
 
-:class:`ModelFns` reduces a linen or an nnx model to ``init(key, x) -> variables`` and
+:class:`ModelSpec` is the model a config describes, read once from the config and the data;
+the constructor arguments and the checkpoint signature derive from it. :class:`ModelFns`
+reduces a linen or an nnx model to ``init(key, x) -> variables`` and
 ``apply(variables, x, train, rng) -> (out, new_batch_stats)``, so one train step serves both.
 The variables are each API's own tree:
 
@@ -29,9 +31,8 @@ __all__ = [
     "LINEN",
     "NNX",
     "ModelFns",
-    "abstract_variables",
+    "ModelSpec",
     "make_model",
-    "model_kwargs",
     "model_signature",
     "to_framework",
 ]
@@ -60,85 +61,176 @@ class ModelFns:
     framework: str
 
 
-def model_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the papers' model (both APIs) from a config."""
-    m = config.model
-    return dict(
-        num_blocks=m.num_blocks,
-        hidden_size=m.hidden_size,
-        state_size=m.state_size,
-        output_size=shape["output_size"],
-        task=shape["task"],
-        output_step=shape["output_step"],
-        discretization=m.discretization,
-        scan=m.scan,
-        constraint=m.constraint,
-        norm=m.norm,
-        dropout_rate=m.dropout_rate,
-        dtype=jnp.dtype(m.dtype),
-    )
+PAPER = "paper"
+TRANSFORMER = "transformer"
 
 
-def transformer_kwargs(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the transformer language model (both APIs) from a config."""
-    m = config.model
-    return dict(
-        vocab_size=shape["vocab_size"],
-        num_layers=m.num_blocks,
-        width=m.hidden_size,
-        mlp_dim=m.mlp_dim or None,
-        mixer=m.mixer,
-        num_heads=m.num_heads,
-        positional=m.positional,
-        max_len=shape["length"],
-        tie_embeddings=m.tie_embeddings,
-        dropout_rate=m.dropout_rate,
-        mixer_options={"state_size": m.state_size, "scan": m.scan, "constraint": m.constraint},
-        dtype=jnp.dtype(m.dtype),
-    )
+def _field(*, signature: tuple[str, ...] = (PAPER, TRANSFORMER), kind_only: bool = False):
+    """A :class:`ModelSpec` field; ``signature``: the model kinds whose checkpoint signature
+    holds it (the fields that fix the tree's structure and shapes); ``kind_only``: only one
+    kind of model has it (``None`` for the other)."""
+    extra = {"default": None} if kind_only else {}
+    return dataclasses.field(metadata={"signature": signature}, **extra)
 
 
-def _classes(config: ml_collections.ConfigDict, framework: str):
-    """``(model class, constructor arguments -> kwargs)`` for the config's model kind."""
-    if config.model.kind == "transformer":
-        if framework == LINEN:
-            from flax_linoss.linen import TransformerLM
-        else:
-            from flax_linoss.nnx import TransformerLM
-        return TransformerLM, transformer_kwargs
-    if framework == LINEN:
-        from flax_linoss.linen import LinOSSModel
-    else:
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model a config describes, fixed once (:meth:`from_config`).
+
+    Everything about the model is read from the config and the data here and nowhere else:
+    the constructor arguments of either API (:meth:`kwargs`) and the checkpoint signature
+    (:meth:`signature`) are derived from these fields. Fields the other kind of model does
+    not have are ``None``.
+    """
+
+    kind: str = _field(signature=(TRANSFORMER,))  # "paper" | "transformer"
+    task: str = _field()  # "classification" | "regression" | "lm"
+    num_blocks: int = _field()
+    hidden_size: int = _field()
+    state_size: int = _field()
+    dropout_rate: float = _field(signature=())
+    scan: str = _field(signature=())
+    constraint: str = _field(signature=())
+    dtype: str = _field(signature=())
+    # The papers' model.
+    in_features: int | None = _field(signature=(PAPER,), kind_only=True)
+    output_size: int | None = _field(signature=(PAPER,), kind_only=True)
+    output_step: int | None = _field(signature=(PAPER,), kind_only=True)
+    discretization: str | None = _field(signature=(PAPER,), kind_only=True)
+    norm: str | None = _field(signature=(PAPER,), kind_only=True)
+    # The transformer language model.
+    vocab_size: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    length: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    mixer: str | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    num_heads: int | None = _field(signature=(), kind_only=True)
+    mlp_dim: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    positional: str | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    tie_embeddings: bool | None = _field(signature=(TRANSFORMER,), kind_only=True)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, shape: dict[str, Any]) -> ModelSpec:
+        """The spec of ``config.model`` for data of ``shape``
+        (:func:`flax_linoss.train.data.model_shape`)."""
+        m = config.model
+        common = dict(
+            kind=m.kind,
+            task=shape["task"],
+            num_blocks=m.num_blocks,
+            hidden_size=m.hidden_size,
+            state_size=m.state_size,
+            dropout_rate=m.dropout_rate,
+            scan=m.scan,
+            constraint=m.constraint,
+            dtype=m.dtype,
+        )
+        if m.kind == TRANSFORMER:
+            return cls(
+                **common,
+                vocab_size=shape["vocab_size"],
+                length=shape["length"],
+                mixer=m.mixer,
+                num_heads=m.num_heads,
+                mlp_dim=m.mlp_dim,
+                positional=m.positional,
+                tie_embeddings=m.tie_embeddings,
+            )
+        return cls(
+            **common,
+            in_features=shape["in_features"],
+            output_size=shape["output_size"],
+            output_step=shape["output_step"],
+            discretization=m.discretization,
+            norm=m.norm,
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the model's constructor (both APIs; the nnx paper model also
+        takes ``in_features`` first, which linen reads off the input)."""
+        dtype = jnp.dtype(self.dtype)
+        if self.kind == TRANSFORMER:
+            return dict(
+                vocab_size=self.vocab_size,
+                num_layers=self.num_blocks,
+                width=self.hidden_size,
+                mlp_dim=self.mlp_dim or None,
+                mixer=self.mixer,
+                num_heads=self.num_heads,
+                positional=self.positional,
+                max_len=self.length,
+                tie_embeddings=self.tie_embeddings,
+                dropout_rate=self.dropout_rate,
+                mixer_options={
+                    "state_size": self.state_size,
+                    "scan": self.scan,
+                    "constraint": self.constraint,
+                },
+                dtype=dtype,
+            )
+        return dict(
+            num_blocks=self.num_blocks,
+            hidden_size=self.hidden_size,
+            state_size=self.state_size,
+            output_size=self.output_size,
+            task=self.task,
+            output_step=self.output_step,
+            discretization=self.discretization,
+            scan=self.scan,
+            constraint=self.constraint,
+            norm=self.norm,
+            dropout_rate=self.dropout_rate,
+            dtype=dtype,
+        )
+
+    def signature(self) -> dict[str, Any]:
+        """The fields that fix the checkpoint's tree structure and shapes."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if self.kind in f.metadata["signature"]
+        }
+
+    def nnx_module(self, rngs, norm_axis_name: str | None = None):
+        """The nnx model (for ``nnx.eval_shape``, or initialised from ``rngs``)."""
+        if self.kind == TRANSFORMER:
+            from flax_linoss.models import TransformerLM
+
+            return TransformerLM(**self.kwargs(), rngs=rngs)
         from flax_linoss.nnx import LinOSSModel
-    return LinOSSModel, model_kwargs
+
+        return LinOSSModel(
+            self.in_features, **self.kwargs(), norm_axis_name=norm_axis_name, rngs=rngs
+        )
 
 
 def make_model(
     config: ml_collections.ConfigDict,
-    shape: dict[str, Any],
+    shape: dict[str, Any] | ModelSpec,
     *,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
     framework: str | None = None,
 ) -> ModelFns:
     """The configured model (``config.framework`` unless ``framework``) as :class:`ModelFns`.
 
     Args:
         config: A validated config.
-        shape: From :func:`flax_linoss.train.data.model_shape`.
-        axis_name: Mapped axis for batch-norm statistics (``"data"`` under shard_map / pmap).
+        shape: From :func:`flax_linoss.train.data.model_shape`, or the :class:`ModelSpec`.
+        axis_name: Mapped axes for batch-norm statistics (the batch axes under shard_map /
+            pmap).
         framework: Override ``config.framework``.
     """
     framework = framework or config.framework
-    cls, kwargs_of = _classes(config, framework)
-    kw = kwargs_of(config, shape)
-    lm = config.model.kind == "transformer"
-    axis = {} if lm else {"norm_axis_name": axis_name}
+    spec = shape if isinstance(shape, ModelSpec) else ModelSpec.from_config(config, shape)
+    kw = spec.kwargs()
+    axis = {} if spec.kind == TRANSFORMER else {"norm_axis_name": axis_name}
     if framework == LINEN:
-        LinOSSModel = cls
-        module = LinOSSModel(**kw, **axis)
+        if spec.kind == TRANSFORMER:
+            from flax_linoss.models.linen import TransformerLM as cls
+        else:
+            from flax_linoss.linen import LinOSSModel as cls
+        module = cls(**kw, **axis)
 
         def init(key, x):
-            v = LinOSSModel(**kw).init({"params": key}, x, deterministic=True)
+            v = cls(**kw).init({"params": key}, x, deterministic=True)
             return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
 
         def apply(variables, x, train, rng, **packing):
@@ -155,15 +247,12 @@ def make_model(
             )
             return out, mut.get("batch_stats", {})
 
-        return ModelFns(init, apply, shape["task"], framework)
+        return ModelFns(init, apply, spec.task, framework)
 
     from flax import nnx
 
     def build(key, axis):
-        rngs = nnx.Rngs(params=key, dropout=0)
-        if lm:
-            return cls(**kw, rngs=rngs)
-        return cls(shape["in_features"], **kw, norm_axis_name=axis, rngs=rngs)
+        return spec.nnx_module(nnx.Rngs(params=key, dropout=0), norm_axis_name=axis)
 
     graphdef, _, _, rng_state = nnx.split(
         nnx.eval_shape(lambda: build(jax.random.key(0), axis_name)),
@@ -186,42 +275,16 @@ def make_model(
         out = model(x, deterministic=not train, **packing)
         return out, nnx.state(model, nnx.BatchStat)
 
-    return ModelFns(init, apply, shape["task"], framework)
-
-
-def abstract_variables(fns: ModelFns, example) -> dict[str, Any]:
-    """The variables' structure (``ShapeDtypeStruct`` leaves), without initialising."""
-    return jax.eval_shape(fns.init, jax.random.PRNGKey(0), jnp.asarray(example))
+    return ModelFns(init, apply, spec.task, framework)
 
 
 def model_signature(config: ml_collections.ConfigDict, shape: dict[str, Any]) -> dict[str, Any]:
-    """The fields that fix the checkpoint's tree structure and shapes."""
-    m, o = config.model, config.optimizer
-    signature = {
-        "num_blocks": m.num_blocks,
-        "hidden_size": m.hidden_size,
-        "state_size": m.state_size,
-        "task": shape["task"],
+    """The checkpoint signature: :meth:`ModelSpec.signature` and the optimiser's structure."""
+    o = config.optimizer
+    return ModelSpec.from_config(config, shape).signature() | {
         "optimizer": o.name,
         "schedule": "constant" if (o.schedule == "constant" and not o.warmup_steps) else "sched",
         "grad_clip": bool(o.grad_clip_norm),
-    }
-    if m.kind == "transformer":
-        return signature | {
-            "kind": m.kind,
-            "mixer": m.mixer,
-            "mlp_dim": m.mlp_dim,
-            "positional": m.positional,
-            "tie_embeddings": m.tie_embeddings,
-            "vocab_size": shape["vocab_size"],
-            "length": shape["length"],
-        }
-    return signature | {
-        "discretization": m.discretization,
-        "norm": m.norm,
-        "in_features": shape["in_features"],
-        "output_size": shape["output_size"],
-        "output_step": shape["output_step"],
     }
 
 
@@ -231,10 +294,8 @@ def make_decoder(config: ml_collections.ConfigDict, shape: dict[str, Any]):
     parameters are moved to the nnx form first (:func:`to_framework`)."""
     from flax import nnx
 
-    from flax_linoss.nnx import TransformerLM
-
-    kw = transformer_kwargs(config, shape)
-    abstract = nnx.eval_shape(lambda: TransformerLM(**kw, rngs=nnx.Rngs(0)))
+    spec = ModelSpec.from_config(config, shape)
+    abstract = nnx.eval_shape(lambda: spec.nnx_module(nnx.Rngs(0)))
 
     @jax.jit
     def decode(params, tokens):

@@ -1,17 +1,26 @@
-"""Data parallelism: a device mesh and three interchangeable train-step implementations.
+"""The device mesh and three train-step implementations.
 
-The mesh has a ``data`` axis (the batch is split over it) and a ``model`` axis (room for model
-parallelism; parameters are replicated over it for now). The implementations take the same
-*global-view* step function semantics and give the same parameters to float tolerance:
+The mesh has four axes, outermost first: ``data`` (replicas), ``fsdp`` (fully sharded data
+parallelism), ``seq`` (the length split) and ``model`` (tensor parallelism), sized by
+``config.parallel.{fsdp,sequence,model}_axis_size`` with ``data`` taking the remaining
+devices. Where each array lives is said by logical axis rules
+(:mod:`flax_linoss.train.sharding`). The implementations give the same parameters to float
+tolerance:
 
-* ``"jit"``: ``jax.jit`` with ``NamedSharding`` in/out shardings; the state is replicated and
-  the batch is sharded over ``data``. XLA inserts the gradient all-reduce, and batch-norm
-  statistics are over the global batch by construction (the model uses no axis name).
-* ``"shard_map"``: ``jax.shard_map`` over the mesh; each device computes the loss of its slice,
-  gradients and metrics are averaged with an explicit ``lax.pmean`` over ``data``, and the
-  model's batch norm averages its statistics over ``data`` (``norm_axis_name="data"``).
-* ``"pmap"``: ``jax.pmap`` over the local devices with ``axis_name="data"``; the state carries
-  a leading device axis. Multi-host pmap spans every process's devices.
+* ``"jit"`` (the main one): ``jax.jit`` with ``NamedSharding`` in/out shardings on every
+  axis. The train state is sharded by the rules (parameters and optimiser state over
+  ``fsdp`` and, where a width splits, ``model``), donated to the step and kept on device;
+  the batch is split over ``(data, fsdp)``. XLA inserts the collectives, and batch-norm
+  statistics are over the global batch by construction. The step is traced under the mesh
+  and the rules, so each LinOSS layer runs its recurrence in ``shard_map`` with the length
+  and the oscillators split as the rules say (:func:`flax_linoss.common.per_shard`).
+* ``"shard_map"``: ``jax.shard_map`` over the batch axes; each device computes the loss of
+  its slice, gradients and metrics are averaged with an explicit ``lax.pmean`` over
+  ``(data, fsdp)``, and the model's batch norm averages its statistics over them. The state
+  is stored sharded (over ``fsdp``) and gathered as it enters. No ``model`` / ``seq`` axis.
+* ``"pmap"``: ``jax.pmap`` over the local devices with ``axis_name="data"``; the state
+  carries a leading device axis. Data parallelism only (``fsdp``, ``model``, ``seq`` must be
+  1). Multi-host pmap spans every process's devices.
 
 Dropout: ``jit`` draws one mask for the global batch (the same for any device count, JAX's
 threefry being partitionable); ``shard_map`` and ``pmap`` fold the device index into the key, so
@@ -20,26 +29,35 @@ their masks differ from ``jit``'s (same distribution). With ``dropout_rate=0`` a
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_linoss.train import sharding as sharding_lib
+
 __all__ = [
     "DATA_AXIS",
+    "FSDP_AXIS",
     "MODEL_AXIS",
+    "SEQ_AXIS",
     "Parallel",
     "make_mesh",
     "pmap_available",
     "to_host",
 ]
 
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
+DATA_AXIS = sharding_lib.DATA
+FSDP_AXIS = sharding_lib.FSDP
+SEQ_AXIS = sharding_lib.SEQ
+MODEL_AXIS = sharding_lib.MODEL
 
 
 def pmap_available() -> tuple[bool, str]:
@@ -52,11 +70,18 @@ def pmap_available() -> tuple[bool, str]:
     return True, ""
 
 
-def make_mesh(num_devices: int = 0, model_axis_size: int = 1) -> jax.sharding.Mesh:
-    """A ``(data, model)`` mesh over all devices (or the first ``num_devices`` local ones).
+def make_mesh(
+    num_devices: int = 0,
+    model_axis_size: int = 1,
+    *,
+    fsdp_axis_size: int = 1,
+    sequence_axis_size: int = 1,
+) -> jax.sharding.Mesh:
+    """A ``(data, fsdp, seq, model)`` mesh over all devices (or the first ``num_devices``).
 
-    Both axes are ``Auto`` so ``jit`` propagates shardings and ``shard_map`` accepts inputs.
-    Devices are ordered by process, so each process's batch shard lands on its own devices.
+    ``data`` takes the devices the other three leave. Every axis is ``Auto`` so ``jit``
+    propagates shardings and ``shard_map`` accepts inputs. Devices are ordered by process,
+    so the outer axes span processes first (each process's batch rows on its own devices).
     """
     devices = jax.devices()
     if num_devices:
@@ -66,14 +91,17 @@ def make_mesh(num_devices: int = 0, model_axis_size: int = 1) -> jax.sharding.Me
             raise ValueError(f"parallel.num_devices={num_devices} but only {len(devices)} exist")
         devices = devices[:num_devices]
     n = len(devices)
-    if n % model_axis_size:
+    inner = fsdp_axis_size * sequence_axis_size * model_axis_size
+    if n % inner:
         raise ValueError(
-            f"{n} devices cannot form a mesh with parallel.model_axis_size={model_axis_size}"
+            f"{n} devices cannot form a mesh with parallel.fsdp_axis_size={fsdp_axis_size}, "
+            f"sequence_axis_size={sequence_axis_size}, model_axis_size={model_axis_size} "
+            f"(their product {inner} must divide the device count)"
         )
     return jax.make_mesh(
-        (n // model_axis_size, model_axis_size),
-        (DATA_AXIS, MODEL_AXIS),
-        axis_types=(AxisType.Auto, AxisType.Auto),
+        (n // inner, fsdp_axis_size, sequence_axis_size, model_axis_size),
+        sharding_lib.MESH_AXES,
+        axis_types=(AxisType.Auto,) * 4,
         devices=devices,
     )
 
@@ -85,9 +113,25 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def batch_axes(rules, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (the ``batch`` rule)."""
+    entry = sharding_lib.batch_spec(rules, mesh)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def step_axis_name(implementation: str, rules, mesh: jax.sharding.Mesh):
+    """The mapped axes the step function (and batch norm) average over: ``None`` for
+    ``jit`` (global view), ``"data"`` for ``pmap``, the batch axes for ``shard_map``."""
+    if implementation == "jit":
+        return None
+    if implementation == "pmap":
+        return DATA_AXIS
+    return batch_axes(rules, mesh) or (DATA_AXIS,)
+
+
 # A step function: (state, batch, axis_name | None) -> (state, metrics). ``axis_name`` is None
-# for the global-view (jit) form, "data" inside shard_map / pmap.
-StepFn = Callable[[Any, Any, str | None], tuple[Any, Any]]
+# for the global-view (jit) form, the batch axes inside shard_map / pmap.
+StepFn = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
 class Parallel:
@@ -98,46 +142,67 @@ class Parallel:
         mesh: From :func:`make_mesh`.
         step_fn: ``(state, batch, axis_name) -> (state, metrics)``; with an axis name it must
             average gradients and metrics over it.
+        state_shardings: A ``NamedSharding`` per leaf of the train state
+            (:func:`flax_linoss.train.sharding.state_shardings`).
+        rules: The logical axis rules (flax's ``(name, mesh axes)`` pairs).
     """
 
-    def __init__(self, implementation: str, mesh: jax.sharding.Mesh, step_fn: StepFn):
+    def __init__(
+        self,
+        implementation: str,
+        mesh: jax.sharding.Mesh,
+        step_fn: StepFn,
+        state_shardings: Any,
+        rules: tuple = (),
+    ):
         self.implementation = implementation
         self.mesh = mesh
+        self.rules = tuple(rules)
+        self.state_shardings = state_shardings
         self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-        self.data_size = mesh.shape[DATA_AXIS]
+        self.batch_sharding = NamedSharding(mesh, sharding_lib.batch_spec(self.rules, mesh))
+        self.batch_axes = batch_axes(self.rules, mesh)
+        self.data_size = math.prod(mesh.shape[a] for a in self.batch_axes)
+        donate = {"donate_argnums": 0}
         if implementation == "jit":
             self._step = jax.jit(
                 lambda s, b: step_fn(s, b, None),
-                in_shardings=(self.replicated, self.batch_sharding),
-                out_shardings=(self.replicated, self.replicated),
+                in_shardings=(state_shardings, self.batch_sharding),
+                out_shardings=(state_shardings, self.replicated),
+                **donate,
             )
         elif implementation == "shard_map":
+            axes = step_axis_name(implementation, self.rules, mesh)
             mapped = jax.shard_map(
-                lambda s, b: step_fn(s, b, DATA_AXIS),
+                lambda s, b: step_fn(s, b, axes),
                 mesh=mesh,
-                in_specs=(P(), P(DATA_AXIS)),
+                in_specs=(P(), P(axes)),
                 out_specs=(P(), P()),
                 check_vma=False,
             )
             self._step = jax.jit(
                 mapped,
-                in_shardings=(self.replicated, self.batch_sharding),
-                out_shardings=(self.replicated, self.replicated),
+                in_shardings=(state_shardings, self.batch_sharding),
+                out_shardings=(state_shardings, self.replicated),
+                **donate,
             )
         elif implementation == "pmap":
             ok, why = pmap_available()
             if not ok:
                 raise RuntimeError(why)
-            if mesh.shape[MODEL_AXIS] != 1:
-                raise ValueError("pmap cannot use a model axis (parallel.model_axis_size=1)")
+            others = [a for a in sharding_lib.MESH_AXES if a != DATA_AXIS and mesh.shape[a] > 1]
+            if others:
+                raise ValueError(f"pmap is data-parallel only; the mesh has a {others[0]!r} axis")
             local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
             self.local_devices = local
             with warnings.catch_warnings():
                 warnings.simplefilter("error", DeprecationWarning)
                 try:
                     self._step = jax.pmap(
-                        lambda s, b: step_fn(s, b, DATA_AXIS), axis_name=DATA_AXIS, devices=local
+                        lambda s, b: step_fn(s, b, DATA_AXIS),
+                        axis_name=DATA_AXIS,
+                        devices=local,
+                        **donate,
                     )
                 except DeprecationWarning as e:  # pragma: no cover - depends on the JAX version
                     raise RuntimeError(
@@ -147,32 +212,47 @@ class Parallel:
         else:
             raise ValueError(f"Unknown parallel implementation {implementation!r}")
 
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and the logical axis rules, for tracing the model (the LinOSS layers
+        read them to split their recurrence); pmap takes its own devices."""
+        if self.implementation == "pmap":
+            yield
+            return
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
     # ---- states -------------------------------------------------------------------------
-    def replicate(self, tree: Any) -> Any:
-        """Canonical tree -> replicated over the mesh (``NamedSharding(mesh, P())``)."""
-        return jax.tree.map(lambda a: jax.device_put(to_host(a), self.replicated), tree)
+    def place(self, tree: Any, shardings: Any = None) -> Any:
+        """``tree`` (a train state, or any tree shaped like ``shardings``) moved onto the
+        mesh as the step takes it (device to device; a no-op where it already is)."""
+        return jax.device_put(tree, self.state_shardings if shardings is None else shardings)
+
+    def gather(self, tree: Any) -> Any:
+        """A copy of ``tree`` replicated on every device (for host-side use)."""
+        return jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
 
     def put_state(self, state: Any) -> Any:
-        """Canonical (replicated) state -> the layout the step takes."""
+        """The (sharded) train state -> the layout the step takes (pmap: a leading device
+        axis; else the state itself)."""
         if self.implementation == "pmap":
             n = len(self.local_devices)
             return jax.tree.map(lambda a: np.broadcast_to(to_host(a), (n, *np.shape(a))), state)
-        return self.replicate(state)
+        return state
 
     def canonical_state(self, state: Any) -> Any:
-        """The step's layout -> a state replicated over the mesh (for eval and checkpoints)."""
-        if self.implementation == "pmap":
-            return jax.tree.map(
-                lambda a: (
-                    jax.device_put(
-                        np.asarray(a.addressable_data(0)).reshape(a.shape[1:]), self.replicated
-                    )
-                    if isinstance(a, jax.Array)
-                    else jax.device_put(np.asarray(a)[0], self.replicated)
-                ),
-                state,
-            )
-        return state
+        """The step's layout -> the sharded train state (for eval and checkpoints)."""
+        if self.implementation != "pmap":
+            return state
+        first = jax.tree.map(
+            lambda a: (
+                np.asarray(a.addressable_data(0)).reshape(a.shape[1:])
+                if isinstance(a, jax.Array)
+                else np.asarray(a)[0]
+            ),
+            state,
+        )
+        return self.place(first)
 
     # ---- batches ------------------------------------------------------------------------
     def put_batch(self, batch: dict[str, np.ndarray], *, for_step: bool = True) -> Any:
@@ -189,23 +269,26 @@ class Parallel:
 
     def lower(self, state: Any, batch: Any):
         """The step lowered for ``state`` and ``batch`` (``.compile()``, memory analysis)."""
-        return self._step.lower(state, batch)
+        with self.context():
+            return self._step.lower(state, batch)
 
     def step(self, state: Any, batch: Any) -> tuple[Any, Any]:
-        """One train step; metrics come back replicated (pmap: the first device's copy)."""
-        state, metrics = self._step(state, batch)
+        """One train step (``state`` is donated); metrics come back replicated (pmap: the
+        first device's copy)."""
+        with self.context():
+            state, metrics = self._step(state, batch)
         if self.implementation == "pmap":
             metrics = jax.tree.map(lambda a: a[0], metrics)
         return state, metrics
 
 
 def check_batch(global_batch: int, parallel: Parallel) -> None:
-    """Raises ``ValueError`` unless the global batch splits evenly over the data axis."""
+    """Raises ``ValueError`` unless the global batch splits evenly over the batch axes."""
     n = parallel.data_size
     if global_batch % n:
         raise ValueError(
-            f"batch size {global_batch} does not split over {n} data-parallel devices; use a "
-            f"multiple of {n}"
+            f"batch size {global_batch} does not split over {n} data-parallel devices "
+            f"(mesh axes {' x '.join(parallel.batch_axes)}); use a multiple of {n}"
         )
     per_process = global_batch // jax.process_count()
     if parallel.implementation == "pmap" and per_process % len(parallel.local_devices):
@@ -215,14 +298,14 @@ def check_batch(global_batch: int, parallel: Parallel) -> None:
         )
 
 
-def pmean(tree: Any, axis_name: str | None) -> Any:
+def pmean(tree: Any, axis_name) -> Any:
     """``lax.pmean`` over ``axis_name`` (identity when ``None``)."""
     if axis_name is None:
         return tree
     return jax.tree.map(lambda a: jax.lax.pmean(a, axis_name), tree)
 
 
-def device_fold(key: jax.Array, axis_name: str | None) -> jax.Array:
+def device_fold(key: jax.Array, axis_name) -> jax.Array:
     """Folds the device index along ``axis_name`` into ``key`` (unchanged when ``None``)."""
     if axis_name is None:
         return key

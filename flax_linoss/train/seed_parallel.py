@@ -85,7 +85,7 @@ def train_seeds(
 
 def _rewind(run: trainer.Run, step: int) -> None:
     """Puts ``run`` back to its checkpoint at ``step`` (another seed is behind)."""
-    state, meta = trainer.restore_state(run.s, run.ckpts, step, run.state, run.train_it)
+    state, meta = trainer.restore_state(run.s, run.ckpts, step, run.train_it)
     run.state, run.meta, run.step = state, meta, step
     run.ckpts.drop_after(step)
     run.ckpts.drop_best_after(step)
@@ -122,10 +122,10 @@ def _train(s: trainer.Setup, runs: dict[int, trainer.Run], step: int) -> None:
         _record(runs, seeds, active, *pending)
         pending = None
         for i, seed in enumerate(seeds):
-            if active[i] and runs[seed].boundary(s.parallel.replicate(_row(state, i))):
+            if active[i] and runs[seed].boundary(s.parallel.place(_row(state, i))):
                 active[i] = False
     for i, seed in enumerate(seeds):
-        runs[seed].step = int(np.asarray(state["step"][i]))
+        runs[seed].step = int(np.asarray(state.step[i]))
 
 
 def _stack_batches(batches):

@@ -7,9 +7,12 @@ checkpoints (:mod:`flax_linoss.train.checkpoint`) and early stopping
 (:class:`EarlyStopping`), tied together by :func:`train_and_evaluate`.
 
 Each API trains in its own form (:mod:`flax_linoss.train.model`): linen variables for
-linen, ``nnx.State`` for nnx. The train state is ``{"step", "params", "batch_stats",
-"opt_state", "rng"}``; checkpoints store it as it is and record the API, and a run restored
-with the other API is converted through :func:`flax_linoss.train.model.to_framework`.
+linen, ``nnx.State`` for nnx. The train state is a :class:`TrainState` (step, parameters,
+batch statistics, optimiser state, dropout key), created inside ``jit`` already sharded as
+the logical axis rules say (:mod:`flax_linoss.train.sharding`), donated to every step and
+kept on device. Checkpoints store it as it is (Orbax writes each device's shards) and
+record the API; a run restores onto whatever mesh it has, and a run restored with the other
+API is converted through :func:`flax_linoss.train.model.to_framework`.
 
 The dropout key of step ``s`` is ``fold_in(rng, s)`` and the data order is a function of the
 seed and the Grain iterator position, so a resumed run continues bit for bit (same devices).
@@ -24,6 +27,7 @@ import os
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,10 +39,11 @@ from flax_linoss.train import config as config_lib
 from flax_linoss.train import data as data_lib
 from flax_linoss.train import metrics as metrics_lib
 from flax_linoss.train import parallel as par_lib
+from flax_linoss.train import sharding as sharding_lib
 from flax_linoss.train import workdir as workdir_lib
 from flax_linoss.train.model import (
     ModelFns,
-    abstract_variables,
+    ModelSpec,
     make_model,
     model_signature,
     to_framework,
@@ -50,6 +55,7 @@ __all__ = [
     "NonFiniteLossError",
     "Run",
     "Setup",
+    "TrainState",
     "create_train_state",
     "evaluate",
     "evaluate_model",
@@ -129,6 +135,43 @@ def setup_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes, one pytree (checkpointed as it is).
+
+    Attributes:
+        step: Steps taken (int32 scalar).
+        params: The model's parameters in its API's form (linen dict or ``nnx.State``).
+        batch_stats: Its batch-norm statistics (same form; empty without batch norm).
+        opt_state: The optax state of ``params``.
+        rng: The run's dropout key; step ``s`` uses ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``{"params", "batch_stats"}``: what the model applies."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def init_state(fns: ModelFns, tx: optax.GradientTransformation, seed: int, example) -> TrainState:
+    """A fresh train state from ``seed`` (pure: call it inside ``jit``)."""
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = fns.init(init_key, jnp.asarray(example))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=dropout_key,
+    )
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything a run needs, built from a config before anything is compiled."""
@@ -142,24 +185,42 @@ class Setup:
     tx: optax.GradientTransformation
     example: np.ndarray
     signature: dict[str, Any]
+    spec: ModelSpec
+    logical: dict  # linen path -> logical axes of the model's variables
+    abstract_state: TrainState  # ShapeDtypeStruct leaves carrying their shardings
     decoder: Any = None  # token tasks: the cached-decoding function, made on first use
 
     @property
     def metric(self) -> str:
         return metric_name(self.shape["task"])
 
+    def abstract_state_of(self, fns: ModelFns) -> TrainState:
+        """The train state of ``fns`` (this model in either API) as ``ShapeDtypeStruct``
+        leaves with the shardings the rules give it on this mesh (a restore target)."""
+        abstract = jax.eval_shape(lambda: init_state(fns, self.tx, self.config.seed, self.example))
+        shardings = sharding_lib.state_shardings(
+            abstract, self.logical, self.parallel.rules, self.mesh
+        )
+        return ckpt_lib.abstract_like(abstract, shardings)
+
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
     """Checks the config, then builds devices, data, model, optimiser and the step."""
     config_lib.validate(config)
-    impl = config.parallel.implementation
+    p = config.parallel
+    impl = p.implementation
     if impl == "pmap":
         ok, why = par_lib.pmap_available()
         if not ok:
             raise config_lib.ConfigError(why)
     setup_distributed(config)
     try:
-        mesh = par_lib.make_mesh(config.parallel.num_devices, config.parallel.model_axis_size)
+        mesh = par_lib.make_mesh(
+            p.num_devices,
+            p.model_axis_size,
+            fsdp_axis_size=p.fsdp_axis_size,
+            sequence_axis_size=p.sequence_axis_size,
+        )
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     splits = data_lib.load_dataset(config)
@@ -170,36 +231,56 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
             f"{shape['task']} task): token tasks need model.kind='transformer', series tasks "
             "model.kind='paper'."
         )
-    fns = make_model(config, shape)
-    step_fns = fns if impl == "jit" else make_model(config, shape, axis_name=par_lib.DATA_AXIS)
+    first = {k: np.asarray(v)[None] for k, v in splits["train"][0].items()}
+    first["valid"] = np.ones((1,), bool)
+    example = data_lib.prepare_batch(config, first)["series"]
+    if example.shape[1] % p.sequence_axis_size:
+        raise config_lib.ConfigError(
+            f"parallel.sequence_axis_size={p.sequence_axis_size} must divide the sequence "
+            f"length {example.shape[1]}."
+        )
+    spec = ModelSpec.from_config(config, shape)
+    rules = sharding_lib.parse_rules(p.logical_axis_rules)
+    fns = make_model(config, spec)
     tx = make_optimizer(config)
-    parallel = par_lib.Parallel(impl, mesh, make_step_fn(step_fns, tx))
+    logical = sharding_lib.model_logical_axes(spec)
+    abstract = jax.eval_shape(lambda: init_state(fns, tx, config.seed, example))
+    shardings = sharding_lib.state_shardings(abstract, logical, rules, mesh)
+    axis_name = par_lib.step_axis_name(impl, rules, mesh)
+    step_fns = fns if axis_name is None else make_model(config, spec, axis_name=axis_name)
+    parallel = par_lib.Parallel(impl, mesh, make_step_fn(step_fns, tx), shardings, rules)
     par_lib.check_batch(config.data.batch_size, parallel)
     if config.data.eval_batch_size % (parallel.data_size * jax.process_count()):
         raise config_lib.ConfigError(
             f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of "
             f"{parallel.data_size * jax.process_count()}"
         )
-    first = {k: np.asarray(v)[None] for k, v in splits["train"][0].items()}
-    first["valid"] = np.ones((1,), bool)
-    example = data_lib.prepare_batch(config, first)["series"]
     return Setup(
-        config, splits, shape, mesh, parallel, fns, tx, example, model_signature(config, shape)
+        config,
+        splits,
+        shape,
+        mesh,
+        parallel,
+        fns,
+        tx,
+        example,
+        model_signature(config, shape),
+        spec,
+        logical,
+        ckpt_lib.abstract_like(abstract, shardings),
     )
 
 
-def create_train_state(s: Setup) -> dict[str, Any]:
-    """A fresh train state (on the default device) from ``config.seed``."""
-    key = jax.random.PRNGKey(s.config.seed)
-    init_key, dropout_key = jax.random.split(key)
-    variables = jax.jit(s.fns.init)(init_key, jnp.asarray(s.example))
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
-        "opt_state": s.tx.init(variables["params"]),
-        "rng": dropout_key,
-    }
+def create_train_state(s: Setup) -> TrainState:
+    """A fresh train state from ``config.seed``, created inside ``jit`` with the state's
+    shardings as ``out_shardings``: each device computes only its own shards (nothing is
+    materialised whole on one device)."""
+    seed, example = s.config.seed, np.asarray(s.example)
+    create = jax.jit(
+        lambda: init_state(s.fns, s.tx, seed, example),
+        out_shardings=s.parallel.state_shardings,
+    )
+    return create()
 
 
 # ----------------------------------------------------------------------------------------
@@ -244,28 +325,27 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
     """
     name = metric_name(fns.task)
 
-    def step_fn(state, batch, axis_name):
-        rng = jax.random.fold_in(state["rng"], state["step"])
+    def step_fn(state: TrainState, batch, axis_name):
+        rng = jax.random.fold_in(state.rng, state.step)
         rng = par_lib.device_fold(rng, axis_name)
 
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            variables = {"params": params, "batch_stats": state.batch_stats}
             out, stats = fns.apply(variables, batch["series"], True, rng, **packing(batch))
             loss, metric = task_loss(fns.task, out, batch)
             n = batch["series"].shape[0]
             return loss.sum() / n, (stats, metric.sum() / n)
 
-        (loss, (stats, metric)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (stats, metric)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = par_lib.pmean(grads, axis_name)
         loss, metric = par_lib.pmean((loss, metric), axis_name)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": stats,
-            "opt_state": opt_state,
-            "rng": state["rng"],
-        }
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=stats,
+            opt_state=opt_state,
+        )
         return new, {"loss": loss, name: metric}
 
     return step_fn
@@ -276,7 +356,8 @@ def make_step_fn(fns: ModelFns, tx: optax.GradientTransformation):
 
 
 def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
-    """jit ``(variables, batch) -> {"loss", "metric", "count"}`` sums over valid rows."""
+    """jit ``(variables, batch) -> {"loss", "metric", "count"}`` sums over valid rows; the
+    variables stay where the train state keeps them (run it under ``parallel.context()``)."""
 
     def eval_fn(variables, batch):
         out, _ = fns.apply(variables, batch["series"], False, None, **packing(batch))
@@ -287,9 +368,13 @@ def make_eval_fn(fns: ModelFns, parallel: par_lib.Parallel):
             "count": batch["valid"].astype(jnp.float32).sum(),
         }
 
+    shardings = parallel.state_shardings
     return jax.jit(
         eval_fn,
-        in_shardings=(parallel.replicated, parallel.batch_sharding),
+        in_shardings=(
+            {"params": shardings.params, "batch_stats": shardings.batch_stats},
+            parallel.batch_sharding,
+        ),
         out_shardings=parallel.replicated,
     )
 
@@ -299,7 +384,8 @@ def evaluate_split(s: Setup, eval_fn, variables, split: str) -> dict[str, float]
     sums = {"loss": 0.0, "metric": 0.0, "count": 0.0}
     for batch in data_lib.eval_batches(s.config, s.splits[split]):
         batch = data_lib.prepare_batch(s.config, batch)
-        out = eval_fn(variables, s.parallel.put_batch(batch, for_step=False))
+        with s.parallel.context():
+            out = eval_fn(variables, s.parallel.put_batch(batch, for_step=False))
         for k in sums:
             sums[k] += float(par_lib.to_host(out[k]))
     n = max(sums["count"], 1.0)
@@ -324,19 +410,11 @@ def decode_accuracy(s: Setup, variables, split: str) -> float:
 
     if s.decoder is None:
         s.decoder = make_decoder(s.config, s.shape)
-    params = variables["params"]
+    params = s.parallel.gather(variables["params"])  # whole, on every device
     if s.config.framework != NNX:
         from flax import nnx
 
-        from flax_linoss.nnx import TransformerLM
-        from flax_linoss.train.model import transformer_kwargs
-
-        template = nnx.state(
-            nnx.eval_shape(
-                lambda: TransformerLM(**transformer_kwargs(s.config, s.shape), rngs=nnx.Rngs(0))
-            ),
-            nnx.Param,
-        )
+        template = nnx.state(nnx.eval_shape(lambda: s.spec.nnx_module(nnx.Rngs(0))), nnx.Param)
         params = to_framework(params, template, s.config.framework, NNX)
     batch = next(iter(data_lib.eval_batches(s.config, s.splits[split])))
     batch = data_lib.prepare_batch(s.config, batch)
@@ -381,6 +459,11 @@ class EarlyStopping:
 # The run.
 
 
+def mesh_summary(mesh: jax.sharding.Mesh) -> str:
+    """``data=2 fsdp=2 seq=1 model=2``."""
+    return " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -398,26 +481,17 @@ def _new_meta(s: Setup) -> dict[str, Any]:
     }
 
 
-def restore_state(s: Setup, ckpts: ckpt_lib.RunCheckpoints, step: int, state, train_it):
-    """The checkpoint at ``step`` in this run's API form (converted if another API wrote it)."""
+def restore_state(s: Setup, ckpts: ckpt_lib.RunCheckpoints, step: int, train_it):
+    """The checkpoint at ``step``, restored straight onto this run's mesh and shardings
+    (whatever mesh wrote it), in this run's API form (converted if another API wrote it)."""
     saved = ckpts.saved_meta(step).get("framework", "linen")  # older runs: linen form
-    target = ckpt_lib.abstract_like(state, s.parallel.replicated)
     if saved == s.config.framework:
-        return ckpts.restore(step, target, train_it)
-    other = make_model(s.config, s.shape, framework=saved)
-    other_vars = abstract_variables(other, s.example)
-    other_state = {
-        **state,
-        "params": other_vars["params"],
-        "batch_stats": other_vars["batch_stats"],
-    }
-    other_state["opt_state"] = jax.eval_shape(s.tx.init, other_state["params"])
-    restored, meta = ckpts.restore(
-        step, ckpt_lib.abstract_like(other_state, s.parallel.replicated), train_it
-    )
-    state = to_framework(restored, target, saved, s.config.framework)
+        return ckpts.restore(step, s.abstract_state, train_it)
+    other = s.abstract_state_of(make_model(s.config, s.spec, framework=saved))
+    restored, meta = ckpts.restore(step, other, train_it)
+    state = to_framework(restored, s.abstract_state, saved, s.config.framework)
     _say(f"Converted the {saved} checkpoint at step {step} to {s.config.framework}.")
-    return s.parallel.replicate(state), {**meta, "framework": s.config.framework}
+    return s.parallel.place(state), {**meta, "framework": s.config.framework}
 
 
 def _check_loss(metrics, step: int, ckpts: ckpt_lib.RunCheckpoints, workdir: str):
@@ -480,18 +554,19 @@ class Run:
             hparams=config_lib.flat_keys(cfg),
         )
         self.train_it = data_lib.train_iterator(cfg, s.splits["train"])
-        self.state = s.parallel.replicate(create_train_state(s))
         self.meta = _new_meta(s)
         if latest is not None:
             latest, (self.state, self.meta) = self.ckpts.restore_newest(
-                lambda step: restore_state(s, self.ckpts, step, self.state, self.train_it)
+                lambda step: restore_state(s, self.ckpts, step, self.train_it)
             )
             self.meta.setdefault("train_seconds", 0.0)
             self.ckpts.drop_best_after(latest)
             _say(f"Resumed from {workdir} at step {latest}.")
+        else:
+            self.state = create_train_state(s)
         # The metrics file matches the checkpoint it resumes from (nothing after it).
         self.writer.truncate(latest or 0)
-        self.step = int(par_lib.to_host(self.state["step"]))
+        self.step = int(par_lib.to_host(self.state.step))
         self.stopping = EarlyStopping(s.metric == "accuracy", tcfg.patience, tcfg.best_ties)
         self.lr = learning_rate(cfg)
         self.progress = metrics_lib.Progress(self.step, tcfg.num_steps)
@@ -520,6 +595,8 @@ class Run:
             f"device{'s' if devices != 1 else ''}, {processes} "
             f"process{'es' if processes != 1 else ''}); workdir {self.workdir}"
         )
+        _say(f"mesh: {mesh_summary(self.s.mesh)}")
+        _say(sharding_lib.memory_line(self.s.abstract_state, self.s.parallel.state_shardings))
 
     def next_batch(self) -> dict[str, np.ndarray]:
         return data_lib.prepare_batch(self.s.config, next(self.train_it))
@@ -544,7 +621,7 @@ class Run:
 
     def boundary(self, state) -> bool:
         """Logs, evaluates and checkpoints at ``self.step`` as configured; ``state`` is the
-        run's canonical (replicated) train state. Returns whether the run stops here."""
+        run's (sharded) train state. Returns whether the run stops here."""
         tcfg, step = self.s.config.train, self.step
         last = step == tcfg.num_steps
         if self._every(tcfg.log_every) or last:
@@ -571,7 +648,7 @@ class Run:
         s, name, step, meta = self.s, self.s.metric, self.step, self.meta
         if self._eval_fn is None:
             self._eval_fn = make_eval_fn(s.fns, s.parallel)
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables = state.variables
         res = evaluate_model(s, self._eval_fn, variables)
         for split in ("val", "test"):
             record = {"loss": res[split]["loss"], name: res[split]["metric"]}
@@ -671,6 +748,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t0 = time.perf_counter()
     with run.saving():
         dstate = s.parallel.put_state(run.state)
+        run.state = None  # donated to the first step
         pending = None  # (metrics, step) of the previous step, checked one step late
         while run.step < config.train.num_steps:
             dstate, m = s.parallel.step(dstate, s.parallel.put_batch(run.next_batch()))
@@ -701,18 +779,13 @@ def evaluate(
     if "signature" in saved_meta:
         ckpt_lib.check_signature(saved_meta["signature"], s.signature, workdir)
     saved = saved_meta.get("framework", "linen")
-    writer_fns = (
-        s.fns if saved == config.framework else make_model(config, s.shape, framework=saved)
-    )
-    abstract = ckpt_lib.abstract_like(
-        abstract_variables(writer_fns, s.example), s.parallel.replicated
-    )
-    variables, _, step = ckpt_lib.restore_model(workdir, abstract, which=which)
+    writer = s.abstract_state
     if saved != config.framework:
-        variables = to_framework(
-            variables, abstract_variables(s.fns, s.example), saved, config.framework
-        )
-        variables = s.parallel.replicate(variables)
+        writer = s.abstract_state_of(make_model(config, s.spec, framework=saved))
+    variables, _, step = ckpt_lib.restore_model(workdir, writer.variables, which=which)
+    if saved != config.framework:
+        variables = to_framework(variables, s.abstract_state.variables, saved, config.framework)
+        variables = s.parallel.place(variables, s.parallel.state_shardings.variables)
     res = evaluate_model(s, make_eval_fn(s.fns, s.parallel), variables)
     name = s.metric
     out = {"step": step, "metric": name}

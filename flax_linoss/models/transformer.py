@@ -8,7 +8,7 @@ layer. The mixer of each block comes from the mixer registry
 pattern such as ``"linoss-im,linoss-im,attention"`` makes a hybrid (Griffin, Jamba): block
 ``i`` uses entry ``i mod len(pattern)``.
 
-Written once in nnx; :mod:`flax_linoss.linen` derives ``TransformerLM`` from it.
+Written once in nnx; :mod:`flax_linoss.models.linen` derives ``TransformerLM`` from it.
 
 Shapes: tokens ``[batch, length]`` int (0 is padding), logits ``[batch, length, vocab]``.
 """
@@ -119,13 +119,27 @@ class TransformerBlock(nnx.Module):
         self.mixer_name = mixer
         self.norm_mixer = nnx.LayerNorm(width, **kw)
         self.mixer = factory(num_heads, width, decode=False, **options, **kw)
+        # Mixers with a functional state (the LinOSS ones) take any number of new steps per
+        # decoding call; others (Flax's attention) one.
+        self.steps_per_call_any = hasattr(self.mixer, "init_state")
         self.norm_mlp = nnx.LayerNorm(width, **kw)
         self.mlp_in = nnx.Linear(width, mlp_dim, **kw)
         self.mlp_out = nnx.Linear(mlp_dim, width, **kw)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x, *, mask, deterministic: bool, decode: bool):
-        h = self.mixer(self.norm_mixer(x), mask=mask, deterministic=True, decode=decode)
+        h = self.norm_mixer(x)
+        if decode and x.shape[-2] > 1 and not self.steps_per_call_any:
+            # Flax's attention decodes one token per call: feed a prompt token by token.
+            h = jnp.concatenate(
+                [
+                    self.mixer(h[..., i : i + 1, :], deterministic=True, decode=True)
+                    for i in range(x.shape[-2])
+                ],
+                axis=-2,
+            )
+        else:
+            h = self.mixer(h, mask=mask, deterministic=True, decode=decode)
         x = x + self.dropout(h, deterministic=deterministic)
         h = self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm_mlp(x))))
         return x + self.dropout(h, deterministic=deterministic)
@@ -230,7 +244,9 @@ class TransformerLM(nnx.Module):
           positions: optional ``[batch, length]`` positions within each packed sequence.
           deterministic: no dropout (default: the attribute).
           decode: continue from the caches made by :meth:`init_cache` (``length >= 1`` new
-            tokens per call; no mask is needed: the caches hold the past).
+            tokens per call, for every pattern: LinOSS mixers take them in one call, and
+            blocks whose mixer decodes one token per call, as Flax's attention, are fed the
+            new tokens one at a time; no mask is needed: the caches hold the past).
 
         Returns:
           ``[batch, length, vocab_size]`` float32 logits.

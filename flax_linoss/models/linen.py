@@ -1,4 +1,4 @@
-"""Flax linen form of :class:`flax_linoss.nnx.transformer.TransformerLM` (derived from it,
+"""Flax linen form of :class:`flax_linoss.models.transformer.TransformerLM` (derived from it,
 see :mod:`flax_linoss.linen.bridge`): the same arguments less ``rngs``, the same call,
 parameters and logits. Decoding with caches is done on the nnx module (linen variables move
 there with :func:`flax_linoss.convert.map_tree`)."""
@@ -6,7 +6,7 @@ there with :func:`flax_linoss.convert.map_tree`)."""
 from __future__ import annotations
 
 from flax_linoss.linen.bridge import derive
-from flax_linoss.nnx import transformer as _nnx
+from flax_linoss.models import transformer as _nnx
 
 __all__ = ["TransformerLM"]
 

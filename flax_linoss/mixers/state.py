@@ -1,0 +1,167 @@
+"""The functional decoding state of a mixer: a small pytree a decoding loop carries.
+
+Pure JAX (no Flax). A recurrent mixer's whole memory of the past is a fixed-size state, so a
+decoding loop (``lax.scan``, ``lax.while_loop``, a sampler's carry) threads it like an
+attention KV cache, except that its size does not grow with the length::
+
+    state = mixer.init_state((batch,))               # before the loop
+    y, state = mixer(x_new, state=state)             # any number of new steps per call
+
+Every call returns a state of exactly the same shapes, dtypes and (under an explicit mesh)
+shardings as the one it was given, so it is a valid loop carry from the first step on.
+
+Legend: ``P`` oscillators, ``H`` the mixer's inner width, ``W`` a convolution's width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_linoss.ops import LinOSSState
+
+__all__ = ["MixerState", "like", "zero_state"]
+
+#: Names under which :class:`MixerState` fields live as ``nnx.Cache`` variables (the linen
+#: ``"cache"`` collection), for the Flax-attention style of decoding (``decode=True``).
+CACHE_NAMES = {
+    "z": "state_z",
+    "y": "state_y",
+    "index": "cache_index",
+    "last": "last_index",
+    "segment": "segment_id",
+    "conv": "conv_buffer",
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MixerState:
+    """A mixer's decoding state (a pytree; every leaf has the batch axes in front).
+
+    Attributes:
+      z, y: ``[batch..., 2, P]`` the oscillators' velocity and position as (re, im) pairs
+        (a :class:`flax_linoss.ops.LinOSSState`'s leaves), float32 (float64 with float64
+        parameters) whatever the activations' dtype.
+      index: ``[batch...]`` int32, the steps consumed so far: the next step's position (its
+        cache slot, modulo the cache size, when masks are cache-sized).
+      last: ``[batch...]`` int32, the absolute index of the last valid step (``-1``: none);
+        an attention-style mask says through it whether a new step continues that one's
+        sequence (packing).
+      segment: ``[batch...]`` int32, the ``segment_ids`` entry of the last valid step.
+      conv: ``[batch..., W - 1, H]`` the last inputs of a short causal convolution, or
+        ``None`` for a block without one.
+    """
+
+    z: jax.Array
+    y: jax.Array
+    index: jax.Array
+    last: jax.Array
+    segment: jax.Array
+    conv: jax.Array | None = None
+
+    @property
+    def oscillators(self) -> LinOSSState:
+        """The recurrence's part, as :func:`flax_linoss.ops.linoss_apply` takes it."""
+        return LinOSSState(self.z, self.y)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.index.shape)
+
+    def replace(self, **changes: Any) -> MixerState:
+        return dataclasses.replace(self, **changes)
+
+    def cache_variables(self) -> dict[str, jax.Array]:
+        """``{cache name: leaf}`` of the fields that are set (see :data:`CACHE_NAMES`).
+
+        ``cache_index`` is a scalar, as Flax attention's (every row of a cache-style state
+        advances together)."""
+        out = {
+            CACHE_NAMES[f.name]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+        out[CACHE_NAMES["index"]] = jnp.max(self.index)
+        return out
+
+    @classmethod
+    def from_cache_variables(cls, values: dict[str, jax.Array]) -> MixerState:
+        fields = {f: values[name] for f, name in CACHE_NAMES.items() if name in values}
+        fields["index"] = jnp.broadcast_to(fields["index"], fields["last"].shape)
+        return cls(**fields)
+
+
+def _sharding_for(out_sharding, batch_ndim: int, ndim: int):
+    """``out_sharding`` (a spec or ``NamedSharding`` for the batch axes, or for all axes)
+    extended to an array of ``ndim`` axes whose first ``batch_ndim`` are the batch axes."""
+    if out_sharding is None:
+        return None
+    named = isinstance(out_sharding, jax.sharding.NamedSharding)
+    spec = tuple(out_sharding.spec if named else out_sharding)[:batch_ndim]
+    spec = jax.sharding.PartitionSpec(*spec, *([None] * (ndim - len(spec))))
+    if named:
+        return jax.sharding.NamedSharding(out_sharding.mesh, spec)
+    return spec
+
+
+def zero_state(
+    batch_shape: tuple[int, ...] | int,
+    num_oscillators: int,
+    *,
+    dtype=jnp.float32,
+    conv_shape: tuple[int, int] | None = None,
+    conv_dtype=None,
+    out_sharding=None,
+) -> MixerState:
+    """The state before the first step: zero oscillators, no step seen.
+
+    Args:
+      batch_shape: the batch axes (an int for one).
+      num_oscillators: ``P``.
+      dtype: the oscillators' dtype (float32, or float64).
+      conv_shape: ``(W - 1, H)`` for a block with a short convolution, else ``None``.
+      conv_dtype: the convolution buffer's dtype (the activations'; default ``dtype``).
+      out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
+        the batch axes (e.g. ``P("fsdp")``); every leaf gets it on its batch axes.
+    """
+    batch = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+    nb = len(batch)
+
+    def zeros(shape, dt, fill=0):
+        sharding = _sharding_for(out_sharding, nb, nb + len(shape))
+        return jnp.full((*batch, *shape), fill, dt, out_sharding=sharding)
+
+    conv = None
+    if conv_shape is not None and conv_shape[0] > 0:
+        conv = zeros(tuple(conv_shape), conv_dtype or dtype)
+    return MixerState(
+        z=zeros((2, num_oscillators), dtype),
+        y=zeros((2, num_oscillators), dtype),
+        index=zeros((), jnp.int32),
+        last=zeros((), jnp.int32, -1),
+        segment=zeros((), jnp.int32),
+        conv=conv,
+    )
+
+
+def _explicit_mesh() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+
+
+def like(new: MixerState, old: MixerState) -> MixerState:
+    """``new`` with ``old``'s dtypes and, under an explicit mesh, shardings, leaf by leaf:
+    a loop carry keeps one type."""
+    explicit = _explicit_mesh()
+
+    def match(n, o):
+        n = n.astype(o.dtype)
+        if explicit:
+            n = jax.sharding.reshard(n, jax.typeof(o).sharding.spec)
+        return n
+
+    return jax.tree.map(match, new, old)
