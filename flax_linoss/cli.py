@@ -24,13 +24,14 @@ DEFAULT_CONFIG = default_config.__file__
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
         "train a model, or resume the run in --workdir",
-        "flax-linoss train [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]",
+        "flax-linoss train [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR] "
+        "[--data_dir=DIR]",
         "flax-linoss train --config=configs/uea_scp1.py:linoss_im --workdir=runs/scp1",
     ),
     "eval": (
         "evaluate a run's best (or latest) checkpoint on val and test",
         "flax-linoss eval --workdir=DIR [--which=best|latest] [--config=...] "
-        "[--config.KEY=VALUE ...]",
+        "[--config.KEY=VALUE ...] [--data_dir=DIR]",
         "flax-linoss eval --workdir=runs/scp1 --which=latest",
     ),
     "plot": (
@@ -41,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reproduce": (
         "run the papers' protocol for several seeds and write results.json / results.md",
         "flax-linoss reproduce --config=FILE[:ARG] --workdir=DIR [--seeds=S1,S2,...] "
-        "[--max_steps=N] [--eval_every=N] [--seed_parallel]",
+        "[--max_steps=N] [--eval_every=N] [--seed_parallel] [--data_dir=DIR]",
         "flax-linoss reproduce --config=configs/uea_scp1.py:linoss_im "
         "--workdir=runs/repro-scp1-im --max_steps=1000 --eval_every=250",
     ),
@@ -52,32 +53,86 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-FLAGS_HELP = """\
-Flags:
-  --config=FILE[:ARG]     an ml_collections config file (default: the built-in synthetic
-                          default); ARG picks a variant, e.g. configs/uea_scp1.py:linoss_im
-  --config.KEY=VALUE      override one field, e.g. --config.train.num_steps=500
-                          (see every field: flax-linoss config [--config=...])
-  --workdir=DIR           run folder: checkpoints, metrics.jsonl, tensorboard/, config.json
-  --which=best|latest     eval: which checkpoint (default best)
-  --out=PNG               plot: output path (default WORKDIR/curves.png)
-  --seeds=S1,S2,...       reproduce: seeds (default the papers' 2345,3456,4567,5678,6789)
-  --max_steps=N           reproduce: budget, at most N steps per seed
-  --eval_every=N          reproduce: budget, evaluate (and checkpoint) every N steps
-  --seed_parallel         reproduce: train all seeds as one compiled program
-  --traceback             on an error, show the Python traceback (also --verbosity=1)
-  --jax_*                 JAX's own flags, e.g. --jax_platforms=cpu
+_RUNS = ("train", "eval", "reproduce")
+_CONFIGURED = (*_RUNS, "config")
 
+# flag (as written in help) -> (description lines, the commands that take it)
+FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "--config=FILE[:ARG]": (
+        (
+            "an ml_collections config file (default: the built-in synthetic",
+            "default); ARG picks a variant, e.g. configs/uea_scp1.py:linoss_im",
+        ),
+        _CONFIGURED,
+    ),
+    "--config.KEY=VALUE": (
+        (
+            "override one field, e.g. --config.train.num_steps=500",
+            "(see every field: flax-linoss config [--config=...])",
+        ),
+        _CONFIGURED,
+    ),
+    "--workdir=DIR": (
+        ("run folder: checkpoints, metrics.jsonl, tensorboard/, config.json",),
+        (*_RUNS, "plot"),
+    ),
+    "--data_dir=DIR": (
+        (
+            "data directory: prepared datasets, and raw files found in",
+            "DIR/downloads/manual/ (default $FLAX_LINOSS_DATA_DIR, else",
+            "~/tensorflow_datasets); raw files elsewhere: --config.data.options.root",
+        ),
+        _RUNS,
+    ),
+    "--which=best|latest": (("which checkpoint (default best)",), ("eval",)),
+    "--out=PNG": (("output path (default WORKDIR/curves.png)",), ("plot",)),
+    "--seeds=S1,S2,...": (
+        ("seeds (default the papers' 2345,3456,4567,5678,6789)",),
+        ("reproduce",),
+    ),
+    "--max_steps=N": (("budget: at most N steps per seed",), ("reproduce",)),
+    "--eval_every=N": (("budget: evaluate (and checkpoint) every N steps",), ("reproduce",)),
+    "--seed_parallel": (("train all seeds as one compiled program",), ("reproduce",)),
+    "--traceback": (
+        ("on an error, show the Python traceback (also --verbosity=1)",),
+        tuple(COMMANDS),
+    ),
+    "--jax_*": (("JAX's own flags, e.g. --jax_platforms=cpu",), _RUNS),
+}
+
+SEED_NOTE = """\
 In the papers' configs one seed (--config.seed) drives the split, the initialisation,
 dropout and the data order; --config.data.split_seed=S fixes the split separately."""
 
 
+def _flag_name(flag: str) -> str:
+    return re.split(r"[=\[]", flag.lstrip("-"), maxsplit=1)[0]
+
+
+def flags_help(command: str | None = None) -> str:
+    """The ``Flags:`` section: every flag, or those ``command`` takes (with the command's
+    name for each flag that only some commands take, in the overview)."""
+    lines = ["Flags:"]
+    for flag, (text, commands) in FLAGS.items():
+        if command is not None and command not in commands:
+            continue
+        if command is None and len(commands) == 1:
+            text = (f"{commands[0]}: {text[0]}", *text[1:])
+        lines.append(f"  {flag:<22}  {text[0]}")
+        lines += [f"  {'':<22}  {t}" for t in text[1:]]
+    if command in (None, "train", "reproduce", "config"):
+        lines += ["", SEED_NOTE]
+    return "\n".join(lines)
+
+
 def help_text(command: str | None = None) -> str:
-    """The help for ``command`` (or for the whole tool)."""
+    """The help for ``command`` (or for the whole tool), ending with a newline."""
     if command in COMMANDS:
         summary, usage, example = COMMANDS[command]
-        return f"flax-linoss {command}: {summary}\n\nUsage: {usage}\nExample: {example}\n\n" + (
-            FLAGS_HELP
+        return (
+            f"flax-linoss {command}: {summary}\n\nUsage: {usage}\nExample: {example}\n\n"
+            + flags_help(command)
+            + "\n"
         )
     width = max(len(c) for c in COMMANDS)
     lines = [
@@ -91,9 +146,24 @@ def help_text(command: str | None = None) -> str:
         "Examples:",
         *(f"  {e}" for _, _, e in COMMANDS.values()),
         "",
-        FLAGS_HELP,
+        flags_help(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def check_flags_of(command: str, argv: list[str]) -> None:
+    """Raises :class:`UserError` for a flag of another command (``train --which=latest``)."""
+    owners = {_flag_name(f): commands for f, (_, commands) in FLAGS.items()}
+    for a in argv[1:]:
+        m = re.match(r"^--?(?:no)?(\w+)(?:=|$)", a)
+        if not m or m.group(1) not in owners:
+            continue
+        commands = owners[m.group(1)]
+        if command not in commands:
+            raise UserError(
+                f"--{m.group(1)} is a flag of {' / '.join(commands)}, not of {command} "
+                f"(flax-linoss {command} --help lists its flags)"
+            )
 
 
 class UserError(Exception):
@@ -230,6 +300,7 @@ def config_text(config) -> str:
 # Commands.
 
 _FLAGS: dict = {}
+_RUN: dict = {}  # the run folder of the command being run ("workdir"), for messages
 
 
 def _define_flags() -> None:
@@ -242,6 +313,7 @@ def _define_flags() -> None:
         "config", DEFAULT_CONFIG, "ml_collections config file (FILE[:ARG]).", lock_config=True
     )
     _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Run directory.")
+    _FLAGS["data_dir"] = flags.DEFINE_string("data_dir", None, "Data directory.")
     _FLAGS["which"] = flags.DEFINE_enum("which", "best", ["best", "latest"], "eval: checkpoint.")
     _FLAGS["out"] = flags.DEFINE_string("out", None, "plot: PNG path.")
     _FLAGS["seeds"] = flags.DEFINE_list("seeds", None, "reproduce: seeds.")
@@ -258,6 +330,21 @@ def _workdir(command: str, required: bool = True) -> str | None:
     return workdir
 
 
+def _use_data_dir(config) -> None:
+    """``--data_dir=DIR``: the data directory of this process (``$FLAX_LINOSS_DATA_DIR``) and
+    of the config's dataset options where they name one."""
+    from flax_linoss.data import paths
+
+    value = _FLAGS["data_dir"].value
+    if not value:
+        return
+    value = os.path.abspath(os.path.expanduser(value))
+    os.environ[paths.ENV_VAR] = value
+    options = config.data.options
+    if "data_dir" in options:
+        options["data_dir"] = value
+
+
 def _run_command(command: str, rest: list[str]) -> None:
     from flax_linoss.train import trainer
 
@@ -269,9 +356,15 @@ def _run_command(command: str, rest: list[str]) -> None:
         workdir = rest[0] if rest else _workdir("plot")
         print(plot_run(workdir, _FLAGS["out"].value))
     elif command == "train":
-        workdir = _workdir("train", required=False) or os.path.join(
-            "runs", time.strftime("%Y%m%d-%H%M%S")
-        )
+        workdir = _workdir("train", required=False)
+        if not workdir:
+            workdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            given = (
+                "--workdir is empty" if _flag_value(sys.argv, "workdir") == "" else "no --workdir"
+            )
+            print(f"{given}: this run goes to {os.path.abspath(workdir)}", flush=True)
+        _use_data_dir(_FLAGS["config"].value)
+        _RUN["workdir"] = workdir
         trainer.train_and_evaluate(_FLAGS["config"].value, workdir)
     elif command == "eval":
         workdir = _workdir("eval")
@@ -283,6 +376,7 @@ def _run_command(command: str, rest: list[str]) -> None:
             _fit_mesh(config, _override_keys(sys.argv))
         else:
             config = _FLAGS["config"].value
+        _use_data_dir(config)
         trainer.evaluate(config, workdir, which=_FLAGS["which"].value)
     else:
         _reproduce()
@@ -293,6 +387,7 @@ def _reproduce() -> None:
     from flax_linoss.train.reproduce import reproduce
 
     workdir = _workdir("reproduce")
+    _use_data_dir(_FLAGS["config"].value)
     try:
         seeds = [int(x) for x in (_FLAGS["seeds"].value or PAPER_SEEDS)]
     except ValueError:
@@ -316,16 +411,19 @@ def _reproduce() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean the user asked for something impossible."""
     from flax_linoss.data.errors import DataError
-    from flax_linoss.train.checkpoint import IncompatibleCheckpointError
+    from flax_linoss.train.checkpoint import DamagedCheckpointError, IncompatibleCheckpointError
     from flax_linoss.train.config import ConfigError
     from flax_linoss.train.trainer import NonFiniteLossError
+    from flax_linoss.train.workdir import WorkdirError
 
     return (
         UserError,
         ConfigError,
         DataError,
         IncompatibleCheckpointError,
+        DamagedCheckpointError,
         NonFiniteLossError,
+        WorkdirError,
         FileNotFoundError,
     )
 
@@ -338,12 +436,43 @@ def _absl_main(argv: list[str]) -> None:
         raise UserError(f"unexpected arguments {rest!r} (flags are written --name=value)")
     if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from flax_linoss.train import workdir as workdir_lib
+    from flax_linoss.train.checkpoint import DamagedCheckpointError
+
     try:
-        _run_command(command, rest)
+        with workdir_lib.quiet_background_errors():
+            _run_command(command, rest)
+    except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, and how to go on
+        if _show_traceback():
+            raise
+        if not isinstance(e, workdir_lib.Interrupted):
+            resume = workdir_lib.latest_checkpoint_step(_RUN.get("workdir"))
+            e = "interrupted" + (
+                f"; rerun the same command to resume from step {resume}"
+                if resume is not None
+                else ""
+            )
+        _exit(f"flax-linoss: {e}", 130)
     except _user_errors() as e:
         if _show_traceback():
             raise
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, DamagedCheckpointError):  # Orbax's threads hold the failed reads
+            _exit(f"flax-linoss: error: {message}", 1)
+        _fail(message)
+    except Exception as e:  # a full disk, a read-only folder: one line, not Orbax's pages
+        message = workdir_lib.describe_failure(e, _RUN.get("workdir"))
+        if message is None or _show_traceback():
+            raise
+        _exit(f"flax-linoss: error: {message}", 1)
+
+
+def _exit(message: str, status: int) -> None:
+    """Prints ``message`` and ends the process at once: background threads (Orbax's saves)
+    may still hold the failure that stopped the run and would print it again at exit."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _show_traceback() -> bool:
@@ -373,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS or argv[1] != command:
         _fail(f"unknown command {argv[1]!r}; commands: {', '.join(COMMANDS)} (--help)")
     try:
+        check_flags_of(command, argv)
         precheck(argv)
     except UserError as e:
         if _show_traceback():
@@ -381,10 +511,30 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     from absl import app
 
+    from flax_linoss.data.errors import spell_options
+
+    spell_options(
+        root="--config.data.options.root=DIR",
+        manual_dir="--config.data.options.manual_dir=DIR",
+        data_dir="--data_dir=DIR",
+    )
     jax.config.config_with_absl()
     sys.argv = argv
     _define_flags()
-    app.run(_absl_main, argv=argv)
+    app.run(_absl_main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or value as one line in this tool's style."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if _show_traceback():
+            raise
+        command = argv[1] if len(argv) > 1 else ""
+        _fail(f"{e} (flax-linoss {command} --help lists the flags)".replace("  ", " "))
 
 
 if __name__ == "__main__":

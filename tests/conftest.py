@@ -95,3 +95,19 @@ def kill_after(step):
         return batch
 
     return edit
+
+
+def tiny_config(**over):
+    """The tiny training config on one device, with ``{"train.num_steps": 36, ...}``
+    overrides (dotted keys)."""
+    from flax_linoss.train import default_config
+
+    config = default_config.get_tiny_config()
+    config.parallel.num_devices = 1
+    for key, value in over.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

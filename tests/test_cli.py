@@ -71,6 +71,8 @@ def test_bad_values_are_rejected_before_compiling(tmp_path):
     assert out.returncode != 0 and "num_steps" in out.stderr
     out = _run("train", f"--workdir={tmp_path}", "--config.model.discretization=imx")
     assert out.returncode != 0 and "did you mean imex" in out.stderr
+    out = _run("train", f"--workdir={tmp_path}", "--config.train.num_steps=50")  # warmup 100
+    assert out.returncode != 0 and "--config.optimizer.warmup_steps=5," in out.stderr
 
 
 def test_incompatible_workdir_is_refused(trained):

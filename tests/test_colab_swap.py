@@ -1,4 +1,5 @@
-"""colabs/swap_into_transformer.ipynb runs top to bottom as shipped.
+"""colabs/swap_into_transformer.ipynb ships with the outputs of a run and runs top to bottom as
+shipped.
 
 The notebook trains a small Flax transformer with attention and with LinOSS (registry name
 and swap_attention), plots the curves and checks cached decoding against the full forward
@@ -20,11 +21,18 @@ kernelspec = pytest.importorskip("ipykernel.kernelspec")
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colabs" / "swap_into_transformer.ipynb"
 
 
-def test_committed_notebook_has_no_outputs():
+def test_committed_notebook_ships_with_a_runs_outputs_and_installs_as_the_readme_does():
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # one run
+    outputs = [o for c in code for o in c.outputs]
+    assert not any(o.output_type == "error" for o in outputs)
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "max |decode - full|" in printed and "swapped d-linoss last loss" in printed
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    install = code[0].source
+    assert "github.com" not in install and "git+" not in install
+    assert '"pip", "install"' in install and '[train]"' in install  # a checkout or a wheel
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ generated fixtures)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -127,15 +128,88 @@ def test_tiny_formats_round_trip(tmp_path, writer):
         assert d.class_names == ("down", "up")
 
 
-def test_missing_values_become_nan(tmp_path):
+def _tiny_with(tmp_path, writer, edit):
+    """The tiny dataset written by ``writer`` with the TRAIN file's text passed through
+    ``edit``; returns the edited file."""
+    folder = make_tiny(tmp_path, writer)
+    f = next(folder.glob("Tiny*_TRAIN.*"))
+    f.write_text(edit(f.read_text()))
+    return f
+
+
+@pytest.mark.parametrize(
+    ("header", "value"), [("dimensions", "six"), ("seriesLength", "abc"), ("dimensions", "0")]
+)
+def test_ts_header_numbers_that_do_not_read_are_data_errors(tmp_path, header, value):
+    f = _tiny_with(tmp_path, write_ts, lambda t: re.sub(rf"@{header} \w+", f"@{header} {value}", t))
+    with pytest.raises(UEAFormatError, match=rf"{f.name}:\d+: @{header} must be a positive whole"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+
+
+@pytest.mark.parametrize("writer", [write_arff_dims, write_arff_relational, write_ts])
+def test_missing_values_are_refused_with_how_many_and_where(tmp_path, writer):
     folder = tmp_path / TINY.name
     folder.mkdir()
-    x_tr, y_tr, _, _ = _tiny_arrays()
-    x_tr[1, 2, 0] = np.nan
-    write_ts(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
-    write_ts(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TEST")
-    d = uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
-    assert np.isnan(d.x[1, 2, 0]) and np.isnan(d.x).sum() == 1
+    x_tr, y_tr, x_te, y_te = _tiny_arrays()
+    x_tr[1, 2, 0] = x_tr[1, 3, 0] = x_tr[3, 0, 0] = np.nan  # '?' in the files
+    writer(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
+    writer(folder, TINY.name, x_te, y_te, TINY.class_names, "TEST")
+    f = next(folder.glob("Tiny*_TRAIN.*"))
+    line = 1 + next(i for i, s in enumerate(f.read_text().splitlines()) if "?" in s)
+    with pytest.raises(UEAFormatError) as e:
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN")
+    msg = str(e.value)
+    assert f"{f}: 3 missing values ('?') in 2 series, the first at line {line}" in msg, msg
+    assert "step 3" in msg and "missing=" in msg and "\n" not in msg
+    # Opting in keeps them as NaN for a documented treatment (uea_splits' `missing`).
+    d = uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", missing="nan")
+    assert np.isnan(d.x[1, 2, 0]) and np.isnan(d.x).sum() == 3
+    uea_formats.read_uea_split(tmp_path, TINY.name, "TEST")  # TEST has none
+
+
+@pytest.mark.parametrize("writer", [write_arff_dims, write_arff_relational, write_ts])
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [("NaN", "not a finite number"), ("-inf", "not a finite number"), ("1e39", "float32")],
+)
+def test_non_finite_and_out_of_range_values_are_refused(tmp_path, writer, token, why):
+    def edit(text):
+        lines = text.splitlines()
+        row = lines.index("@data") + 2  # the second series
+        lines[row] = re.sub(r"(-?\d+\.\d+)(?=,)", token, lines[row], count=1)
+        return "\n".join(lines) + "\n"
+
+    f = _tiny_with(tmp_path, writer, edit)
+    n = 1 + f.read_text().splitlines().index("@data") + 2
+    with pytest.raises(UEAFormatError, match=rf"{f.name}:{n}: .*{re.escape(token)}.*{why}"):
+        uea_formats.read_uea_split(tmp_path, TINY.name, "TRAIN", missing="nan")
+
+
+def test_uea_splits_refuse_missing_values_unless_a_treatment_is_chosen():
+    x_tr, y_tr, x_te, y_te = _tiny_arrays()
+    x_tr = np.concatenate([x_tr] * 5)  # 20 + 3 series: every split gets some
+    y_tr = np.tile(y_tr, 5)
+    x_tr = x_tr + np.arange(20)[:, None, None]  # distinct rows (the paper split deduplicates)
+    x_tr[7, 1, 1] = np.nan
+    data = (x_tr, y_tr, x_te, y_te)
+    with pytest.raises(DataError, match=r"1 missing value .*TRAIN series 8, step 2, channel 2"):
+        protocol.uea_splits(data, seed=0)
+    with pytest.raises(DataError, match="missing must be one of"):
+        protocol.uea_splits(data, seed=0, missing="drop")
+    for normalise in (False, True):
+        filled = protocol.uea_splits(data, seed=0, missing="fill", normalise=normalise)
+        masked = protocol.uea_splits(
+            data, seed=0, missing="mask", normalise=normalise, add_time=True, fill_value=-1.0
+        )
+        for k in ("train", "val", "test"):
+            assert np.isfinite(filled[k][0]).all() and np.isfinite(masked[k][0]).all()
+            assert filled[k][0].shape[-1] == 2 and masked[k][0].shape[-1] == 1 + 2 + 2
+        x = np.concatenate([filled[k][0] for k in filled])
+        xm = np.concatenate([masked[k][0] for k in masked])
+        assert (x == 0).sum() == 1 and (xm[..., 1:3] == -1).sum() == 1
+        assert (xm[..., 3:] == 0).sum() == 1 and set(np.unique(xm[..., 3:])) == {0.0, 1.0}
+        # The mask's zero sits where the fill went, in the channel of the missing value.
+        assert np.argwhere(xm[..., 4] == 0).tolist() == np.argwhere(xm[..., 2] == -1).tolist()
 
 
 def test_truncated_arff_names_file_and_line(tmp_path):
@@ -476,6 +550,36 @@ def _assert_not_prepared(data_dir):
     assert not Path(b.data_dir).exists() or not any(Path(b.data_dir).iterdir())
     assert not any(Path(b.data_dir_root).rglob("*.array_record*"))
     assert dict(b.as_data_source()) == {}  # no split that could be read as complete
+
+
+def test_tfds_prepared_copy_keeps_missing_values_for_get_dataset_to_refuse(tmp_path):
+    from flax_linoss.data import uea
+
+    folder = tmp_path / "manual" / TINY.name
+    folder.mkdir(parents=True)
+    x_tr, y_tr, x_te, y_te = _tiny_arrays()
+    x_te[2, 4, 1] = np.nan
+    write_ts(folder, TINY.name, x_tr, y_tr, TINY.class_names, "TRAIN")
+    write_ts(folder, TINY.name, x_te, y_te, TINY.class_names, "TEST")
+    b = _tiny_builder(tmp_path / "tfds")
+    _prepare(b, tmp_path / "manual")  # preparing converts; '?' is stored as NaN
+    arrays = uea.uea_arrays(b)
+    assert np.isnan(arrays[2][2, 4, 1]) and np.isnan(arrays[2]).sum() == 1
+    with pytest.raises(DataError, match=r"uea/Tiny has 1 missing value .*TEST series 3, step 5"):
+        protocol.check_missing(arrays, "error", what="uea/Tiny")
+    protocol.check_missing(arrays, "fill")
+
+
+def test_preparing_says_from_which_folder_and_draws_no_bars_off_a_terminal(tmp_path, capsys):
+    from flax_linoss.data import uea
+
+    folder = make_tiny(tmp_path / "raw", write_ts)
+    uea.load(TINY, root=tmp_path / "raw", data_dir=tmp_path / "data")
+    out, err = capsys.readouterr()
+    assert f"Preparing uea/Tiny from {folder}\n" in out, out
+    assert f"Prepared uea/Tiny in {tmp_path / 'data' / 'uea' / 'Tiny'}" in out
+    assert "Downloading and preparing" not in out and "Unknown size" not in out
+    assert "\x1b[" not in out + err and "\r" not in out + err, err  # no progress bars in a log
 
 
 def test_tfds_unknown_config_suggests(tmp_path):

@@ -4,6 +4,7 @@ sizes that used to crash, the stable IMEX default, and the older `features=` nam
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import kill_after, nan_from
+from conftest import tiny_config as _tiny
 from flax import nnx
 
 from flax_linoss import linen as fl
@@ -33,18 +35,6 @@ def _cli(*args, cwd=None, timeout=240, env=None):
         timeout=timeout,
         cwd=cwd,
     )
-
-
-def _tiny(**over):
-    config = default_config.get_tiny_config()
-    config.parallel.num_devices = 1
-    for key, value in over.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 TINY = "from flax_linoss.train.default_config import get_tiny_config as get_config\n"
@@ -73,6 +63,57 @@ def test_help_lists_commands_flags_and_examples_and_exits_zero():
     assert out.returncode == 0 and out.stdout.startswith("flax-linoss train:")
     assert "Example: flax-linoss train" in out.stdout
     assert "rst" not in out.stdout and "``" not in out.stdout  # not raw reStructuredText
+
+
+def test_a_commands_help_lists_only_its_flags_and_ends_with_a_newline():
+    from flax_linoss import cli
+
+    def flags(command):
+        text = cli.help_text(command)
+        assert text.endswith("\n") and not text.endswith("\n\n"), command
+        return set(re.findall(r"^  (--\w+)", text, flags=re.M))
+
+    assert flags("train") == {"--config", "--workdir", "--data_dir", "--traceback", "--jax_"}
+    assert flags("eval") == flags("train") | {"--which"}
+    assert flags("reproduce") == flags("train") | {
+        "--seeds",
+        "--max_steps",
+        "--eval_every",
+        "--seed_parallel",
+    }
+    assert flags("plot") == {"--workdir", "--out", "--traceback"}
+    assert flags("config") == {"--config", "--traceback"}
+    assert "--which" in cli.help_text() and "--data_dir" in cli.help_text()  # the overview
+
+
+def test_bad_flags_and_values_are_one_line_in_the_clis_style(tmp_path):
+    quick = (f"--workdir={tmp_path / 'w'}", "--config.train.num_steps=1")  # should it train
+    _one_line(_cli("train", "--which=latest", *quick), "--which is a flag of eval, not of train")
+    _one_line(_cli("train", "--max_steps=5", *quick), "--max_steps is a flag of reproduce")
+    _one_line(_cli("train", "--nonsense=1", *quick), "Unknown command line flag 'nonsense'")
+    out = _cli("reproduce", f"--workdir={tmp_path}", "--max_steps=abc")
+    _one_line(out, "--max_steps=abc", "flax-linoss reproduce --help")
+    assert "FATAL" not in out.stderr
+
+
+def test_data_dir_is_a_flag_of_the_runs_and_data_errors_name_the_cli_flags(tmp_path):
+    scp1 = f"--config={REPO}/configs/uea_scp1.py:linoss_im"
+    data = tmp_path / "data"
+    for command in ("train", "reproduce"):
+        out = _cli(
+            command,
+            scp1,
+            f"--workdir={tmp_path / command}",
+            f"--data_dir={data}",
+            "--config.data.options.download=False",
+            "--seeds=1" if command == "reproduce" else "--config.seed=1",
+        )
+        _one_line(out, f"{data / 'downloads' / 'manual'} does not exist", "--data_dir=DIR")
+        assert "--config.data.options.root=DIR" in out.stderr
+        assert "root=" not in out.stderr.replace("options.root=", "") and "--manual_dir" not in (
+            out.stderr
+        )
+    _one_line(_cli("eval", f"--workdir={tmp_path / 'none'}", f"--data_dir={data}"), "not exist")
 
 
 def test_config_command_prints_fields_with_comments():
@@ -171,6 +212,30 @@ def test_progress_shows_seconds_per_step_when_slow(monkeypatch):
     assert "3.00 s/step" in p.line(10, {"loss": 1.0})  # 10 steps in 30 s
     p.restart(10)
     assert "40.0 steps/s" in p.line(30, {"loss": 1.0})  # 20 steps in 0.5 s
+
+
+def test_step_cost_is_said_once_after_the_compiling_step_for_long_runs(monkeypatch):
+    clock = iter([10.0, 12.0, 14.0, 16.0])  # steps 1 (compiles), 2, 3, 4 done, 2 s apart
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    cost = metrics.StepCost(0, 100_000)
+    lines = [cost.observe(step) for step in (1, 2, 3, 4, 5, 6)]
+    assert lines[:3] == [None] * 3 and lines[4:] == [None, None]
+    assert lines[3].startswith("a step takes 2.00 s here (cpu, steps 2-4): the 99,996 steps ")
+    assert "would take 55h33m" in lines[3] and "wants an accelerator" in lines[3]
+    assert "--config.train.num_steps=N" in lines[3] and "--max_steps=N" in lines[3]
+    short = metrics.StepCost(0, 200)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: 0.0)
+    assert all(short.observe(step) is None for step in range(1, 10))
+
+
+def test_a_long_run_says_early_what_a_step_costs(tmp_path, tamper_train_stream, capsys):
+    tamper_train_stream(kill_after(8))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(_tiny(**{"train.num_steps": 10**7}), str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    cost = next(i for i, line in enumerate(out) if line.startswith("a step takes "))
+    assert out[0].startswith("Training") and not any(s.startswith("step") for s in out[:cost])
+    assert "wants an accelerator" in out[cost]
 
 
 def _events(folder):
@@ -345,4 +410,31 @@ def test_plot_marks_the_best_step_and_draws_the_learning_rate(tmp_path):
     best = json.load(open(tmp_path / "results.json"))["best_step"]
     labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
     assert f"best val (step {best})" in labels
+    plt.close(fig)
+
+
+def test_plot_draws_each_split_in_one_colour_in_every_panel(tmp_path):
+    from flax_linoss.train import plots
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (10, 20):
+            f.write(json.dumps({"step": step, "split": "train", "loss": 1.0, "accuracy": 0.5}))
+            f.write("\n")
+            for split in ("val", "test"):
+                rec = {"step": step, "split": split, "loss": 1.0, "accuracy": 0.5}
+                f.write(json.dumps({**rec, "decode_accuracy": 0.4}) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plots._plot_one(plt, str(tmp_path))
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in ("train", "val", "test"):
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert "decode_accuracy" in [ax.get_title() for ax in fig.axes]
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len(set().union(*colours.values())) == 3
     plt.close(fig)

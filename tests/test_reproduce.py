@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kill_after
+from conftest import kill_after, tiny_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from flax_linoss import linen as fl
 from flax_linoss import nnx as fn
 from flax_linoss.train import data as data_lib
-from flax_linoss.train import default_config, trainer
+from flax_linoss.train import trainer
 from flax_linoss.train.plots import plot_run
 from flax_linoss.train.reproduce import reproduce, seed_dir
 
@@ -173,22 +173,16 @@ def test_two_seeds_initialise_differently_the_same_seed_identically():
 
 
 def _tiny(seed=0, **over):
-    config = default_config.get_tiny_config()
-    config.seed = seed
-    config.data.split_seed = -1
-    config.parallel.num_devices = 1
-    config.train.num_steps = 40
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
-    config.train.patience = 1
-    config.train.best_ties = "last"
-    for k, v in over.items():
-        node = config
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return config
+    protocol = {
+        "seed": seed,
+        "data.split_seed": -1,
+        "train.num_steps": 40,
+        "train.eval_every": 4,
+        "train.checkpoint_every": 4,
+        "train.patience": 1,
+        "train.best_ties": "last",
+    }
+    return tiny_config(**{**protocol, **over})
 
 
 @pytest.fixture(scope="module")

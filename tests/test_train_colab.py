@@ -1,4 +1,5 @@
-"""colabs/train_uea.ipynb runs top to bottom as shipped (CPU budget, real SCP1 files)."""
+"""colabs/train_uea.ipynb ships with the outputs of a run and runs top to bottom as shipped
+(CPU budget, real SCP1 files)."""
 
 import pathlib
 
@@ -10,9 +11,28 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "colabs" / "train_uea.ipynb"
 
 
-def test_notebook_has_no_outputs():
+def _text(nb):
+    return "\n".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+
+
+def test_notebook_ships_with_a_runs_outputs_and_installs_as_the_readme_does():
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # one run
+    outputs = [o for c in code for o in c.outputs]
+    assert not any(o.output_type == "error" for o in outputs)
+    text = _text(nb)
+    assert "model.hidden_size = 128" in text and "Preparing uea/SelfRegulationSCP1 from" in text
+    assert "Final: test accuracy" in text and "Resumed from" in text and "Checkpoint step" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    install = code[0].source
+    assert "github.com" not in install and "git clone" not in install
+    assert '"pip", "install"' in install and '[train]"' in install  # from a checkout
 
 
 @pytest.mark.slow
@@ -41,12 +61,7 @@ def test_colab_runs_as_shipped(tmp_path, monkeypatch, shared_data_dir):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
-    text = "\n".join(
-        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.outputs
-    )
+    text = _text(nb)
     assert "local devices: 2" in text
     assert ("steps/s" in text or "s/step" in text) and "Final: test accuracy" in text
     assert "Resumed from" in text

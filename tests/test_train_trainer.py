@@ -11,24 +11,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import kill_after, nan_from
+from conftest import tiny_config as _tiny
 
 from flax_linoss.train import checkpoint as ckpt_lib
-from flax_linoss.train import default_config, trainer
+from flax_linoss.train import trainer
 from flax_linoss.train.metrics import read_metrics
 from flax_linoss.train.model import to_framework
 from flax_linoss.train.plots import plot_run
-
-
-def _tiny(**over):
-    config = default_config.get_tiny_config()
-    config.parallel.num_devices = 1
-    for key, value in over.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def _final_params(workdir, framework="linen"):

@@ -2,6 +2,7 @@
 caches, packing, a user-registered mixer, and training from the CLI on a token task."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -156,7 +157,9 @@ def test_cli_trains_a_mixer_on_mqar_and_reports_accuracy(tmp_path, framework):
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "transformer (d-linoss,attention) on synthetic/mqar" in out.stdout
+    assert "(jit over 1 device, 1 process)" in out.stdout
     assert "Final: test accuracy" in out.stdout
+    assert re.search(r"eval step 6: .* \| val decode_accuracy [\d.]+ \| test decode_", out.stdout)
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"decode_accuracy"' in metrics
 

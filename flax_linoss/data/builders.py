@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from flax_linoss.data import checksums, paths
-from flax_linoss.data.errors import DataError, DataNotFoundError
+from flax_linoss.data.errors import DataError, DataNotFoundError, option
 
 __all__ = [
     "LOCK_FILE",
@@ -99,6 +100,9 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         **kwargs: Passed to ``tfds.core.GeneratorBasedBuilder`` (``config``, ``data_dir``,
             ``file_format``, which defaults to ``"array_record"``).
     """
+
+    #: The option that names the folder of raw files (messages say how to set it).
+    RAW_FILES_OPTION = "root"
 
     def __init__(self, *, download: bool = False, verify: bool = True, **kwargs):
         kwargs.setdefault("file_format", "array_record")
@@ -166,8 +170,19 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 ) from e
             return self.find_raw_files(folder)
 
+    def _log_download_bytes(self) -> None:
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." here; what this
+        # builder prepares from is said once the raw files are found (_split_generators).
+        pass
+
+    def _log_download_done(self) -> None:
+        pass  # load() says where the prepared copy is, once it is in place
+
     def _split_generators(self, dl_manager):
         files = self._locate(dl_manager)
+        print(
+            f"Preparing {self.name}/{self.builder_config.name} from {files[0].parent}", flush=True
+        )
         digests = checksums.verify_files(
             files, verify=self._verify, content_check=self._check_raw_file
         )
@@ -249,8 +264,8 @@ def _refuse_raw_folder(b: RawFilesBuilder, folder: Path, root: Path) -> None:
             f"{folder} holds raw files ({inside[0].name}), but it is where the data directory "
             f"{root} keeps the prepared {b.name}/{b.builder_config.name}: preparing would write "
             f"into your raw-data folder. Keep raw files in {root / 'downloads' / 'manual'} "
-            "(or pass their folder as root= / --manual_dir) and point $FLAX_LINOSS_DATA_DIR "
-            "(or data_dir=) at a folder for prepared data"
+            f"(or name their folder with {option(b.RAW_FILES_OPTION)}) and point "
+            f"{option('data_dir')} (or $FLAX_LINOSS_DATA_DIR) at a folder for prepared data"
         )
 
 
@@ -335,20 +350,38 @@ def load(
                 raise DataError(
                     f"The raw files of {what} in {files[0].parent} differ from those it was "
                     f"prepared from ({why}), and {folder} is not writable, so it cannot be "
-                    "prepared again; set $FLAX_LINOSS_DATA_DIR or data_dir= to a writable "
-                    "folder"
+                    f"prepared again; set {option('data_dir')} (or $FLAX_LINOSS_DATA_DIR) to a "
+                    "writable folder"
                 )
             log.warning("Preparing %s again: its raw files changed (%s)", what, why)
-            return _reprepare(make, root, manual, folder)
+            b = _reprepare(make, root, manual, folder)
+            print(f"Prepared {what} in {b.data_dir}", flush=True)
+            return b
         if not writable:
             raise DataError(
                 f"{what} is not prepared in {root}, and {folder} is not writable; set "
-                "$FLAX_LINOSS_DATA_DIR or data_dir= to a writable folder"
+                f"{option('data_dir')} (or $FLAX_LINOSS_DATA_DIR) to a writable folder"
             )
-        b.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
-        )
+        with _progress_bars_on_a_terminal():
+            b.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
+            )
+        print(f"Prepared {what} in {b.data_dir}", flush=True)
         return b
+
+
+@contextlib.contextmanager
+def _progress_bars_on_a_terminal():
+    """TFDS's progress bars only when stderr is a terminal: in a log file or a notebook's
+    captured output they are cursor-movement escapes (``ESC[A``), not bars."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(sys.stderr.isatty())
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(before)
 
 
 def _reprepare(make, root: Path, manual: Path, folder: Path) -> RawFilesBuilder:
@@ -357,10 +390,11 @@ def _reprepare(make, root: Path, manual: Path, folder: Path) -> RawFilesBuilder:
     tmp_root = folder / f"{_INCOMPLETE}{tag}_reprepare"
     try:
         fresh = make(tmp_root)
-        fresh.download_and_prepare(
-            download_dir=os.fspath(root / "downloads"),
-            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)),
-        )
+        with _progress_bars_on_a_terminal():
+            fresh.download_and_prepare(
+                download_dir=os.fspath(root / "downloads"),
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)),
+            )
         target = Path(make(root).data_path)
         replaced = folder / f"{_INCOMPLETE}{tag}_replaced"
         os.replace(target, replaced)

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from flax_linoss.data import builders, paths, ppg_files
-from flax_linoss.data.errors import DataError
+from flax_linoss.data.errors import DataError, spell_options
 from flax_linoss.data.ppg_files import (
     PPG_URL,
     SUBJECTS,
@@ -96,6 +96,7 @@ class PpgDalia(builders.RawFilesBuilder):
         f"Put PPG_FieldStudy/S1/S1.pkl ... S15/S15.pkl in the manual folder (from {PPG_URL})."
     )
     Config = PpgDaliaConfig
+    RAW_FILES_OPTION = "manual_dir"
 
     def _features(self):
         c: PpgConfig = self.builder_config.ppg
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--download", action="store_true", help=argparse.SUPPRESS)  # old flag
     a = p.parse_args(argv)
+    spell_options(manual_dir="--manual_dir DIR", data_dir="--data_dir DIR")
     try:
         b = prepare(
             a.manual_dir,

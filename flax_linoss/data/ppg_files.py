@@ -40,7 +40,12 @@ from typing import Any
 import numpy as np
 
 from flax_linoss.data import checksums
-from flax_linoss.data.errors import DataFormatError, DataNotFoundError, UnsafePickleError
+from flax_linoss.data.errors import (
+    DataFormatError,
+    DataNotFoundError,
+    UnsafePickleError,
+    option,
+)
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -109,7 +114,7 @@ def find_subject_file(root: str | os.PathLike, subject: int) -> Path:
     raise DataNotFoundError(
         f"PPG-DaLiA file {name} not found under {root} (the folder {where}). Put the "
         "PPG_FieldStudy folder (with S1/S1.pkl ... S15/S15.pkl) there, or pass its parent "
-        f"as manual_dir= (--manual_dir); get it from {PPG_URL} "
+        f"with {option('manual_dir')}; get it from {PPG_URL} "
         "(https://archive.ics.uci.edu/dataset/495/ppg+dalia) and unzip it (it contains "
         "PPG_FieldStudy.zip, unzip that too)."
     )

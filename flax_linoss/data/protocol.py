@@ -33,8 +33,10 @@ from flax_linoss.data.errors import DataError
 from flax_linoss.data.uea_table import UEA_DATASETS
 
 __all__ = [
+    "MISSING",
     "PAPER_SEEDS",
     "add_time_channel",
+    "check_missing",
     "deduplicate",
     "load_uea_arrays",
     "paper_split_indices",
@@ -45,6 +47,9 @@ __all__ = [
 PAPER_SEEDS = (2345, 3456, 4567, 5678, 6789)
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+#: Treatments of missing values (``?`` in the raw files) that :func:`uea_splits` offers.
+MISSING = ("error", "fill", "mask")
 
 
 def deduplicate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +119,11 @@ def add_time_channel(x: np.ndarray, duration: float = 1.0) -> np.ndarray:
 
 
 def load_uea_arrays(
-    name: str, root: str | os.PathLike | None = None, *, verify: bool = True
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    missing: str = "error",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
     """Reads the archive's TRAIN and TEST splits of ``name`` from a folder of raw files.
 
@@ -125,6 +134,7 @@ def load_uea_arrays(
         root: Folder with the files (or a ``name/`` sub-folder); defaults to the manual
             folder ``<data_dir>/downloads/manual`` (see :mod:`flax_linoss.data.paths`).
         verify: Check SHA-256 digests where known.
+        missing: ``"error"`` (refuse missing values, ``?``) or ``"nan"`` (read them as NaN).
 
     Returns:
         ``(x_train [N1, L, C], y_train [N1], x_test [N2, L, C], y_test [N2], class_names)``,
@@ -136,8 +146,10 @@ def load_uea_arrays(
     """
     info = UEA_DATASETS.get(name)
     root = paths.manual_dir() if not paths.given(root) else root
-    tr = uea_formats.read_uea_split(root, name, "TRAIN", verify=verify, expected=info)
-    te = uea_formats.read_uea_split(root, name, "TEST", verify=verify, expected=info)
+    tr, te = (
+        uea_formats.read_uea_split(root, name, split, verify=verify, expected=info, missing=missing)
+        for split in ("TRAIN", "TEST")
+    )
     if tr.class_names != te.class_names:
         raise uea_formats.UEAFormatError(
             f"{name}: TRAIN declares classes {tr.class_names}, TEST {te.class_names}"
@@ -159,6 +171,49 @@ def _normalise(splits: Splits, skip_first: bool) -> Splits:
     return out
 
 
+def check_missing(
+    arrays: tuple[np.ndarray, ...] | None, missing: str, *, what: str = "the dataset"
+) -> None:
+    """Refuses NaN (missing values) in ``(x_train, y_train, x_test, y_test)`` when
+    ``missing="error"``, saying how many there are and where the first is (``arrays=None``
+    checks ``missing`` alone).
+
+    Raises:
+        DataError: ``missing`` is not one of :data:`MISSING`, or it is ``"error"`` and the
+            series hold NaN.
+    """
+    if missing not in MISSING:
+        raise DataError(f"missing must be one of {MISSING}, got {missing!r}")
+    if missing != "error" or arrays is None:
+        return
+    for split, x in (("TRAIN", arrays[0]), ("TEST", arrays[2])):
+        holes = np.isnan(x)
+        if holes.any():
+            n, (i, t, c) = int(holes.sum()), np.argwhere(holes)[0]
+            count = int(np.isnan(arrays[0]).sum() + np.isnan(arrays[2]).sum())
+            raise DataError(
+                f"{what} has {count} missing value{'s' if count > 1 else ''} ('?' in the raw "
+                f"files; {n} in {split}, the first at {split} series {i + 1}, step {t + 1}, "
+                f"channel {c + 1}): choose a treatment with missing='fill' (fill_value, after "
+                "normalising) or 'mask' (a fill and one 0/1 observed channel per channel), "
+                "e.g. --config.data.options.missing=fill"
+            )
+
+
+def _treat_missing(splits: Splits, missing: str, fill_value: float, skip_first: bool) -> Splits:
+    """Fills NaN with ``fill_value``; ``"mask"`` also appends a 0/1 observed channel per data
+    channel (not the time channel, ``skip_first``)."""
+    out = {}
+    for k, (x, y) in splits.items():
+        holes = np.isnan(x)
+        filled = np.where(holes, np.float32(fill_value), x)
+        if missing == "mask":
+            observed = (~holes[..., int(skip_first) :]).astype(np.float32)
+            filled = np.concatenate([filled, observed], axis=-1)
+        out[k] = (filled, y)
+    return out
+
+
 def uea_splits(
     data: str | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     *,
@@ -170,6 +225,8 @@ def uea_splits(
     root: str | os.PathLike | None = None,
     prng: str = "legacy",
     verify: bool = True,
+    missing: str = "error",
+    fill_value: float = 0.0,
 ) -> Splits:
     """Train / val / test arrays for one UEA dataset under the papers' protocol.
 
@@ -189,13 +246,27 @@ def uea_splits(
             ``<data_dir>/downloads/manual``).
         prng: See :func:`paper_split_indices`.
         verify: Check SHA-256 digests where known, when reading files.
+        missing: What to do with missing values (``?`` in the raw files, NaN in arrays):
+            ``"error"`` (the default) refuses them, saying how many there are and where;
+            ``"fill"`` replaces each with ``fill_value`` (after normalising, so with
+            ``normalise`` 0 is the channel's train mean); ``"mask"`` fills them likewise
+            and appends one channel per data channel, 1 where the value was observed and 0
+            where it was missing.
+        fill_value: The value ``"fill"`` and ``"mask"`` put in place of a missing one.
 
     Returns:
         ``{"train", "val", "test"}`` -> ``(x float32 [n, L, C'], y int32 [n])`` with
-        ``C' = C + 1`` if ``add_time`` else ``C``.
+        ``C' = C + 1`` if ``add_time`` else ``C``, plus ``C`` with ``missing="mask"``.
+
+    Raises:
+        DataError: Missing values with ``missing="error"``; bad options.
     """
+    if missing not in MISSING:
+        raise DataError(f"missing must be one of {MISSING}, got {missing!r}")
     if isinstance(data, str):
-        x_tr, y_tr, x_te, y_te, _ = load_uea_arrays(data, root, verify=verify)
+        x_tr, y_tr, x_te, y_te, _ = load_uea_arrays(
+            data, root, verify=verify, missing="error" if missing == "error" else "nan"
+        )
     else:
         if len(data) != 4:
             raise ValueError("data must be a name or (x_train, y_train, x_test, y_test)")
@@ -209,6 +280,7 @@ def uea_splits(
         )
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
         raise ValueError("x and y must have the same number of examples")
+    check_missing((x_tr, y_tr, x_te, y_te), missing)
 
     if split == "paper":
         x, y = deduplicate(np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te]))
@@ -233,6 +305,8 @@ def uea_splits(
         out = {k: (add_time_channel(x), y) for k, (x, y) in out.items()}
     if normalise:
         out = _normalise(out, skip_first=add_time)
+    if missing != "error":
+        out = _treat_missing(out, missing, fill_value, skip_first=add_time)
     return {
         k: (np.ascontiguousarray(x, np.float32), y.astype(np.int32)) for k, (x, y) in out.items()
     }

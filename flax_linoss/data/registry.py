@@ -129,6 +129,8 @@ _UEA_OPTIONS = (
     "data_dir",
     "download",
     "verify",
+    "missing",
+    "fill_value",
 )
 
 
@@ -143,18 +145,23 @@ def _uea(
     data_dir=None,
     download: bool = True,
     verify: bool = True,
+    missing: str = "error",
     **protocol_options,
 ):
     from flax_linoss.data import protocol, uea
 
     info = UEA_DATASETS[name.split("/", 1)[1]]
+    protocol.check_missing(None, missing)  # a bad choice fails before preparing
     builder = uea.load(info.name, root=root, data_dir=data_dir, download=download, verify=verify)
+    arrays = uea.uea_arrays(builder)
+    protocol.check_missing(arrays, missing, what=name)
     splits = protocol.uea_splits(
-        uea.uea_arrays(builder),
+        arrays,
         seed=seed,
         split=split,
         add_time=add_time,
         normalise=normalise,
+        missing=missing,
         **protocol_options,
     )
     out = {k: ArraySource(x, y) for k, (x, y) in splits.items()}
@@ -162,7 +169,7 @@ def _uea(
         out,
         {
             "task": "classification",
-            "channels": info.channels + int(add_time),
+            "channels": info.channels * (2 if missing == "mask" else 1) + int(add_time),
             "length": info.length,
             "num_classes": len(info.class_names),
             "class_names": info.class_names,
@@ -264,7 +271,8 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
             ``num_train``, ``num_val``, ``num_test`` (default 100,000 / 3,000 / 3,000) and
             the task's fields (:mod:`flax_linoss.data.lm_tasks`).
             ``uea/<Name>``: ``split`` (``"paper"``/``"original"``), ``add_time``,
-            ``normalise``, ``val_fraction``, ``prng`` (see
+            ``normalise``, ``val_fraction``, ``prng``, ``missing`` (``"error"``, ``"fill"``,
+            ``"mask"``: missing values, ``?`` in the raw files), ``fill_value`` (see
             :func:`~flax_linoss.data.protocol.uea_splits`), ``root`` (folder of the raw
             files; default ``<data_dir>/downloads/manual``, then the download),
             ``data_dir`` (where prepared datasets live; see :mod:`flax_linoss.data.paths`),

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from flax_linoss.data import builders, uea_formats
-from flax_linoss.data.errors import DataError
+from flax_linoss.data.errors import DataError, spell_options
 from flax_linoss.data.uea_table import (
     DATASET_URL,
     UEA_DATASETS,
@@ -141,6 +141,7 @@ class Uea(builders.RawFilesBuilder):
                 fmt=self.builder_config.fmt,
                 verify=False,  # verified by the base class, once
                 expected=info,
+                missing="nan",  # kept as NaN; get_dataset's `missing` refuses or treats them
             )
             for split in ("train", "test")
         }
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--download", action="store_true", help=argparse.SUPPRESS)  # old flag
     args = p.parse_args(argv)
+    spell_options(root="--manual_dir DIR", data_dir="--data_dir DIR")
     try:
         b = prepare(args.dataset, args.manual_dir, args.data_dir, download=not args.no_download)
     except DataError as e:

@@ -15,8 +15,13 @@ Supported layouts, for a dataset ``Name`` and a split ``TRAIN`` / ``TEST``:
 Equal-length datasets (every entry of :data:`~flax_linoss.data.uea_table.UEA_DATASETS`)
 must have every channel of every series at full length: a shorter one is refused, naming
 file, line and dimension. Only a dataset declared variable-length (``equal_length=False``,
-or ``@equalLength false`` in a ``.ts`` header) is padded at the end with NaN. Missing values
-written ``?`` (``NaN`` in ``.ts``) read as NaN.
+or ``@equalLength false`` in a ``.ts`` header) is padded at the end with NaN.
+
+Values must be finite numbers in float32's range: ``NaN``, ``inf`` or ``1e39`` are refused,
+naming file and line. The archive writes a missing value as ``?``; a file holding any is
+refused with how many there are and where (the papers' datasets have none), unless the caller
+opts in with ``missing="nan"``, which reads them as NaN for a treatment chosen downstream
+(:func:`flax_linoss.data.protocol.uea_splits`' ``missing``: a fill or a mask).
 
 Shapes: ``N`` examples, ``L`` time steps, ``C`` channels (dimensions).
 """
@@ -31,11 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from flax_linoss.data import checksums
-from flax_linoss.data.errors import DataFormatError, DataNotFoundError
+from flax_linoss.data.errors import DataFormatError, DataNotFoundError, option
 from flax_linoss.data.uea_table import ARCHIVE_URL, DATASET_URL, UEADatasetInfo
 
 __all__ = [
     "LAYOUTS",
+    "MISSING",
     "UEAFormatError",
     "UEASplitData",
     "check_file",
@@ -50,6 +56,9 @@ __all__ = [
 
 #: File layouts :func:`read_uea_split` reads (``fmt=``), besides ``"auto"``.
 LAYOUTS = ("arff", "arff_dims", "ts")
+#: What the readers do with missing values (``?``): refuse them, or read them as NaN.
+MISSING = ("error", "nan")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class UEAFormatError(DataFormatError):
@@ -61,8 +70,9 @@ class UEASplitData:
     """One split of one dataset as read from disk.
 
     Attributes:
-        x: float32 ``[N, L, C]``; missing values (``?``) are NaN, and in a variable-length
-            dataset shorter series are padded at the end with NaN.
+        x: float32 ``[N, L, C]``; missing values (``?``, read with ``missing="nan"``) are
+            NaN, and in a variable-length dataset shorter series are padded at the end with
+            NaN.
         labels: int32 ``[N]``, indices into ``class_names``.
         class_names: Declared class labels, in the file's order.
         files: The files read, in channel order.
@@ -95,8 +105,9 @@ def _where_to_put(name: str) -> str:
     return (
         f"Put {name}_TRAIN.arff and {name}_TEST.arff, or {name}Dimension1_TRAIN.arff ... "
         f"{name}DimensionC_TEST.arff, or {name}_TRAIN.ts and {name}_TEST.ts there or in a "
-        f"{name}/ sub-folder (from {DATASET_URL.format(name=name)}, unzipped), or pass the "
-        "folder that holds them as root= (--manual_dir)."
+        f"{name}/ sub-folder (from {DATASET_URL.format(name=name)}, unzipped), or name the "
+        f"folder that holds them with {option('root')} (or a data directory whose "
+        f"downloads/manual/ holds them with {option('data_dir')})."
     )
 
 
@@ -133,13 +144,81 @@ class _Parsed:
 
 
 def _parse_floats(text: str, path: Path, lineno: int) -> np.ndarray:
+    """The comma-separated numbers of one series; ``?`` (missing) reads as NaN.
+
+    Raises:
+        UEAFormatError: A token that is not a number, not finite (``NaN``, ``inf``) or
+            outside float32's range, naming file, line and token.
+    """
     parts = text.split(",")
+    missing = None
     if "?" in text:
-        parts = ["nan" if p.strip() == "?" else p for p in parts]
+        missing = np.array([p.strip() == "?" for p in parts])
+        parts = ["nan" if m else p for p, m in zip(parts, missing)]
     try:
-        return np.array(parts, dtype=np.float64)
+        values = np.array(parts, dtype=np.float64)
     except ValueError as e:
         raise UEAFormatError(f"{path}:{lineno}: cannot parse numbers ({e})") from None
+    bad = ~np.isfinite(values) | (np.abs(values) > _FLOAT32_MAX)
+    if missing is not None:
+        bad &= ~missing
+    if bad.any():
+        k = int(np.argmax(bad))
+        token = parts[k].strip()
+        why = (
+            "is not a finite number (missing values are written '?')"
+            if not np.isfinite(values[k])
+            else f"is outside float32's range (+-{_FLOAT32_MAX:.4g})"
+        )
+        raise UEAFormatError(f"{path}:{lineno}: value {k + 1} {token[:40]!r} {why}")
+    return values
+
+
+_TS_KEYS = {"dimensions": "dimensions", "serieslength": "seriesLength"}  # lower -> as written
+
+
+def _header_int(header: dict[str, str], key: str, path: Path, lineno: int) -> int | None:
+    """A ``.ts`` header number (``@dimensions``, ``@seriesLength``), if declared."""
+    if key not in header:
+        return None
+    value = header[key]
+    if not value.isdigit() or int(value) < 1:
+        raise UEAFormatError(
+            f"{path}:{lineno}: @{_TS_KEYS[key]} must be a positive whole number, got {value[:40]!r}"
+        )
+    return int(value)
+
+
+def _check_missing(p: _Parsed, equal_length: bool, missing: str) -> None:
+    """Refuses missing values (NaN read from ``?``) unless ``missing="nan"``; in a
+    variable-length dataset a series' trailing ``?`` are its padding, not missing."""
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
+    if missing == "nan":
+        return
+    count, rows, first = 0, 0, None
+    for lineno, dims in zip(p.linenos, p.rows):
+        in_row = 0
+        for j, d in enumerate(dims):
+            holes = np.isnan(d)
+            if not equal_length and holes.any():
+                observed = np.flatnonzero(~holes)
+                holes[observed[-1] + 1 if observed.size else 0 :] = False
+            if holes.any():
+                in_row += int(holes.sum())
+                if first is None:
+                    first = (lineno, j, int(np.argmax(holes)))
+        count += in_row
+        rows += bool(in_row)
+    if count:
+        lineno, j, t = first
+        dim = f"dimension {j + 1}, " if len(p.rows[0]) > 1 else ""
+        raise UEAFormatError(
+            f"{p.path}: {count} missing value{'s' if count > 1 else ''} ('?') in {rows} "
+            f"series, the first at line {lineno} ({dim}step {t + 1}); the papers' datasets "
+            "have none. Read them as NaN with missing='nan' and choose a treatment: "
+            "get_dataset's missing='fill' or 'mask' (--config.data.options.missing=fill)"
+        )
 
 
 def _split_class_list(spec: str) -> tuple[str, ...]:
@@ -235,8 +314,9 @@ def _parse_arff(path: Path) -> _Parsed:
 
 def _parse_ts(path: Path) -> _Parsed:
     header: dict[str, str] = {}
+    header_line: dict[str, int] = dict.fromkeys(_TS_KEYS, 0)
     in_data = False
-    n_dims = None
+    n_dims = length = None
     out = _Parsed(path, [], [], [], (), None)
     for lineno, raw in enumerate(_lines(path, ".ts"), 1):
         line = raw.strip()
@@ -257,30 +337,30 @@ def _parse_ts(path: Path) -> _Parsed:
                         f"{path}: '@classLabel true <names...>' is required before @data"
                     )
                 out.class_names = tuple(cl[1:])
-                if "dimensions" in header:
-                    n_dims = int(header["dimensions"])
+                n_dims = _header_int(header, "dimensions", path, header_line["dimensions"])
+                length = _header_int(header, "serieslength", path, header_line["serieslength"])
                 if "equallength" in header:
                     out.declared_equal = header["equallength"].lower() == "true"
                 continue
             header[key] = value.strip()
+            header_line[key] = lineno
             continue
         parts = line.split(":")
         if len(parts) < 2:
             raise UEAFormatError(f"{path}:{lineno}: row has no label (truncated?)")
         label = parts[-1].strip()
-        dims = [_parse_floats(d.replace("NaN", "nan"), path, lineno) for d in parts[:-1]]
+        dims = [_parse_floats(d, path, lineno) for d in parts[:-1]]
         if n_dims is not None and len(dims) != n_dims:
             raise UEAFormatError(
                 f"{path}:{lineno}: row has {len(dims)} dimensions, the header declares "
                 f"{n_dims} (row truncated?)"
             )
-        if "serieslength" in header and out.declared_equal is not False:
-            want = int(header["serieslength"])
-            bad = [(j, len(d)) for j, d in enumerate(dims) if len(d) != want]
+        if length is not None and out.declared_equal is not False:
+            bad = [(j, len(d)) for j, d in enumerate(dims) if len(d) != length]
             if bad:
                 raise UEAFormatError(
                     f"{path}:{lineno}: dimension {bad[0][0] + 1} has {bad[0][1]} values, "
-                    f"@seriesLength is {want} (row truncated?)"
+                    f"@seriesLength is {length} (row truncated?)"
                 )
         out.add(dims, label, lineno)
     return out.finish(in_data)
@@ -313,7 +393,7 @@ def _stack(p: _Parsed, equal_length: bool) -> np.ndarray:
 
 
 def read_arff(
-    path: str | os.PathLike, *, equal_length: bool = True
+    path: str | os.PathLike, *, equal_length: bool = True, missing: str = "error"
 ) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
     """Reads one UEA ARFF file (plain numeric or relational multivariate).
 
@@ -321,6 +401,8 @@ def read_arff(
         path: The ``.arff`` file.
         equal_length: Refuse a series or channel shorter than the longest (``True``), or
             pad it at the end with NaN (``False``, variable-length datasets).
+        missing: ``"error"``: refuse missing values (``?``), saying how many and where;
+            ``"nan"``: read them as NaN.
 
     Returns:
         ``(x, labels, class_names)``: ``x`` float64 ``[N, L, C]`` (``C = 1`` for a plain
@@ -329,14 +411,16 @@ def read_arff(
 
     Raises:
         DataNotFoundError: ``path`` does not exist (also a ``FileNotFoundError``).
-        UEAFormatError: A truncated, corrupt or short file, naming the file and line.
+        UEAFormatError: A truncated, corrupt or short file, a value that is not a finite
+            float32 number, or missing values (``missing="error"``), naming file and line.
     """
     p = _parse_arff(Path(path))
+    _check_missing(p, equal_length, missing)
     return _stack(p, equal_length), p.labels, p.class_names
 
 
 def read_ts(
-    path: str | os.PathLike, *, equal_length: bool | None = None
+    path: str | os.PathLike, *, equal_length: bool | None = None, missing: str = "error"
 ) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
     """Reads one UEA ``.ts`` file (``@timeStamps false``, with class labels).
 
@@ -344,17 +428,19 @@ def read_ts(
         path: The ``.ts`` file.
         equal_length: As :func:`read_arff`; ``None`` follows the header's ``@equalLength``
             (equal if absent).
+        missing: As :func:`read_arff`.
 
     Returns:
         ``(x, labels, class_names)`` as :func:`read_arff`.
 
     Raises:
         DataNotFoundError: ``path`` does not exist.
-        UEAFormatError: A truncated, corrupt or short file, naming the file and line.
+        UEAFormatError: As :func:`read_arff`; also a header number that does not read.
     """
     p = _parse_ts(Path(path))
     if equal_length is None:
         equal_length = p.declared_equal is not False
+    _check_missing(p, equal_length, missing)
     return _stack(p, equal_length), p.labels, p.class_names
 
 
@@ -450,9 +536,9 @@ def dataset_files(root: str | os.PathLike, name: str, fmt: str = "auto") -> list
 def check_file(path: Path) -> None:
     """Parses one UEA file fully (for checksum verdicts); raises :class:`UEAFormatError`."""
     if path.suffix == ".ts":
-        read_ts(path, equal_length=False)
+        read_ts(path, equal_length=False, missing="nan")
     else:
-        read_arff(path, equal_length=False)
+        read_arff(path, equal_length=False, missing="nan")
 
 
 # ----------------------------------------------------------------------------- one split
@@ -467,6 +553,7 @@ def read_uea_split(
     verify: bool = True,
     expected: UEADatasetInfo | None = None,
     equal_length: bool | None = None,
+    missing: str = "error",
 ) -> UEASplitData:
     """Reads one split of a UEA dataset from a local folder.
 
@@ -481,6 +568,8 @@ def read_uea_split(
         expected: If given, the result must match its channels, length, classes and count.
         equal_length: Refuse series or channels shorter than the longest; ``None`` takes
             ``expected.equal_length``, else the ``.ts`` header, else ``True``.
+        missing: ``"error"`` (refuse missing values, ``?``, saying how many and where) or
+            ``"nan"`` (read them as NaN).
 
     Returns:
         A :class:`UEASplitData` with ``x`` float32 ``[N, L, C]`` and ``labels`` int32 ``[N]``.
@@ -488,14 +577,17 @@ def read_uea_split(
     Raises:
         DataNotFoundError: Files are missing; says where to put which files.
         ChecksumError: A digest does not match; says whether the file or the list is wrong.
-        UEAFormatError: A file is truncated, corrupt, short or inconsistent; names file and
-            line.
+        UEAFormatError: A file is truncated, corrupt, short or inconsistent, holds a value
+            that is not a finite float32 number, or missing values (``missing="error"``);
+            names file and line.
     """
     split = split.upper()
     if split not in ("TRAIN", "TEST"):
         raise ValueError(f"split must be 'TRAIN' or 'TEST', got {split!r}")
     if fmt != "auto" and fmt not in LAYOUTS:
         raise ValueError(f"fmt must be 'auto' or one of {LAYOUTS}, got {fmt!r}")
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
     folder = find_dataset_folder(root, name)
     layout, files = split_files(folder, name, split, fmt)
     if verify:
@@ -522,6 +614,8 @@ def read_uea_split(
             raise UEAFormatError(
                 f"{p.path}: row {i} label {p.labels[i]!r} differs from {first.path.name}"
             )
+    for p in parts:
+        _check_missing(p, equal_length, missing)
     xs = [_stack(p, equal_length) for p in parts]
     if len(xs) == 1:
         x = xs[0]

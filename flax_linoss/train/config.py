@@ -207,7 +207,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(
         got["optimizer.warmup_steps"] < got["train.num_steps"]
         or got["optimizer.schedule"] == "constant",
-        "optimizer.warmup_steps must be < train.num_steps for the cosine schedule.",
+        f"optimizer.warmup_steps ({got['optimizer.warmup_steps']}) must be < train.num_steps "
+        f"({got['train.num_steps']}) for the cosine schedule: shorten the warmup, e.g. "
+        f"--config.optimizer.warmup_steps={got['train.num_steps'] // 10}, or set "
+        "--config.optimizer.schedule=constant.",
     )
     impl = got["parallel.implementation"]
     axes = {k: got[f"parallel.{k}_axis_size"] for k in ("fsdp", "model", "sequence")}

@@ -15,7 +15,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["METRICS_FILE", "MetricWriter", "Progress", "format_duration", "read_metrics"]
+__all__ = [
+    "METRICS_FILE",
+    "MetricWriter",
+    "Progress",
+    "StepCost",
+    "format_duration",
+    "read_metrics",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -170,3 +177,61 @@ class Progress:
             speed = f"{1 / rate:.2f} s/step"
         parts += [speed, f"ETA {format_duration(eta)}"]
         return " | ".join(parts)
+
+
+class StepCost:
+    """What a training step costs here, said once early in a long run.
+
+    The first step of a session compiles, so the cost is measured over the next ``steps``
+    steps (from the host's view: each step's metrics are read when it is done). If the steps
+    left would take longer than ``long_after`` seconds, :meth:`observe` returns one line
+    with the cost and the time left, and on a CPU that the papers' protocol wants an
+    accelerator and how to cut the budget; else ``None``.
+    """
+
+    def __init__(
+        self,
+        start_step: int,
+        total_steps: int,
+        *,
+        platform: str = "cpu",
+        steps: int = 3,
+        long_after: float = 600.0,
+    ):
+        self.total, self.platform, self.steps, self.long_after = (
+            total_steps,
+            platform,
+            steps,
+            long_after,
+        )
+        self._first = start_step + 1  # the step that compiles
+        self._start: tuple[int, float] | None = None
+        self.seconds_per_step: float | None = None
+
+    def observe(self, step: int) -> str | None:
+        """Call when ``step``'s metrics are on the host; returns the line to print, once."""
+        if self.seconds_per_step is not None or step < self._first:
+            return None
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (step, now)
+            return None
+        first, t0 = self._start
+        if step - first < self.steps:
+            return None
+        self.seconds_per_step = (now - t0) / (step - first)
+        left = (self.total - step) * self.seconds_per_step
+        if left < self.long_after:
+            return None
+        line = (
+            f"a step takes {self.seconds_per_step:.2f} s here ({self.platform}, steps "
+            f"{first + 1}-{step}): the {self.total - step:,} steps left would take "
+            f"{format_duration(left)}"
+        )
+        if self.platform == "cpu":
+            line += (
+                "; the papers' protocol (up to 100,000 steps) wants an accelerator. To try it "
+                "here, cut the budget: --config.train.num_steps=N (reproduce: --max_steps=N "
+                "--eval_every=N)"
+            )
+        return line

@@ -58,8 +58,17 @@ def paper_config(
         # root: folder of the raw files ("": <data dir>/downloads/manual); data_dir: where
         # prepared datasets live ("": $FLAX_LINOSS_DATA_DIR or ~/tensorflow_datasets);
         # download: fetch missing raw files; normalise: standardise channels with the train
-        # split's statistics (off, as the papers feed the raw UEA series).
-        options = {"root": "", "data_dir": "", "download": True, "normalise": False}
+        # split's statistics (off, as the papers feed the raw UEA series); missing: what to
+        # do with missing values ("?" in the raw files; the papers' datasets have none):
+        # "error", "fill" (with fill_value) or "mask" (a fill and 0/1 observed channels).
+        options = {
+            "root": "",
+            "data_dir": "",
+            "download": True,
+            "normalise": False,
+            "missing": "error",
+            "fill_value": 0.0,
+        }
     config.data.options = ml_collections.ConfigDict(options)  # get_dataset options
     config.data.time_channel = time_channel  # prepend t_k = k / L (tuned per experiment)
     config.data.batch_size = batch_size  # the papers' batch

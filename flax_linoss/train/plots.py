@@ -8,7 +8,11 @@ from collections import defaultdict
 
 from flax_linoss.train.metrics import METRICS_FILE, read_metrics
 
-__all__ = ["plot_run"]
+__all__ = ["SPLIT_STYLES", "plot_run"]
+
+#: Line style and colour of each split, the same in every panel (a panel without a train
+#: curve, such as decode accuracy, still draws validation in the validation colour).
+SPLIT_STYLES = {"train": ("-", "C0"), "val": ("o-", "C1"), "test": ("s--", "C2")}
 
 
 def _seed_dirs(workdir: str) -> list[str]:
@@ -92,10 +96,12 @@ def _plot_one(plt, workdir):
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
-        for split, style in (("train", "-"), ("val", "o-"), ("test", "s--")):
+        for split, (style, color) in SPLIT_STYLES.items():
             pts = series.get((split, name), [])
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=split, ms=3)
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], style, color=color, label=split, ms=3
+                )
         val = series.get(("val", name))
         if val and name != "loss" and name != "learning_rate":
             step, value = _best(val, name != "mse", workdir)

@@ -40,6 +40,7 @@ from flax_linoss.train import data as data_lib
 from flax_linoss.train import metrics as metrics_lib
 from flax_linoss.train import parallel as par_lib
 from flax_linoss.train import sharding as sharding_lib
+from flax_linoss.train import workdir as workdir_lib
 from flax_linoss.train.model import (
     ModelFns,
     ModelSpec,
@@ -521,11 +522,20 @@ class Run:
     train stream, the early-stopping state, and what happens at a step boundary (progress
     line, evaluation, best checkpoint, periodic checkpoint).
 
-    Building it refuses an incompatible checkpoint before anything in the workdir changes,
-    then restores the latest checkpoint (converting another API's) or starts afresh.
+    Building it checks and locks the workdir (:class:`~.workdir.RunFolder`), refuses an
+    incompatible checkpoint before anything in the workdir changes, then restores the newest
+    intact checkpoint (converting another API's) or starts afresh.
     """
 
     def __init__(self, s: Setup, workdir: str):
+        self.folder = workdir_lib.RunFolder(workdir, primary=jax.process_index() == 0)
+        try:
+            self._open(s, workdir)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _open(self, s: Setup, workdir: str) -> None:
         self.s, self.workdir = s, workdir
         cfg, tcfg = s.config, s.config.train
         self.ckpts = ckpt_lib.RunCheckpoints(
@@ -533,7 +543,7 @@ class Run:
         )
         latest = self.ckpts.latest_step()
         if latest is not None:  # refuse another model before touching the workdir
-            saved = self.ckpts.saved_meta(latest)["signature"]
+            saved = self.ckpts.newest_meta()["signature"]
             ckpt_lib.check_signature(saved, s.signature, workdir)
         if jax.process_index() == 0:
             ckpt_lib.dump_json(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -546,7 +556,9 @@ class Run:
         self.train_it = data_lib.train_iterator(cfg, s.splits["train"])
         self.meta = _new_meta(s)
         if latest is not None:
-            self.state, self.meta = restore_state(s, self.ckpts, latest, self.train_it)
+            latest, (self.state, self.meta) = self.ckpts.restore_newest(
+                lambda step: restore_state(s, self.ckpts, step, self.train_it)
+            )
             self.meta.setdefault("train_seconds", 0.0)
             self.ckpts.drop_best_after(latest)
             _say(f"Resumed from {workdir} at step {latest}.")
@@ -558,10 +570,12 @@ class Run:
         self.stopping = EarlyStopping(s.metric == "accuracy", tcfg.patience, tcfg.best_ties)
         self.lr = learning_rate(cfg)
         self.progress = metrics_lib.Progress(self.step, tcfg.num_steps)
+        self.cost = metrics_lib.StepCost(self.step, tcfg.num_steps, platform=jax.default_backend())
         self._acc: dict[str, float] = {}
         self._acc_n = 0
         self._eval_fn = None
         self._t0, self._seconds_before = time.perf_counter(), self.meta["train_seconds"]
+        self._first_step = self.step
 
     @property
     def finished(self) -> bool:
@@ -574,10 +588,12 @@ class Run:
             if cfg.model.kind == "transformer"
             else f"LinOSS-{cfg.model.discretization}"
         )
+        devices, processes = self.s.mesh.size, jax.process_count()
         _say(
             f"Training {cfg.framework} {what} on {cfg.data.name} for {cfg.train.num_steps} "
-            f"steps ({self.s.parallel.implementation} over {self.s.mesh.size} devices, "
-            f"{jax.process_count()} process(es)); workdir {self.workdir}"
+            f"steps ({self.s.parallel.implementation} over {devices} "
+            f"device{'s' if devices != 1 else ''}, {processes} "
+            f"process{'es' if processes != 1 else ''}); workdir {self.workdir}"
         )
         _say(f"mesh: {mesh_summary(self.s.mesh)}")
         _say(sharding_lib.memory_line(self.s.abstract_state, self.s.parallel.state_shardings))
@@ -590,6 +606,9 @@ class Run:
         for k, v in _check_loss(metrics, step, self.ckpts, self.workdir).items():
             self._acc[k] = self._acc.get(k, 0.0) + v
         self._acc_n += 1
+        cost = self.cost.observe(step)
+        if cost:
+            _say(cost)
 
     def _every(self, n: int) -> bool:
         return bool(n) and self.step % n == 0
@@ -610,6 +629,7 @@ class Run:
             self.writer.write(step, "train", {**means, "learning_rate": float(self.lr(step - 1))})
             _say(self.progress.line(step, means))
             self._acc, self._acc_n = {}, 0
+            self._record_session()
         stop = False
         if self._every(tcfg.eval_every) or last:
             stop = self._evaluate(state)
@@ -640,8 +660,8 @@ class Run:
             self.ckpts.save_best(step, variables, {**best_meta, **meta["best"]})
         best = meta["best"]
         _say(
-            f"eval step {step}: val {name} {res['val']['metric']:.4f} | test {name} "
-            f"{res['test']['metric']:.4f} | best val {best['val']:.4f} at step {best['step']}"
+            f"eval step {step}: {_eval_text(res, name)} | best val {best['val']:.4f} at step "
+            f"{best['step']}"
         )
         stop = self.stopping.should_stop(meta)
         if stop:
@@ -651,20 +671,35 @@ class Run:
             )
         return stop
 
+    def _record_session(self) -> None:
+        """This session's training time so far, in the workdir's ``sessions.json``."""
+        if self.step > self._first_step:
+            self.folder.record(self._first_step, self.step, time.perf_counter() - self._t0)
+
     @contextlib.contextmanager
     def saving(self):
         """Around the training loop: an exception (an interrupt, a NaN stop) first lets the
-        checkpoint being written in the background commit, so the workdir stays resumable."""
+        checkpoint being written in the background commit, so the workdir stays resumable;
+        Ctrl-C becomes :class:`~.workdir.Interrupted` (the step reached and the step a rerun
+        resumes from)."""
         try:
             yield
-        except BaseException:
-            self.ckpts.wait()
+        except BaseException as e:
+            try:
+                self.ckpts.wait()
+                self._record_session()
+            finally:
+                self.folder.release()
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, workdir_lib.Interrupted):
+                resume = self.ckpts.committed_step() or 0
+                raise workdir_lib.Interrupted(self.step, resume) from e
             raise
 
     def close(self) -> dict[str, Any]:
         """Waits for the checkpoints, writes ``results.json`` and returns the results."""
         self.ckpts.close()
         self.writer.close()
+        self._record_session()
         best = self.meta["best"] or {"step": None, "val": float("nan"), "test": float("nan")}
         name = self.s.metric
         results = {
@@ -674,10 +709,12 @@ class Run:
             "test_at_best_val": best["test"],
             "final_step": self.step,
             "stopped_early": self.meta["stopped_early"],
-            "train_seconds": self.meta["train_seconds"],
+            # every session's training loop, those killed before a checkpoint included
+            "train_seconds": self.folder.total_seconds() or self.meta["train_seconds"],
         }
         if jax.process_index() == 0:
             ckpt_lib.dump_json(os.path.join(self.workdir, "results.json"), results)
+        self.folder.release()
         _say(
             f"Final: test {name} {best['test']:.4f} at the best validation step "
             f"{best['step']} (val {name} {best['val']:.4f})."
@@ -755,8 +792,18 @@ def evaluate(
     for split in ("val", "test"):
         out[f"{split}_{name}"] = res[split]["metric"]
         out[f"{split}_loss"] = res[split]["loss"]
-    _say(
-        f"Checkpoint step {step}: val {name} {out[f'val_{name}']:.4f} | test {name} "
-        f"{out[f'test_{name}']:.4f}"
-    )
+        if "decode_metric" in res[split]:
+            out[f"{split}_decode_{name}"] = res[split]["decode_metric"]
+    _say(f"Checkpoint step {step}: {_eval_text(res, name)}")
     return out
+
+
+def _eval_text(res: dict[str, dict[str, float]], name: str) -> str:
+    """``val accuracy 0.9 | test accuracy 0.8`` (token tasks add the decode accuracies)."""
+    parts = [f"{split} {name} {res[split]['metric']:.4f}" for split in ("val", "test")]
+    parts += [
+        f"{split} decode_{name} {res[split]['decode_metric']:.4f}"
+        for split in ("val", "test")
+        if "decode_metric" in res[split]
+    ]
+    return " | ".join(parts)
