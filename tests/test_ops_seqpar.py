@@ -21,13 +21,22 @@ def _mesh():
 
 
 # Shards of 13 steps (under every chunk and block) and of 50; every kind of local path: auto
-# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter.
+# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter,
+# and the two loops (lax.scan, fori_loop: their carries must keep the shard's type), small,
+# with every scheme (four of the six behind the slow marker); auto without kernels (it takes
+# the adjoint loop) runs the README's example in test_readme.py.
 @pytest.mark.parametrize(
     ("scan", "disc", "shard", "reverse"),
     [
         ("auto", "damped", 13, False),
         ("chunked", "imex", 50, True),
         ("pallas", "im", 13, True),
+        ("sequential", "imex", 3, True),
+        ("adjoint", "damped", 3, False),
+        pytest.param("sequential", "im", 3, False, marks=pytest.mark.slow),
+        pytest.param("sequential", "damped", 3, False, marks=pytest.mark.slow),
+        pytest.param("adjoint", "im", 3, True, marks=pytest.mark.slow),
+        pytest.param("adjoint", "imex", 3, True, marks=pytest.mark.slow),
     ],
 )
 def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
@@ -97,3 +106,17 @@ def test_sequence_axis_errors_are_clear():
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq")
     with pytest.raises(ValueError, match="sequence_axis with `mask`"):
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq", mask=np.ones((1, 16), bool))
+
+
+@pytest.mark.parametrize("scan", ["sequential", "adjoint"])
+def test_loops_under_shard_map_over_the_batch_with_a_replicated_initial_state(scan):
+    # The same carry typing without sequence_axis: the state is replicated, the input varies.
+    u, a, dt, b, c, d, _ = random_problem(1, 8, 6, 2, 3, "im")
+    state = ops.LinOSSState(jnp.ones((2, 3)), jnp.ones((2, 3)))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    run = lambda u: ops.linoss_apply(u, a, dt, b, c, d, scan=scan, initial_state=state)
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(u)
+    with jax.enable_x64(True):
+        ones = np.ones((8, 3)) * (1 + 1j)
+        ref = reference_apply(u, a, dt, b, c, d, discretization="im", z0=ones, y0=ones)[0]
+    assert rel_err(sharded, ref) < 1e-5

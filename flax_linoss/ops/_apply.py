@@ -18,7 +18,13 @@ import numpy as np
 from flax_linoss.ops import _checks, _project, _seqpar, schemes
 from flax_linoss.ops._auto import resolve_scan
 from flax_linoss.ops._project import LNQ
-from flax_linoss.ops._scans._common import Flags, recurrence_step, resets_from_segments
+from flax_linoss.ops._scans._common import (
+    Flags,
+    recurrence_step,
+    resets_from_segments,
+    vary,
+    varying_axes,
+)
 from flax_linoss.ops._state import LinOSSState
 from flax_linoss.ops.table import AUTO, PALLAS, SCAN_TABLE, Scan
 
@@ -215,6 +221,9 @@ def _apply(
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
     else:
+        # Inside shard_map a replicated initial state starts loops whose carries vary with
+        # the input: type it like the input (an exact no-op) so the loop types match.
+        z0, y0 = (vary(x, varying_axes(v)) for x in (z0, y0))
         ys, z_l, y_l = entry.run(tr, v, z0, y0, flags)
     time_axis = 0 if entry.layout == LNQ else 1
     if reverse:
