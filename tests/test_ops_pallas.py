@@ -7,17 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oscillator_reference import random_problem, reference_apply
+from oscillator_reference import random_problem, reference_apply, rel_err
 
 from flax_linoss import ops
 from flax_linoss.ops._auto import resolve_scan
 from flax_linoss.ops._scans import pallas
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
-
 
 # (scheme, batch, length, P, flags, reverse). Lengths 1, 37 (one partial block of 128), 200
 # and 300 (whole blocks and a partial one); the last case has 12 sequences x P = 64, so the
@@ -29,11 +23,17 @@ CASES = [
     ("damped", 3, 300, 5, True, False),
     ("im", 12, 200, 64, True, True),
 ]
+# The same under jax_enable_x64 with float32 parameters (the kernels still run float32).
+X64_CASE = ("damped", 2, 140, 4, True, True)
 
 
 @pytest.mark.parametrize("kernel", ["tpu", "gpu"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[1]}-L{c[2]}-P{c[3]}")
-def test_kernels_match_float64_reference_values_and_gradients(kernel, case):
+@pytest.mark.parametrize(
+    ("case", "x64"),
+    [(c, False) for c in CASES] + [(X64_CASE, True)],
+    ids=lambda c: f"{c[0]}-N{c[1]}-L{c[2]}-P{c[3]}" if isinstance(c, tuple) else ("x64" * c),
+)
+def test_kernels_match_float64_reference_values_and_gradients(kernel, case, x64):
     disc, batch, length, num_osc, flagged, reverse = case
     u, a, dt, b, c, d, g = random_problem(length, batch, length, 3, num_osc, disc)
     rng = np.random.default_rng(length)
@@ -84,7 +84,7 @@ def test_kernels_match_float64_reference_values_and_gradients(kernel, case):
         )
         return jnp.sum(ct * out) + jnp.sum(ct_z * state.z), out
 
-    with pallas.use_interpret_kernel(kernel):
+    with pallas.use_interpret_kernel(kernel), jax.enable_x64(x64):
         grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
     assert out.dtype == jnp.float32
     assert rel_err(out, ref_out) < 2e-5, ("output", rel_err(out, ref_out))
@@ -134,8 +134,18 @@ def _big_transposes_feed_or_come_from_dots(text: str, size: int) -> list[str]:
     return bad
 
 
+# x64: with jax_enable_x64 on and float32 parameters (scientific users enable it), loop
+# indices are int64 in the jaxpr; Mosaic's verifier rejected the TPU backward's `n - 1 - i`.
+# The context manager confines x64 to this test.
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("flagged", [False, True])
-def test_lowering_for_tpu_and_cuda_picks_each_platforms_kernel(flagged):
+def test_lowering_for_tpu_and_cuda_picks_each_platforms_kernel(flagged, x64):
+    with jax.enable_x64(x64):
+        _check_lowering(flagged)
+    assert not jax.config.x64_enabled
+
+
+def _check_lowering(flagged):
     # No device here: lowering runs the Mosaic and Triton lowerings, which reject what the
     # kernels cannot compile to (unsupported ops, block shapes, layouts).
     batch, length, feats, num_osc = 16, 300, 128, 128
