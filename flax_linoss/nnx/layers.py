@@ -23,8 +23,10 @@ from flax_linoss.common import (
     BN_EPSILON,
     BN_MOMENTUM,
     CLASSIFICATION,
+    check_dtypes,
     check_model_options,
     check_norm,
+    check_rate,
     check_sequence_input,
     check_size,
     feature_mask,
@@ -97,6 +99,7 @@ class LinOSSLayer(nnx.Module):
         self.discretization = ops.schemes.check_discretization(discretization)
         self.scan = ops.table.check_scan(scan)
         self.constraint = check_constraint(constraint)
+        check_dtypes("LinOSSLayer", dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
         raw = ops.init_oscillators(
@@ -284,7 +287,8 @@ class LinOSSBlock(nnx.Module):
     ):
         self.in_features = check_size("LinOSSBlock", "in_features", in_features)
         self.norm_kind = check_norm(norm)
-        self.dropout_rate = dropout_rate
+        self.dropout_rate = check_rate("LinOSSBlock", "dropout_rate", dropout_rate)
+        check_dtypes("LinOSSBlock", dtype, param_dtype)
         self.deterministic = deterministic
         self.norm = _norm(norm, in_features, norm_axis_name, dtype, param_dtype, rngs)
         self.ssm = LinOSSLayer(
@@ -378,6 +382,8 @@ class LinOSSModel(nnx.Module):
         for name, value in (("hidden_size", hidden_size), ("state_size", state_size)):
             check_size("LinOSSModel", name, value)
         check_size("LinOSSModel", "output_size", output_size)
+        check_rate("LinOSSModel", "dropout_rate", dropout_rate)
+        check_dtypes("LinOSSModel", dtype, param_dtype)
         self.task = task
         self.output_step = output_step
         self.deterministic = deterministic
