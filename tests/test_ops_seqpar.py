@@ -6,14 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from oscillator_reference import random_problem, reference_apply
+from oscillator_reference import random_problem, reference_apply, rel_err
 
 from flax_linoss import ops
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def _mesh():
