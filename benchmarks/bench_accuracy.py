@@ -65,41 +65,46 @@ def problem(case: str, length: int, num_osc: int, features: int, seed: int = 0):
     return disc, u, a, dt, b, c, d, g, ct
 
 
-def _grads(apply, u, a, dt, ct):
-    def loss(u, a, dt):
-        out = apply(u, a, dt)
+def _grads(apply, u, a, dt, rest, ct):
+    """Values and gradients; every array is an argument (a closed-over one would be a
+    constant that XLA folds at compile time, for minutes at these lengths)."""
+
+    def loss(u, a, dt, rest, ct):
+        out = apply(u, a, dt, *rest)
         return jnp.sum(ct * out), out
 
-    (g_u, g_a, g_dt), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(u, a, dt)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (g_u, g_a, g_dt), out = step(u, a, dt, rest, ct)
     return {"y": out, "d/da": g_a, "d/ddt": g_dt, "d/du": g_u}
 
 
 def reference(disc, u, a, dt, b, c, d, g, ct):
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
-        apply = lambda u, a, dt: reference_apply(
-            u, a, dt, f64(b), f64(c), f64(d), f64(g), discretization=disc
+        apply = lambda u, a, dt, b, c, d, g: reference_apply(
+            u, a, dt, b, c, d, g, discretization=disc
         )[0]
-        got = _grads(apply, f64(u), f64(a), f64(dt), f64(ct))
+        rest = tuple(f64(x) for x in (b, c, d, g))
+        got = _grads(apply, f64(u), f64(a), f64(dt), rest, f64(ct))
         return {k: np.asarray(v) for k, v in got.items()}
 
 
 def run_path(path, disc, u, a, dt, b, c, d, g, ct):
-    kw = dict(g=g, discretization=disc)
-    if path == "associative+flags":
-        kw.update(scan="associative", mask=jnp.ones(u.shape[:2], bool))
-    elif path.startswith("pallas"):
-        kw.update(scan="pallas")
-    else:
-        kw.update(scan=path)
-    apply = lambda u, a, dt: ops.linoss_apply(u, a, dt, b, c, d, **kw)
+    scan = "associative" if path == "associative+flags" else path.split("-")[0]
+    mask = jnp.ones(u.shape[:2], bool) if path == "associative+flags" else None
+
+    def apply(u, a, dt, b, c, d, g, mask):
+        return ops.linoss_apply(
+            u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, mask=mask, check="shapes"
+        )
+
     if path.startswith("pallas"):
         from flax_linoss.ops._scans import pallas
 
         with pallas.use_interpret_kernel(path.split("-")[1]):
-            got = _grads(apply, u, a, dt, ct)
+            got = _grads(apply, u, a, dt, (b, c, d, g, mask), ct)
     else:
-        got = _grads(apply, u, a, dt, ct)
+        got = _grads(apply, u, a, dt, (b, c, d, g, mask), ct)
     return {k: np.asarray(v, np.float64) for k, v in got.items()}
 
 

@@ -117,3 +117,48 @@ def assert_rel_close(got, want, tol: float, what: str = "") -> None:
         assert np.shape(x) == np.shape(ref), (what, i, np.shape(x), np.shape(ref))
         err = rel_err(x, ref)
         assert err < tol, f"{what} leaf {i}: norm-relative error {err:.3g} >= {tol:.3g}"
+
+
+def reference_grads(
+    args, disc, ct, *, ct_z=None, z0=None, y0=None, valid=None, segment_ids=None, reverse=False
+):
+    """The reference's ``(grads, out, z_L)`` for ``loss = sum(ct * out) + sum(ct_z * z_L)``.
+
+    Args:
+      args: ``(u, a, dt, b, c, d)`` or ``(u, a, dt, b, c, d, g)`` (``g`` for ``"damped"``).
+      disc: the scheme.
+      ct, ct_z: cotangents of the output ``[B, L, H]`` and of the final velocity
+        ``[B, 2, P]`` (real, imaginary) (``None``: not in the loss).
+      z0, y0, valid, segment_ids: as in :func:`reference_apply`.
+      reverse: the sequence is processed from its last step (inputs and flags flipped,
+        outputs flipped back), as ``linoss_apply(..., reverse=True)``.
+
+    Returns:
+      float64 numpy ``(grads, out, z_L)``: one gradient per argument, the output, the final
+      velocity as ``[B, 2, P]``.
+    """
+    nargs = len(args)
+    flip = (lambda x: None if x is None else x[:, ::-1]) if reverse else (lambda x: x)
+    with jax.enable_x64(True):
+
+        def loss(*p):
+            out, z_l, _ = reference_apply(
+                flip(p[0]),
+                *p[1:6],
+                p[6] if nargs == 7 else None,
+                discretization=disc,
+                z0=z0,
+                y0=y0,
+                valid=flip(valid),
+                segment_ids=flip(segment_ids),
+            )
+            out = flip(out)
+            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
+            total = jnp.sum(jnp.asarray(ct, jnp.float64) * out)
+            if ct_z is not None:
+                total = total + jnp.sum(jnp.asarray(ct_z, jnp.float64) * z_l)
+            return total, (out, z_l)
+
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        grads, (out, z_l) = jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True)(*f64)
+        return jax.tree.map(np.asarray, (grads, out, z_l))

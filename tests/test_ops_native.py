@@ -14,7 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oscillator_reference import assert_rel_close, random_problem, reference_apply
+from oscillator_reference import (
+    assert_rel_close,
+    random_problem,
+    reference_apply,
+    reference_grads,
+)
 
 from flax_linoss import ops
 from flax_linoss.ops._auto import resolve_scan
@@ -25,6 +30,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _flags(flags):
+    """``linoss_apply``'s flag arguments as the reference's."""
+    return {"valid": flags.get("mask"), "segment_ids": flags.get("segment_ids")}
+
+
 def _loss_and_grads(scan, u, a, dt, b, c, d, g, disc, ct, **flags):
     def loss(u, a, dt, b, c, d, g):
         out = ops.linoss_apply(u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, **flags)
@@ -32,22 +42,6 @@ def _loss_and_grads(scan, u, a, dt, b, c, d, g, disc, ct, **flags):
 
     argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
     return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(u, a, dt, b, c, d, g)
-
-
-def _reference_grads(u, a, dt, b, c, d, g, disc, ct, mask=None, segment_ids=None):
-    """``_loss_and_grads`` of the float64 step-by-step reference."""
-    with jax.enable_x64(True):
-        f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
-
-        def loss(u, a, dt, b, c, d, g):
-            out = reference_apply(
-                u, a, dt, b, c, d, g, discretization=disc, valid=mask, segment_ids=segment_ids
-            )[0]
-            return jnp.sum(f64(ct) * out), out
-
-        argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
-        args = [f64(x) for x in (u, a, dt, b, c, d, g)]
-        return jax.tree.map(np.asarray, jax.grad(loss, argnums=argnums, has_aux=True)(*args))
 
 
 @pytest.mark.parametrize("flagged", [False, True])
@@ -70,7 +64,8 @@ def test_chunk_boundaries_match_the_adjoint_path(length, flagged):
         flags = dict(mask=valid, segment_ids=seg)
     # Each path against the float64 reference, norm-relative (the kernel's float32 rounding
     # depends on the CPU it was compiled for: never compare it with adjoint element-wise).
-    want = _reference_grads(u, a, dt, b, c, d, g, "damped", ct, **flags)
+    grads, out, _ = reference_grads((u, a, dt, b, c, d, g), "damped", ct, **_flags(flags))
+    want = (grads, out)
     for scan in ("native", "adjoint"):
         got = _loss_and_grads(scan, u, a, dt, b, c, d, g, "damped", ct, **flags)
         assert_rel_close(got, want, 2e-5, scan)
@@ -81,7 +76,8 @@ def test_more_channels_than_one_block_and_odd_sizes():
     u, a, dt, b, c, d, _ = random_problem(1, 3, 70, 3, 300, "im")
     ct = np.random.default_rng(0).normal(size=u.shape).astype(np.float32)
     got = _loss_and_grads("native", u, a, dt, b, c, d, None, "im", ct)
-    assert_rel_close(got, _reference_grads(u, a, dt, b, c, d, None, "im", ct), 2e-5)
+    grads, out, _ = reference_grads((u, a, dt, b, c, d), "im", ct)
+    assert_rel_close(got, (grads, out), 2e-5)
 
 
 @pytest.mark.parametrize("disc", ["im", "imex", "damped"])

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oscillator_reference import random_problem, reference_apply, rel_err
+from oscillator_reference import random_problem, reference_grads, rel_err
 
 from flax_linoss import ops
 from flax_linoss.ops._auto import resolve_scan
@@ -48,27 +48,10 @@ def test_kernels_match_float64_reference_values_and_gradients(kernel, case, x64)
         seg[-1, 128:] += 7  # a segment starting at a block boundary
     nargs = 7 if disc == "damped" else 6
     args = (u, a, dt, b, c, d, g)[:nargs]
-    flip = (lambda x: None if x is None else x[:, ::-1]) if reverse else (lambda x: x)
 
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                flip(p[0]),
-                *p[1:6],
-                p[6] if disc == "damped" else None,
-                discretization=disc,
-                z0=z0,
-                y0=y0,
-                valid=flip(valid),
-                segment_ids=flip(seg),
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * flip(out)) + jnp.sum(ct_z * z_l), flip(out)
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, ref_out = jax.tree.map(np.asarray, grad_ref(*f64))
+    ref_grads, ref_out, _ = reference_grads(
+        args, disc, ct, ct_z=ct_z, z0=z0, y0=y0, valid=valid, segment_ids=seg, reverse=reverse
+    )
 
     def loss(*p):
         out, state = ops.linoss_apply(

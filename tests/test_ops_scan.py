@@ -12,6 +12,7 @@ from oscillator_reference import (
     assert_rel_close,
     random_problem,
     reference_apply,
+    reference_grads,
     reference_step,
     rel_err,
 )
@@ -46,17 +47,7 @@ def test_all_scans_match_float64_reference_values_and_gradients(disc, length):
     args = (u, *_params(disc, a, dt, b, c, d, g))
     nargs = len(args)
 
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            gg = p[6] if disc == "damped" else None
-            out = reference_apply(*p[:6], gg, discretization=disc)[0]
-            return jnp.sum(jnp.asarray(ct, jnp.float64) * out), out
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)(*f64)
-        ref_grads = [np.asarray(x) for x in ref_grads]
-        ref_out = np.asarray(ref_out)
+    ref_grads, ref_out, _ = reference_grads(args, disc, ct)
 
     tol = 1e-5 if length < 100 else 5e-5
     for scan in SCANS:
@@ -204,24 +195,10 @@ def test_flags_match_float64_reference_values_and_gradients(disc, length):
     nargs = 7 if disc == "damped" else 6
     args = (u, a, dt, b, c, d, g)[:nargs]
 
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                *p[:6],
-                p[6] if disc == "damped" else None,
-                discretization=disc,
-                z0=st0.to_complex()[0],
-                y0=st0.to_complex()[1],
-                valid=valid,
-                segment_ids=seg,
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), out
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, ref_out = jax.tree.map(np.asarray, grad_ref(*f64))
+    z0, y0 = st0.to_complex()
+    ref_grads, ref_out, _ = reference_grads(
+        args, disc, ct, ct_z=ct_z, z0=z0, y0=y0, valid=valid, segment_ids=seg
+    )
 
     for scan in FLAG_SCANS:
 

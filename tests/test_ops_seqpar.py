@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from oscillator_reference import random_problem, reference_apply, rel_err
+from oscillator_reference import random_problem, reference_apply, reference_grads, rel_err
 
 from flax_linoss import ops
 
@@ -44,7 +44,6 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
     state0 = ops.LinOSSState.from_complex(z0.astype(np.complex64), y0.astype(np.complex64))
     nargs = 7 if disc == "damped" else 6
     args = (u, a, dt, b, c, d, g)[:nargs]
-    flip = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)
 
     def sharded(*p):
         def local(u, state, *params):
@@ -71,23 +70,9 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
 
     grads, (out, state) = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*args)
 
-    with jax.enable_x64(True):
-
-        def ref_loss(*p):
-            out, z_l, _ = reference_apply(
-                flip(p[0]),
-                *p[1:6],
-                p[6] if disc == "damped" else None,
-                discretization=disc,
-                z0=z0,
-                y0=y0,
-            )
-            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
-            return jnp.sum(ct * flip(out)) + jnp.sum(ct_z * z_l), (flip(out), z_l)
-
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=tuple(range(nargs)), has_aux=True)
-        ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
+    ref_grads, ref_out, ref_z = reference_grads(
+        args, disc, ct, ct_z=ct_z, z0=z0, y0=y0, reverse=reverse
+    )
 
     assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
     assert rel_err(state.z, ref_z) < 3e-5, ("final state", rel_err(state.z, ref_z))
