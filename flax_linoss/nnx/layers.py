@@ -65,8 +65,9 @@ class LinOSSLayer(nnx.Module):
         papers' (uniform for LinOSS, ring for D-LinOSS).
       constraint: ``"stable"`` (default: LinOSS-IMEX's ``a`` is kept below ``4 / dt^2``,
         where its oscillators would grow without bound) or ``"paper"`` (the papers' exact
-        ``relu``/``sigmoid``; the paper configs use it). LinOSS-IM and D-LinOSS are stable
-        either way. See :func:`flax_linoss.ops.constrain`.
+        ``relu``/``sigmoid``; the paper configs use it). LinOSS-IM is stable either way;
+        D-LinOSS is kept strictly stable under both (float32 margins, see
+        :mod:`flax_linoss.ops.params`). See :func:`flax_linoss.ops.constrain`.
       b_init, c_init, d_init: initialisers of ``b``, ``c``, ``d``.
       dtype: computation dtype of the projections (default: inferred from the input). The
         recurrence always runs in float32 or wider.
