@@ -51,6 +51,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "flax-linoss config [--config=FILE[:ARG]] [--config.KEY=VALUE ...]",
         "flax-linoss config --config=configs/uea_scp1.py:d_linoss --config.seed=3456",
     ),
+    "doctor": (
+        "print versions, devices, what scan='auto' picks here and why, the kernels' "
+        "self-check and the data directory (for bug reports)",
+        "flax-linoss doctor",
+        "flax-linoss doctor",
+    ),
 }
 
 _RUNS = ("train", "eval", "reproduce")
@@ -501,6 +507,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if command not in COMMANDS or argv[1] != command:
         _fail(f"unknown command {argv[1]!r}; commands: {', '.join(COMMANDS)} (--help)")
+    if command == "doctor":
+        if argv[2:]:
+            _fail(f"doctor takes no arguments, got {argv[2:]!r}")
+        from flax_linoss import doctor
+
+        doctor.main()
+        return
     try:
         check_flags_of(command, argv)
         precheck(argv)

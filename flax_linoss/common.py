@@ -52,6 +52,30 @@ def check_size(where: str, name: str, value) -> int:
     return int(value)
 
 
+def check_rate(where: str, name: str, value) -> float:
+    """Returns ``value`` if it is a real number in ``[0, 1)`` (a dropout rate), else raises."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not ok or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{where}: {name} must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def check_dtypes(where: str, dtype, param_dtype) -> None:
+    """Raises unless ``dtype`` (``None`` allowed) and ``param_dtype`` are real floating."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is None and name == "dtype":
+            continue
+        try:
+            ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError(
+                f"{where}: {name} must be a real floating dtype (float32, bfloat16, "
+                f"float64, ...), got {value!r}."
+            )
+
+
 def renamed_arguments(**renames: str):
     """Accepts older keyword names: ``@renamed_arguments(features="in_features")`` lets
     callers pass ``features=`` for ``in_features`` (both at once is an error). The wrapped
@@ -83,8 +107,7 @@ def check_model_options(task: str, output_step: int, num_blocks: int) -> None:
         raise ValueError(f"Unknown task {task!r}; expected one of {list(TASKS)}.")
     if output_step < 1:
         raise ValueError(f"output_step must be >= 1, got {output_step}.")
-    if num_blocks < 0:
-        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}.")
+    check_size("LinOSSModel", "num_blocks", num_blocks)
 
 
 def feature_mask(mask, x):

@@ -1,7 +1,19 @@
-"""A plain step-by-step float64 reference of the three schemes, written from the equations.
+"""A plain step-by-step float64 reference of the three schemes, written from the equations,
+and the one rule for comparing float32 results in the tests.
 
-It deliberately shares nothing with ``flax_linoss.ops``: complex arithmetic, the implicit
-equations solved per step as written in the papers, no transition matrices.
+The reference deliberately shares nothing with ``flax_linoss.ops``: complex arithmetic, the
+implicit equations solved per step as written in the papers, no transition matrices.
+
+The rule (:func:`rel_err`, :func:`assert_rel_close`): float32 results are compared by their
+*norm-relative* error, ``max |x - ref| / max |ref|`` over the whole array, with ``ref`` the
+float64 reference wherever the quantity has one. Two float32 paths are never compared
+element by element at a fixed ``atol``/``rtol``: their rounding differs by path and by
+machine (the native kernel is compiled with ``-march=native``, so fused multiply-adds
+depend on the CPU), and one element of an array whose entries reach 19 may differ by
+several ``eps * 19`` while being small itself. Where two float32 results of different code
+must be compared without a reference (e.g. decoding step by step against a whole-sequence
+scan inside a model), the bound is norm-relative too and well above rounding: at least
+``100 eps`` (about ``1e-5``) for a few hundred steps of a well-conditioned recurrence.
 """
 
 import jax
@@ -78,3 +90,75 @@ def random_problem(seed, batch, length, features, num_osc, discretization):
     d = f32(rng.normal(size=features))
     u = f32(rng.normal(size=(batch, length, features)))
     return u, a, dt, b, c, d, g
+
+
+#: float32's machine epsilon, the unit of the tolerances.
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def rel_err(x, ref) -> float:
+    """``max |x - ref| / max |ref|`` (``max |x|`` where ``ref`` is all zero), in float64
+    (complex128 for complex arrays)."""
+    wide = np.complex128 if np.iscomplexobj(x) or np.iscomplexobj(ref) else np.float64
+    x, ref = np.asarray(x, wide), np.asarray(ref, wide)
+    scale = np.abs(ref).max() if ref.size else 0.0
+    if scale == 0.0:
+        return float(np.abs(x).max()) if x.size else 0.0
+    return float(np.abs(x - ref).max() / scale)
+
+
+def assert_rel_close(got, want, tol: float, what: str = "") -> None:
+    """Asserts ``rel_err(x, ref) < tol`` for each pair of leaves of two pytrees (arrays,
+    tuples, dicts, ``LinOSSState``s), naming the leaf that fails."""
+    got_leaves, got_tree = jax.tree.flatten(got)
+    want_leaves, want_tree = jax.tree.flatten(want)
+    assert len(got_leaves) == len(want_leaves), (what, got_tree, want_tree)
+    for i, (x, ref) in enumerate(zip(got_leaves, want_leaves)):
+        assert np.shape(x) == np.shape(ref), (what, i, np.shape(x), np.shape(ref))
+        err = rel_err(x, ref)
+        assert err < tol, f"{what} leaf {i}: norm-relative error {err:.3g} >= {tol:.3g}"
+
+
+def reference_grads(
+    args, disc, ct, *, ct_z=None, z0=None, y0=None, valid=None, segment_ids=None, reverse=False
+):
+    """The reference's ``(grads, out, z_L)`` for ``loss = sum(ct * out) + sum(ct_z * z_L)``.
+
+    Args:
+      args: ``(u, a, dt, b, c, d)`` or ``(u, a, dt, b, c, d, g)`` (``g`` for ``"damped"``).
+      disc: the scheme.
+      ct, ct_z: cotangents of the output ``[B, L, H]`` and of the final velocity
+        ``[B, 2, P]`` (real, imaginary) (``None``: not in the loss).
+      z0, y0, valid, segment_ids: as in :func:`reference_apply`.
+      reverse: the sequence is processed from its last step (inputs and flags flipped,
+        outputs flipped back), as ``linoss_apply(..., reverse=True)``.
+
+    Returns:
+      float64 numpy ``(grads, out, z_L)``: one gradient per argument, the output, the final
+      velocity as ``[B, 2, P]``.
+    """
+    nargs = len(args)
+    flip = (lambda x: None if x is None else x[:, ::-1]) if reverse else (lambda x: x)
+    with jax.enable_x64(True):
+
+        def loss(*p):
+            out, z_l, _ = reference_apply(
+                flip(p[0]),
+                *p[1:6],
+                p[6] if nargs == 7 else None,
+                discretization=disc,
+                z0=z0,
+                y0=y0,
+                valid=flip(valid),
+                segment_ids=flip(segment_ids),
+            )
+            out = flip(out)
+            z_l = jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
+            total = jnp.sum(jnp.asarray(ct, jnp.float64) * out)
+            if ct_z is not None:
+                total = total + jnp.sum(jnp.asarray(ct_z, jnp.float64) * z_l)
+            return total, (out, z_l)
+
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        grads, (out, z_l) = jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True)(*f64)
+        return jax.tree.map(np.asarray, (grads, out, z_l))

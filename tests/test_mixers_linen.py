@@ -20,6 +20,7 @@ import linen_lm as lm
 import numpy as np
 import optax
 import pytest
+from oscillator_reference import assert_rel_close
 
 from flax_linoss import get_mixer, swap_attention
 from flax_linoss.mixers import base
@@ -125,7 +126,7 @@ def _check_trains_and_decodes(model, params, cache, prefill):
     after = _xent(full, model.tokens)
     assert np.isfinite(before) and after < before - 1e-3, (before, after)
     decoded = model.decode(new_params, cache, prefill)
-    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=1e-5)
+    assert_rel_close(decoded, full, 2e-5)
     return new_params
 
 
@@ -189,9 +190,7 @@ def test_lm_with_stock_attention():
     model = _LM(config_mixer="attention")
     params, cache = model.init()
     assert _mixer_params(params) == {"MultiHeadDotProductAttention_0"}
-    np.testing.assert_allclose(
-        model.decode(params, cache, prefill=1), model.forward(params), atol=2e-5, rtol=1e-5
-    )
+    assert_rel_close(model.decode(params, cache, prefill=1), model.forward(params), 2e-5)
 
 
 def test_lm_packed_segments_equal_alone():
@@ -210,8 +209,8 @@ def test_lm_packed_segments_equal_alone():
     packed = apply({"params": params}, row, positions=positions, segment_ids=segmentation)
     alone_a = apply({"params": params}, seg_a[None])
     alone_b = apply({"params": params}, seg_b[None])
-    np.testing.assert_allclose(packed[:, :6], alone_a, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(packed[:, 6:13], alone_b, atol=1e-5, rtol=1e-5)
+    assert_rel_close(packed[:, :6], alone_a, 1e-5)
+    assert_rel_close(packed[:, 6:13], alone_b, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ def test_padding_never_influences_valid_outputs(bidirectional):
     for form, mask in _mask_forms(valid).items():
         y = apply(params, garbage, mask=mask)
         for i, row in enumerate(rows):
-            np.testing.assert_allclose(y[i, row], alone[i], atol=1e-5, err_msg=f"{form} {i}")
+            assert_rel_close(y[i, row], alone[i], 1e-5, f"{form} {i}")
     # Without the mask the garbage does leak (the test can fail).
     assert not np.allclose(apply(params, garbage)[0, rows[0]], alone[0], atol=1e-3)
 
@@ -273,7 +272,7 @@ def test_packed_segments_equal_alone(bidirectional):
         y = mixer.apply(params, x, **kw)
         for s, e in itertools.pairwise(starts):
             alone = mixer.apply(params, x[:, s:e])
-            np.testing.assert_allclose(y[:, s:e], alone, atol=1e-5, err_msg=str(list(kw)))
+            assert_rel_close(y[:, s:e], alone, 1e-5, str(list(kw)))
     # Without packing information the segments do interact (the test can fail).
     y = mixer.apply(params, x)
     assert not np.allclose(y[:, 4:7], mixer.apply(params, x[:, 4:7]), atol=1e-3)
@@ -342,7 +341,7 @@ def test_decode_with_padded_prompt():
     params = mixer.init(jax.random.key(0), x)["params"]
     full = mixer.apply({"params": params}, x, mask=valid)
     decoded = _decode(mixer.clone(decode=True), params, x, prefill=6, mask=valid)
-    np.testing.assert_allclose(decoded * valid[..., None], full * valid[..., None], atol=1e-5)
+    assert_rel_close(decoded * valid[..., None], full * valid[..., None], 1e-5)
 
 
 def test_decode_cache_is_independent_of_length():
@@ -469,7 +468,7 @@ def test_bidirectional_encoder_padded_equals_unpadded(mixer):
         valid = tokens > 0
         for mask in (valid, nn.make_attention_mask(valid, valid)):
             logits = apply(params, tokens, mask)
-            np.testing.assert_allclose(logits, alone, atol=1e-5, err_msg=side)
+            assert_rel_close(logits, alone, 1e-5, side)
     # Ignoring the mask changes the logits: padding would leak without it.
     leaky = apply(params, tokens, jnp.ones_like(valid))
     assert not np.allclose(leaky, alone, atol=1e-3)

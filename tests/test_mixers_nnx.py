@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from oscillator_reference import assert_rel_close
 
 from flax_linoss import convert, get_mixer, swap_attention
 from flax_linoss.mixers import base
@@ -120,7 +121,7 @@ def test_nnx_lm_with_mixer_from_registry_and_swap_helper(mixer):
     assert np.isfinite(before) and after < before - 1e-3, (before, after)
 
     full = _forward(model, tokens)
-    np.testing.assert_allclose(_decode(model, tokens, prefill=5), full, atol=2e-5, rtol=1e-5)
+    assert_rel_close(_decode(model, tokens, prefill=5), full, 2e-5)
     assert int(model.blocks[0].attn.cache_index[...]) == LENGTH
 
     # The swap helper: unmodified code building `nnx.MultiHeadAttention` gets the mixer.
@@ -133,9 +134,7 @@ def test_nnx_lm_with_mixer_from_registry_and_swap_helper(mixer):
     # Decoding through nnx.view(decode=True, batch_size=...) creates the cache.
     view = nnx.view(swapped, decode=True, batch_size=BATCH, max_length=LENGTH)
     assert swapped.blocks[0].attn.state_z is None
-    np.testing.assert_allclose(
-        _decode(view, tokens, prefill=3, view=True), full, atol=2e-5, rtol=1e-5
-    )
+    assert_rel_close(_decode(view, tokens, prefill=3, view=True), full, 2e-5)
 
 
 @pytest.mark.parametrize(
@@ -163,11 +162,11 @@ def test_nnx_padding_and_packing():
     valid = jnp.array([[1] * 6 + [0] * 4, [0] * 3 + [1] * 7], bool)
     garbage = jnp.where(valid[..., None], x, 1e3)
     y = mod(garbage, mask=nnx.make_attention_mask(valid, valid))
-    np.testing.assert_allclose(y[0, :6], mod(x[:1, :6])[0], atol=1e-5)
-    np.testing.assert_allclose(y[1, 3:], mod(x[1:, 3:])[0], atol=1e-5)
+    assert_rel_close(y[0, :6], mod(x[:1, :6])[0], 1e-5)
+    assert_rel_close(y[1, 3:], mod(x[1:, 3:])[0], 1e-5)
     ids = jnp.array([[0] * 4 + [1] * 6])
     y = mod(x[:1], mask=nnx.make_attention_mask(ids, ids, jnp.equal))
-    np.testing.assert_allclose(y[0, 4:], mod(x[:1, 4:])[0], atol=1e-5)
+    assert_rel_close(y[0, 4:], mod(x[:1, 4:])[0], 1e-5)
 
 
 def test_accepts_multi_head_attention_arguments():

@@ -68,11 +68,19 @@ def test_damped_constrain_projects_into_the_band_and_keeps_inside_values():
     dt_raw = jnp.zeros(4)  # dt = 0.5
     g_raw = jnp.array([0.2, 0.2, 0.2, -1.0])  # relu -> g = 0 for the last
     dt = jax.nn.sigmoid(dt_raw)
-    lo, hi = ops.stable_band(dt, jax.nn.relu(g_raw))
+    margin = ops.params.DAMPED_MARGIN
+    g_want = jnp.array([0.2, 0.2, 0.2, margin / 0.5])  # g = 0 is raised to the damping floor
+    lo, hi = ops.stable_band(dt, g_want, margin)
     a_raw = jnp.array([lo[0] - 1.0, (lo[1] + hi[1]) / 2, hi[2] + 5.0, 1.0])
     a, dt_c, g = ops.damped_constrain(a_raw, dt_raw=dt_raw, g_raw=g_raw)
     np.testing.assert_allclose(a[:3], [lo[0], a_raw[1], hi[2]], rtol=1e-6)
-    np.testing.assert_allclose(g, [0.2, 0.2, 0.2, 0.0])
+    np.testing.assert_allclose(g, g_want, rtol=1e-6)
+    # The margin band lies inside the papers' band, by 2 (1 - sqrt(1 - margin)) sqrt(1 + dt g)
+    # / dt^2 at each end.
+    lo0, hi0 = ops.stable_band(dt, g_want)
+    shift = 2 * (1 - np.sqrt(1 - margin)) * np.sqrt(1 + 0.5 * g_want) / 0.25
+    np.testing.assert_allclose(lo - lo0, shift, rtol=1e-2)
+    np.testing.assert_allclose(hi0 - hi, shift, rtol=0.05, atol=4e-6)
     np.testing.assert_allclose(dt_c, dt)
     # The clamp passes gradients inside the band only (the reference's behaviour).
     grad = jax.grad(lambda x: jnp.sum(ops.damped_constrain(x, dt_raw=dt_raw, g_raw=g_raw)[0]))(
@@ -193,3 +201,79 @@ def test_stable_imex_never_overflows_over_a_million_steps():
     assert finite["stable"].all()
     assert unstable.sum() >= 3
     np.testing.assert_array_equal(~finite["paper"], unstable)
+
+
+def _float32_spectral_radius(a, dt, g):
+    """The spectral radius of the float32 transition the scans run (``schemes.transition``
+    in float32, as ``linoss_apply`` computes it), its eigenvalues computed in float64."""
+    tr = schemes.transition(jnp.float32(a), jnp.float32(dt), "damped", jnp.float32(g))
+    m11, m12, m21, m22 = (np.asarray(x, np.float64) for x in tuple(tr)[:4])
+    half = (m11 + m22) / 2
+    root = np.sqrt((half * half - (m11 * m22 - m12 * m21)).astype(complex))
+    return np.maximum(np.abs(half + root), np.abs(half - root))
+
+
+@pytest.mark.parametrize("constraint", ops.CONSTRAINTS)
+def test_damped_constraint_keeps_the_float32_spectral_radius_below_one(constraint):
+    # The edge the issue found: raw a = 50, dt = 20, g = -10 became a = 4, dt = 1, g = 0, a
+    # double eigenvalue at -1 (radius 1.00000002 in float32). Then random raw sets, wide:
+    # a_raw far beyond either band edge, dt from ~1e-7 to 1, g_raw negative, tiny or large.
+    edge = ops.constrain(
+        "damped", jnp.float32(50), jnp.float32(20), jnp.float32(-10), constraint=constraint
+    )
+    assert float(_float32_spectral_radius(*edge)) < 1.0
+    rng = np.random.default_rng(0)
+    n = 20_000
+    a_raw = rng.uniform(-1, 1, n) * rng.choice([1.0, 10.0, 1e2, 1e4], n)
+    dt_raw = rng.normal(0.0, 4.0, n)
+    g_raw = rng.normal(0.0, 1.0, n) * rng.choice([0.0, 1e-6, 1e-3, 1.0, 10.0], n)
+    raw = [jnp.asarray(x, jnp.float32) for x in (a_raw, dt_raw, g_raw)]
+    a, dt, g = ops.constrain("damped", *raw, constraint=constraint)
+    radius = _float32_spectral_radius(a, dt, g)
+    assert np.all(np.isfinite(np.asarray(a))) and radius.max() < 1.0, radius.max()
+    # And away from the dt^2 floor (dt >= 1e-3), at least the documented margin: the modulus
+    # is sqrt(det) <= 1 / sqrt(1 + DAMPED_MARGIN), to the determinant's rounding.
+    usual = np.asarray(dt) >= 1e-3
+    assert radius[usual].max() < 1 - 0.4 * ops.params.DAMPED_MARGIN
+
+
+@pytest.mark.slow
+def test_damped_edges_stay_finite_and_accurate_at_1e5_steps_on_every_path():
+    # The issue's edge (raw a = 50, dt = 20, g = -10) and 40 random raw sets, many clamped to
+    # the band edges with little damping, under both constraints: before the margins and the
+    # double-word powers, associative and chunked went non-finite at steps 69-74k. Each path
+    # is compared with the float64 reference, bounded by the float32 loop's own error.
+    from oscillator_reference import reference_apply, rel_err
+
+    rng = np.random.default_rng(3)
+    n = 41
+    a_raw = np.r_[50.0, rng.uniform(-1, 1, n - 1) * rng.choice([1.0, 1e2, 1e4], n - 1)]
+    dt_raw = np.r_[20.0, rng.normal(0.0, 2.0, n - 1)]
+    g_raw = np.r_[-10.0, rng.normal(0.0, 1.0, n - 1) * rng.choice([0.0, 1e-4, 1.0], n - 1)]
+    raw = [jnp.asarray(x, jnp.float32) for x in (a_raw, dt_raw, g_raw)]
+    length = 100_000
+    u = jax.random.uniform(jax.random.PRNGKey(0), (1, length, 1), minval=-1.0, maxval=1.0)
+    b = jnp.ones((n, 1, 2)) / 2
+    c = jnp.zeros((1, n, 2)).at[..., 0].set(1 / n)  # Re(C y): the mean of the real parts
+    d = jnp.zeros(1)
+    for constraint in ops.CONSTRAINTS:
+        a, dt, g = ops.constrain("damped", *raw, constraint=constraint)
+        with jax.enable_x64(True):
+            ref = np.asarray(reference_apply(u, a, dt, b, c, d, g, discretization="damped")[0])
+        errors = {}
+        for scan, flags in (
+            ("sequential", {}),
+            ("associative", {}),
+            ("chunked", {}),
+            ("associative", {"mask": jnp.ones((1, length), bool)}),  # the per-step scan
+        ):
+            out = ops.linoss_apply(
+                u, a, dt, b, c, d, g=g, discretization="damped", scan=scan, **flags
+            )
+            assert np.all(np.isfinite(np.asarray(out))), (constraint, scan, flags)
+            errors[(scan, bool(flags))] = rel_err(out, ref)
+        # Near a double eigenvalue float32 itself is inaccurate over 10^5 steps (the loop's
+        # error here is tens of percent); the parallel paths add at most a factor.
+        loop = errors.pop(("sequential", False))
+        for scan, err in errors.items():
+            assert err < 2 * loop, (constraint, scan, err, loop)

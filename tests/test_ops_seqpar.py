@@ -7,14 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from oscillator_reference import random_problem, reference_apply
+from oscillator_reference import random_problem, reference_apply, rel_err
 
 from flax_linoss import ops
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def _assert_equals_reference(sharded, reference, args, ct, ct_z):
@@ -48,13 +43,22 @@ def _mesh():
 
 
 # Shards of 13 steps (under every chunk and block) and of 50; every kind of local path: auto
-# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter.
+# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter,
+# and the two loops (lax.scan, fori_loop: their carries must keep the shard's type), small,
+# with every scheme (four of the six behind the slow marker); auto without kernels (it takes
+# the adjoint loop) runs the README's example in test_readme.py.
 @pytest.mark.parametrize(
     ("scan", "disc", "shard", "reverse"),
     [
         ("auto", "damped", 13, False),
         ("chunked", "imex", 50, True),
         ("pallas", "im", 13, True),
+        ("sequential", "imex", 3, True),
+        ("adjoint", "damped", 3, False),
+        pytest.param("sequential", "im", 3, False, marks=pytest.mark.slow),
+        pytest.param("sequential", "damped", 3, False, marks=pytest.mark.slow),
+        pytest.param("adjoint", "im", 3, True, marks=pytest.mark.slow),
+        pytest.param("adjoint", "imex", 3, True, marks=pytest.mark.slow),
     ],
 )
 def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
@@ -163,3 +167,17 @@ def test_oscillator_axis_outside_shard_map_is_a_clear_error():
     u, a, dt, b, c, d, _ = random_problem(0, 1, 16, 2, 3, "im")
     with pytest.raises(ValueError, match="oscillator_axis='osc' is not a mesh axis"):
         ops.linoss_apply(u, a, dt, b, c, d, oscillator_axis="osc")
+
+
+@pytest.mark.parametrize("scan", ["sequential", "adjoint"])
+def test_loops_under_shard_map_over_the_batch_with_a_replicated_initial_state(scan):
+    # The same carry typing without sequence_axis: the state is replicated, the input varies.
+    u, a, dt, b, c, d, _ = random_problem(1, 8, 6, 2, 3, "im")
+    state = ops.LinOSSState(jnp.ones((2, 3)), jnp.ones((2, 3)))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    run = lambda u: ops.linoss_apply(u, a, dt, b, c, d, scan=scan, initial_state=state)
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(u)
+    with jax.enable_x64(True):
+        ones = np.ones((8, 3)) * (1 + 1j)
+        ref = reference_apply(u, a, dt, b, c, d, discretization="im", z0=ones, y0=ones)[0]
+    assert rel_err(sharded, ref) < 1e-5

@@ -33,3 +33,11 @@ def test_readme_block_runs(index, capsys, monkeypatch):
         namespace.update(_gemma_example(monkeypatch))
     exec(compile(code, f"README.md block {index}", "exec"), namespace)
     assert capsys.readouterr().out.strip()  # every block prints what it made
+
+
+def test_the_sequence_parallel_example_runs_without_kernels(monkeypatch, capsys):
+    # FLAX_LINOSS_KERNELS=0: "auto" takes the pure-JAX adjoint loop inside shard_map.
+    (code,) = [b for b in BLOCKS if 'sequence_axis="seq"' in b]
+    monkeypatch.setenv("FLAX_LINOSS_KERNELS", "0")
+    exec(compile(code, "README.md sequence-parallel block", "exec"), {"__name__": "readme_seq"})
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) < 1e-4

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss import ops
+from flax_linoss.common import check_dtypes, check_rate, check_size
 
 #: Logical axis names of the mixer's parameters (linen ``nn.LogicallyPartitioned`` boxes,
 #: nnx ``out_sharding`` metadata). ``embed`` and ``kv`` are the names the lm1b / wmt
@@ -47,6 +48,20 @@ def check_options(where: str, discretization: str, scan: str, state_size) -> Non
     ops.table.check_scan(scan)
     if state_size is not None and (not isinstance(state_size, int | np.integer) or state_size < 1):
         raise ValueError(f"{where}: state_size must be a positive int or None, got {state_size!r}.")
+
+
+def check_mixer_arguments(
+    where: str, in_features, qkv_features, out_features, dropout_rate, dtype, param_dtype
+) -> None:
+    """Validates the attention-style arguments once, at construction: positive widths
+    (``None`` = the default width, never ``0``), a dropout rate in ``[0, 1)`` and real
+    floating dtypes."""
+    check_size(where, "in_features", in_features)
+    for name, value in (("qkv_features", qkv_features), ("out_features", out_features)):
+        if value is not None:
+            check_size(where, name, value)
+    check_rate(where, "dropout_rate", dropout_rate)
+    check_dtypes(where, dtype, param_dtype)
 
 
 def check_self_mixing(where: str, inputs_q, inputs_k=None, inputs_v=None, inputs_kv=None):

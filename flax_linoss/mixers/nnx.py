@@ -209,6 +209,9 @@ class LinOSSMixer(nnx.Module):
         if in_features is None:
             raise TypeError(f"{where} needs `in_features` (the input width).")
         base.check_options(where, discretization, scan, state_size)
+        base.check_mixer_arguments(
+            where, in_features, qkv_features, out_features, dropout_rate, dtype, param_dtype
+        )
         self.num_heads = num_heads
         self.in_features = in_features
         self.qkv_features = qkv_features or in_features

@@ -24,8 +24,10 @@ from flax_linoss.common import (
     BN_EPSILON,
     BN_MOMENTUM,
     CLASSIFICATION,
+    check_dtypes,
     check_model_options,
     check_norm,
+    check_rate,
     check_sequence_input,
     check_size,
     feature_mask,
@@ -64,8 +66,9 @@ class LinOSSLayer(nnx.Module):
         papers' (uniform for LinOSS, ring for D-LinOSS).
       constraint: ``"stable"`` (default: LinOSS-IMEX's ``a`` is kept below ``4 / dt^2``,
         where its oscillators would grow without bound) or ``"paper"`` (the papers' exact
-        ``relu``/``sigmoid``; the paper configs use it). LinOSS-IM and D-LinOSS are stable
-        either way. See :func:`flax_linoss.ops.constrain`.
+        ``relu``/``sigmoid``; the paper configs use it). LinOSS-IM is stable either way;
+        D-LinOSS is kept strictly stable under both (float32 margins, see
+        :mod:`flax_linoss.ops.params`). See :func:`flax_linoss.ops.constrain`.
       b_init, c_init, d_init: initialisers of ``b``, ``c``, ``d``.
       dtype: computation dtype of the projections (default: inferred from the input). The
         recurrence always runs in float32 or wider.
@@ -98,6 +101,7 @@ class LinOSSLayer(nnx.Module):
         self.discretization = ops.schemes.check_discretization(discretization)
         self.scan = ops.table.check_scan(scan)
         self.constraint = check_constraint(constraint)
+        check_dtypes("LinOSSLayer", dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
         raw = ops.init_oscillators(
@@ -292,7 +296,8 @@ class LinOSSBlock(nnx.Module):
     ):
         self.in_features = check_size("LinOSSBlock", "in_features", in_features)
         self.norm_kind = check_norm(norm)
-        self.dropout_rate = dropout_rate
+        self.dropout_rate = check_rate("LinOSSBlock", "dropout_rate", dropout_rate)
+        check_dtypes("LinOSSBlock", dtype, param_dtype)
         self.deterministic = deterministic
         self.norm = _norm(norm, in_features, norm_axis_name, dtype, param_dtype, rngs)
         self.ssm = LinOSSLayer(
@@ -386,6 +391,8 @@ class LinOSSModel(nnx.Module):
         for name, value in (("hidden_size", hidden_size), ("state_size", state_size)):
             check_size("LinOSSModel", name, value)
         check_size("LinOSSModel", "output_size", output_size)
+        check_rate("LinOSSModel", "dropout_rate", dropout_rate)
+        check_dtypes("LinOSSModel", dtype, param_dtype)
         self.task = task
         self.output_step = output_step
         self.deterministic = deterministic

@@ -73,8 +73,9 @@ def linoss_apply(
       return_state: also return the state after the last processed step.
       reverse: process the sequence from its last step to its first (for bidirectional
         models); outputs stay in the original order.
-      mask: ``[..., L]`` bool, ``True`` = valid. A masked step leaves the state unchanged
-        (as if it were absent); its output is computed from the held state.
+      mask: ``[..., L]`` bool, ``True`` = valid (a float or int mask counts non-zero as
+        valid; a concrete float mask with NaN is refused). A masked step leaves the state
+        unchanged (as if it were absent); its output is computed from the held state.
       segment_ids: ``[..., L]`` int; the state restarts from zero wherever the id changes
         between consecutive processed steps (packed sequences).
       sequence_axis: inside ``shard_map``, the mesh axis over which ``L`` is split: each
@@ -93,6 +94,10 @@ def linoss_apply(
     shapes, values = _checks.check_levels(check)
     if shapes:
         _checks.check_inputs(u, a, dt, b, c, d, g, discretization, values=values)
+        if initial_state is not None:
+            lead = tuple(np.shape(u)[:-2])
+            _checks.check_state(initial_state, np.shape(a)[0], lead, name="initial_state")
+        _checks.check_mask_values(mask)
     flagged = mask is not None or segment_ids is not None
     if sequence_axis is not None and flagged:
         raise ValueError(
@@ -227,10 +232,10 @@ def _apply(
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
     else:
-        # A zero start is the same on every device; inside shard_map the loop's carry must
-        # have the type of the state after a step (varying where the forcing varies).
-        axes = varying_axes(v)
-        ys, z_l, y_l = entry.run(tr, v, vary(z0, axes), vary(y0, axes), flags)
+        # Inside shard_map a replicated initial state starts loops whose carries vary with
+        # the input: type it like the input (an exact no-op) so the loop types match.
+        z0, y0 = (vary(x, varying_axes(v)) for x in (z0, y0))
+        ys, z_l, y_l = entry.run(tr, v, z0, y0, flags)
     time_axis = 0 if entry.layout == LNQ else 1
     if reverse:
         ys = jnp.flip(ys, time_axis)
@@ -272,6 +277,7 @@ def linoss_step(
     u_t = jnp.asarray(u_t)
     shapes, values = _checks.check_levels(check)
     if shapes:
+        _checks.check_step_input(u_t)
         _checks.check_inputs(u_t[..., None, :], a, dt, b, c, d, g, discretization, values=values)
         _checks.check_state(state, np.shape(a)[0], tuple(u_t.shape[:-1]))
     return _step(state, u_t, a, dt, b, c, d, g, discretization=discretization)

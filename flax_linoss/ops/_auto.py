@@ -19,6 +19,11 @@ cannot split a custom call (it would gather the inputs onto every device).
 ``FLAX_LINOSS_KERNELS=0`` turns both kernels (``native``, ``pallas``) off: ``auto`` then
 takes the pure-JAX path of the platform, and asking for a kernel explicitly is an error.
 ``FLAX_LINOSS_NATIVE=0`` turns off the CPU kernel alone.
+
+Before ``auto`` first picks ``pallas`` on a device kind, the kernels pass a one-time
+self-check there (:mod:`flax_linoss.ops._selfcheck`); if they fail it, ``auto`` takes the
+pure-JAX path instead and says so once. :func:`explain` lists the choices and their reasons
+(``flax-linoss doctor`` prints them).
 """
 
 from __future__ import annotations
@@ -95,10 +100,47 @@ def _usable(scan: Scan, platform: str, dtype) -> bool:
 
 
 def _auto(platform: str, flags: bool, dtype) -> Scan:
-    device_local = per_device()
+    return _choose(platform, flags, dtype, per_device())[0]
+
+
+def _choose(platform: str, flags: bool, dtype, device_local: bool) -> tuple[Scan, str]:
+    """``auto``'s path and why, for a platform, flags, dtype and device context."""
     if platform == "cpu":
-        native = device_local and _usable(Scan.NATIVE, platform, dtype)
-        return Scan.NATIVE if native else Scan.ADJOINT
-    if platform in ("tpu", "gpu") and device_local and _usable(Scan.PALLAS, platform, dtype):
-        return Scan.PALLAS
-    return Scan.ASSOCIATIVE if flags else Scan.CHUNKED
+        if not device_local:
+            return Scan.ADJOINT, (
+                "fastest pure-JAX path on CPU; the native kernel is a custom call, which XLA "
+                "cannot split over devices"
+            )
+        reason = SCAN_TABLE[Scan.NATIVE].unavailable_reason(platform, dtype)
+        if reason is None:
+            return Scan.NATIVE, "the fused C++ kernel, measured fastest on CPU"
+        return Scan.ADJOINT, f"native unavailable: {reason}"
+    fallback = Scan.ASSOCIATIVE if flags else Scan.CHUNKED
+    if platform not in ("tpu", "gpu"):
+        return fallback, f"no fused kernel for {platform!r}"
+    if not device_local:
+        return fallback, "partitions under a multi-device jit (a custom call cannot be split)"
+    reason = SCAN_TABLE[Scan.PALLAS].unavailable_reason(platform, dtype)
+    if reason is not None:
+        return fallback, f"pallas unavailable: {reason}"
+    from flax_linoss.ops import _selfcheck
+
+    if not _selfcheck.pallas_ok(platform):
+        return fallback, f"pallas failed its self-check: {_selfcheck.status(platform)}"
+    return Scan.PALLAS, (
+        f"the fused Pallas kernels (by the memory-traffic model); {_selfcheck.status(platform)}"
+    )
+
+
+def explain(platform: str | None = None, dtype=jnp.float32) -> list[tuple[str, bool, Scan, str]]:
+    """``auto``'s choices on ``platform``: ``(context, flags, path, reason)`` for code per
+    device and under a multi-device ``jit``, without and with ``mask``/``segment_ids``.
+
+    On TPU/GPU this runs the kernels' self-check if it has not run yet.
+    """
+    platform = platform_name(platform)
+    rows = []
+    for context, local in (("per device", True), ("multi-device jit", False)):
+        for flags in (False, True):
+            rows.append((context, flags, *_choose(platform, flags, dtype, local)))
+    return rows

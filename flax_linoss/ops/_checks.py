@@ -7,6 +7,11 @@
 * ``"shapes"``: shapes and dtypes only (no host copy; what layers that validated their
   options at construction pass on every call);
 * ``False``: nothing.
+
+A float ``mask`` is read as ``mask != 0`` (valid where non-zero). Where it is concrete (not
+traced), at either level, it is also read once on the host and a NaN in it is refused (it
+would count as valid); traced (under ``jit``), a NaN counts as valid, like any non-zero.
+Boolean and integer masks are never read.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ def _concrete(x) -> np.ndarray | None:
     if x is None or isinstance(x, jax.core.Tracer):
         return None
     return np.asarray(x)
+
+
+def _real_floating(x, name: str, what: str) -> None:
+    """Raises ``TypeError`` unless ``x`` is a real floating array."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a real floating array ({what}), got dtype {dtype}.")
 
 
 def _complex_shape(x, name: str, shape: tuple[int, ...], origin: str) -> None:
@@ -80,6 +92,9 @@ def check_inputs(u, a, dt, b, c, d, g, discretization: str, *, values: bool = Tr
         raise TypeError(f"`u` must be a real floating array, got dtype {jnp.result_type(u)}.")
     if np.ndim(a) != 1:
         raise ValueError(f"`a` must have shape [P], got {np.shape(a)}.")
+    for name, x in (("a", a), ("dt", dt), ("g", g)):
+        if x is not None:
+            _real_floating(x, name, "an oscillator parameter")
     num_osc = np.shape(a)[0]
     if num_osc == 0:
         raise ValueError("`a` has shape (0,): the layer has no oscillators (P = 0); use P >= 1.")
@@ -98,6 +113,7 @@ def check_inputs(u, a, dt, b, c, d, g, discretization: str, *, values: bool = Tr
             f"`b` has shape {np.shape(b)}: the layer has no features (H = 0); use H >= 1."
         )
     _complex_shape(c, "c", (feats, num_osc), f"H = {feats} from `b`, P = {num_osc} from `a`")
+    _real_floating(d, "d", "the real feed-through; a complex `d` would lose its imaginary part")
     if tuple(np.shape(d)) != (feats,):
         raise ValueError(
             f"`d` must have shape [H] = [{feats}] (H from `b` and `c`), got {np.shape(d)}."
@@ -135,10 +151,23 @@ def _check_values(a, dt, g) -> None:
 
 
 def check_state(state, num_osc: int, lead: tuple[int, ...], name: str = "state") -> None:
-    """A :class:`LinOSSState` whose ``[..., 2, P]`` leaves broadcast to the batch ``lead``."""
+    """A :class:`LinOSSState` whose real ``[..., 2, P]`` leaves broadcast to the batch ``lead``."""
     if not isinstance(state, tuple) or len(state) != 2:
-        raise TypeError(f"`{name}` must be a LinOSSState(z, y), got {type(state).__name__}.")
+        got = type(state).__name__
+        if hasattr(state, "shape"):
+            got += f" of shape {tuple(np.shape(state))}"
+        raise TypeError(
+            f"`{name}` must be a LinOSSState(z, y) (two [..., 2, P] arrays), got {got}; "
+            "build one with LinOSSState(z, y), LinOSSState.zeros or LinOSSState.from_complex."
+        )
     for part, x in zip(("z", "y"), state):
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}.{part}` has dtype {dtype}: a LinOSSState holds real arrays, the real "
+                "and imaginary parts stacked on axis -2; use LinOSSState.from_complex(z, y) "
+                "for complex states."
+            )
         shape = tuple(np.shape(x))
         if shape[-2:] != (2, num_osc):
             raise ValueError(
@@ -165,3 +194,27 @@ def check_mesh_axis(name: str, axis) -> int:
             f"{name}={axis!r} is not a mesh axis here: call linoss_apply inside jax.shard_map "
             "over a mesh with that axis."
         ) from e
+
+
+def check_step_input(u_t) -> None:
+    """``u_t`` of :func:`~flax_linoss.ops.linoss_step`: a real floating ``[..., H]``."""
+    if np.ndim(u_t) < 1:
+        raise ValueError(
+            f"`u_t` must have shape [..., H] (one step of features), got a scalar of shape "
+            f"{np.shape(u_t)}."
+        )
+
+
+def check_mask_values(mask) -> None:
+    """Refuses a concrete float ``mask`` holding NaN (see the module docstring)."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    if not jnp.issubdtype(jnp.result_type(mask), jnp.floating):
+        return
+    bad = np.isnan(np.asarray(mask))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"`mask` has {int(bad.sum())} NaN value(s) (the first at index {where}); a NaN "
+            "would count as a valid step. Use a boolean mask (True = valid) or 0/1 floats."
+        )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from flax_linoss.ops._project import LNQ
 from flax_linoss.ops._scans import chunked
-from flax_linoss.ops._scans._common import power, prefix_scan
+from flax_linoss.ops._scans._common import power, prefix_scan, vary, varying_axes
 
 
 def _axis_size(axis) -> int:
@@ -50,7 +50,9 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
         position = shards - 1 - position
     time_major = entry.layout == LNQ
     length = v.shape[0 if time_major else 1]
-    zero = jnp.zeros_like(z0)
+    # The local scan starts from zero typed like this shard's input (varying over the axis):
+    # the loop paths' carries must keep one type.
+    zero = vary(jnp.zeros_like(z0), varying_axes(v))
     ys, z_end, y_end = entry.run(tr, v, zero, zero, None)
     # Every shard's end state, on every shard: a psum of one-hot slots (not all_gather), so
     # that what follows is replicated over the axis (the final state can leave shard_map

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_linoss.ops import schemes
+from flax_linoss.ops._scans import _compensated as _cp
 
 
 class Flags(NamedTuple):
@@ -251,31 +252,16 @@ def matmul2(a, b):
 def powers(m, n: int):
     """``m^j`` for ``j = 0 .. n-1``: a tuple of four ``[n, Q]`` arrays (11, 12, 21, 22).
 
-    Log-doubling: with ``m^0 .. m^(k-1)`` known, ``m^k m^j`` gives the next ``k``; so
-    ``ceil(log2 n)`` batched 2x2 products, a small program whatever ``n``.
+    Log-doubling (``ceil(log2 n)`` batched 2x2 products in one loop, a small program
+    whatever ``n``), in double-word arithmetic rounded once (see :mod:`._compensated`).
     """
-    one, zero = jnp.ones_like(m[0]), jnp.zeros_like(m[0])
-    table = tuple(x[None] for x in (one, zero, zero, one))
-    cur = m  # m^k, with k = number of rows in the table
-    while table[0].shape[0] < n:
-        nxt = matmul2(tuple(x[None] for x in cur), table)
-        table = tuple(jnp.concatenate([a, b]) for a, b in zip(table, nxt))
-        if table[0].shape[0] < n:
-            cur = matmul2(cur, cur)
-    return tuple(x[:n] for x in table)
+    return _cp.powers(m, n)
 
 
 def power(m, n: int):
-    """``m^n`` (a tuple of four ``[Q]`` arrays) by binary exponentiation."""
-    result = (jnp.ones_like(m[0]), jnp.zeros_like(m[0]), jnp.zeros_like(m[0]), jnp.ones_like(m[0]))
-    base = m
-    while n > 0:
-        if n & 1:
-            result = matmul2(base, result)
-        n >>= 1
-        if n:
-            base = matmul2(base, base)
-    return result
+    """``m^n`` (a tuple of four ``[Q]`` arrays) by binary exponentiation, in double-word
+    arithmetic rounded once (see :mod:`._compensated`)."""
+    return _cp.power(m, n)
 
 
 def transpose2(m):
@@ -289,7 +275,9 @@ def prefix_scan(m, b1, b2):
     After level ``i`` every ``x_k`` holds ``sum_{j < 2^(i+1)} M^j b_{k-j}``; the combine is
     the associative ``(M, b)`` product with ``M`` time-invariant, so each level needs only
     ``M^(2^i)`` (``[Q]`` coefficients) and one shift of the sequence. ``ceil(log2 L)``
-    levels run in a ``fori_loop``, so the program is small whatever ``L``.
+    levels run in a ``fori_loop``, so the program is small whatever ``L``. The squarings
+    run in double-word arithmetic (see :mod:`._compensated`): each level applies
+    ``M^(2^i)`` to within one rounding.
 
     Args:
       m: ``(m11, m12, m21, m22)``, each ``[Q]``.
@@ -302,7 +290,9 @@ def prefix_scan(m, b1, b2):
     position = jnp.arange(length)[None, :, None]
 
     def level(i, carry):
-        x1, x2, p11, p12, p21, p22 = carry
+        x1, x2, *parts = carry
+        p = _cp.unflatten(parts)
+        p11, p12, p21, p22 = _cp.rounded(p)
         shift = jnp.left_shift(1, i)
 
         def shifted(x):
@@ -310,8 +300,8 @@ def prefix_scan(m, b1, b2):
 
         s1, s2 = shifted(x1), shifted(x2)
         x1, x2 = x1 + p11 * s1 + p12 * s2, x2 + p21 * s1 + p22 * s2
-        return (x1, x2, *matmul2((p11, p12, p21, p22), (p11, p12, p21, p22)))
+        return (x1, x2, *_cp.flatten(_cp.matmul2(p, p)))
 
     levels = max(0, (length - 1).bit_length())
-    x1, x2, *_ = jax.lax.fori_loop(0, levels, level, (b1, b2, *m))
+    x1, x2, *_ = jax.lax.fori_loop(0, levels, level, (b1, b2, *_cp.flatten(_cp.exact(m))))
     return x1, x2

@@ -131,10 +131,15 @@ def _switched_off(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _load() -> None:
+def _switch_reason() -> str | None:
+    """Why the environment turns the kernel off now, or ``None`` (read on every call)."""
     for name in ("FLAX_LINOSS_NATIVE", "FLAX_LINOSS_KERNELS"):
         if _switched_off(name):
-            raise RuntimeError(f"disabled by {name}=0")
+            return f"disabled by {name}=0"
+    return None
+
+
+def _load() -> None:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
@@ -148,9 +153,25 @@ def _load() -> None:
     _state["lib"] = lib
 
 
+def _warn_unavailable(reason: str) -> None:
+    logger.warning(
+        "flax_linoss: the native CPU recurrence kernel is unavailable (%s); "
+        "scan='auto' uses the pure-JAX 'adjoint' path instead.",
+        reason,
+    )
+
+
 def available() -> bool:
-    """Whether the kernel is compiled and registered (building it on the first call)."""
+    """Whether the kernel is compiled and registered (building it on the first call), and
+    not switched off by the environment (read on every call, so a test or a session can
+    turn it off after it was built)."""
+    off = _switch_reason()
     with _lock:
+        if off is not None:
+            if _state.get("off") != off:  # logged once per reason
+                _state["off"] = off
+                _warn_unavailable(off)
+            return False
         if "ok" not in _state:
             try:
                 _load()
@@ -158,17 +179,13 @@ def available() -> bool:
             except Exception as e:  # any failure means: use the pure-JAX path
                 _state["ok"] = False
                 _state["reason"] = f"{type(e).__name__}: {e}"
-                logger.warning(
-                    "flax_linoss: the native CPU recurrence kernel is unavailable (%s); "
-                    "scan='auto' uses the pure-JAX 'adjoint' path instead.",
-                    _state["reason"],
-                )
+                _warn_unavailable(_state["reason"])
         return bool(_state["ok"])
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is ``False`` (``None`` if it is available or not yet tried)."""
-    return _state.get("reason")  # type: ignore[return-value]
+    return _switch_reason() or _state.get("reason")  # type: ignore[return-value]
 
 
 def _shape(shape, dtype):

@@ -197,9 +197,10 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                 0, n, recompute, (ck_ref[0, 0], ck_ref[0, 1]), unroll=_unroll(n, interpret)
             )
 
-            def adjoint(i, carry):
-                s = n - 1 - i
-                rz, ry, *acc = carry
+            # The step counts down in the carry (int32): under jax_enable_x64 the loop index
+            # is int64 in the jaxpr but i32 in Mosaic, and `n - 1 - i` failed verification.
+            def adjoint(_, carry):
+                s, rz, ry, *acc = carry
                 zp, yp = zbuf[s], ybuf[s]
                 lz = rz
                 ly = ry + g_ref[s]
@@ -218,12 +219,11 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                     rz, ry = jnp.where(hold, lz, rz), jnp.where(hold, ly, ry)
                     rz, ry = jnp.where(keep, rz, 0.0), jnp.where(keep, ry, 0.0)
                 gv_ref[s] = gv
-                return (rz, ry, *(a + x for a, x in zip(acc, terms)))
+                return (s - 1, rz, ry, *(a + x for a, x in zip(acc, terms)))
 
             zero = jnp.zeros_like(rho[0])
-            rz, ry, *acc = jax.lax.fori_loop(
-                0, n, adjoint, (rho[0], rho[1], *(zero,) * 6), unroll=_unroll(n, interpret)
-            )
+            init = (jnp.int32(n - 1), rho[0], rho[1], *(zero,) * 6)
+            _, rz, ry, *acc = jax.lax.fori_loop(0, n, adjoint, init, unroll=_unroll(n, interpret))
             rho[0] = rz
             rho[1] = ry
             for i in range(6):
