@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from oscillator_reference import random_problem, reference_apply
+from oscillator_reference import random_problem, random_steps, reference_apply
 
 from flax_linoss import ops
 
@@ -20,19 +20,24 @@ def _mesh():
     return jax.make_mesh((8,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-# Shards of 13 steps (under every chunk and block) and of 50; every kind of local path: auto
-# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter.
+# Shards of 7 and 13 steps (under every chunk and block) and of 50; every kind of local path:
+# auto (the native kernel per device), the chunked matmuls, a Pallas kernel in the
+# interpreter; and a dt per step (sharded like the input: the carry across a shard is the
+# product of its transitions).
 @pytest.mark.parametrize(
-    ("scan", "disc", "shard", "reverse"),
+    ("scan", "disc", "shard", "reverse", "varying"),
     [
-        ("auto", "damped", 13, False),
-        ("chunked", "imex", 50, True),
-        ("pallas", "im", 13, True),
+        ("auto", "damped", 13, False, False),
+        ("chunked", "imex", 50, True, False),
+        ("pallas", "im", 13, True, False),
+        ("auto", "imex", 7, True, True),
     ],
 )
-def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
+def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse, varying):
     length = 8 * shard
     u, a, dt, b, c, d, g = random_problem(shard, 2, length, 3, 4, disc)
+    if varying:
+        dt = random_steps(shard, (2, length, 4), disc, a, g)
     rng = np.random.default_rng(shard)
     ct = rng.normal(size=u.shape).astype(np.float32)
     ct_z = rng.normal(size=(2, 2, 4)).astype(np.float32)
@@ -43,11 +48,13 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
     flip = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)
 
     def sharded(*p):
-        def local(u, state, *params):
+        def local(u, dt, state, *params):
             return ops.linoss_apply(
                 u,
-                *params[:5],
-                g=params[5] if disc == "damped" else None,
+                params[0],
+                dt,
+                *params[1:4],
+                g=params[4] if disc == "damped" else None,
                 discretization=disc,
                 scan=scan,
                 initial_state=state,
@@ -56,9 +63,10 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
                 sequence_axis="seq",
             )
 
-        specs = (P(None, "seq"), P()) + (P(),) * (len(p) - 1)
+        dt_spec = P(None, "seq") if varying else P()
+        specs = (P(None, "seq"), dt_spec, P()) + (P(),) * (len(p) - 2)
         return jax.shard_map(local, mesh=_mesh(), in_specs=specs, out_specs=(P(None, "seq"), P()))(
-            p[0], state0, *p[1:]
+            p[0], p[2], state0, p[1], *p[3:]
         )
 
     def loss(*p):
@@ -72,7 +80,9 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
         def ref_loss(*p):
             out, z_l, _ = reference_apply(
                 flip(p[0]),
-                *p[1:6],
+                p[1],
+                flip(p[2]) if varying else p[2],
+                *p[3:6],
                 p[6] if disc == "damped" else None,
                 discretization=disc,
                 z0=z0,

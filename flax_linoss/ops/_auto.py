@@ -8,9 +8,9 @@ traffic model there until ``benchmarks/bench_device.py`` has run on a device):
 * TPU, and GPU with compute capability >= 8.0: ``pallas`` (the fused kernels: about 2S
   bytes forward and 5S forward+backward for an ``[N, L, Q]`` array of S bytes, the floor)
   where code runs per device and the recurrence is float32; else ``chunked`` (partitions
-  under a multi-device ``jit``; about 8S / 23S), or ``associative`` for flagged inputs
-  there (``chunked`` takes no flags).
-* Other platforms: ``chunked`` (``associative`` with flags).
+  under a multi-device ``jit``; about 8S / 23S), or ``associative`` for flagged or
+  time-varying inputs there (``chunked`` takes neither).
+* Other platforms: ``chunked`` (``associative`` with flags or a time-varying ``dt``).
 
 "Per device" means a single-device process, or inside ``shard_map``/``pmap`` (every mesh
 axis manual): elsewhere XLA's SPMD partitioner may split the batch over devices, and it
@@ -50,20 +50,27 @@ def per_device() -> bool:
 
 
 def resolve_scan(
-    scan: str, *, flags: bool = False, platform: str | None = None, dtype=jnp.float32
+    scan: str,
+    *,
+    flags: bool = False,
+    time_varying: bool = False,
+    platform: str | None = None,
+    dtype=jnp.float32,
 ) -> Scan:
     """The path to run for ``scan`` (``"auto"`` resolved by the rule in this module's doc).
 
     Args:
       scan: a name in :data:`flax_linoss.ops.SCANS`.
       flags: whether the input has a ``mask`` or ``segment_ids``.
+      time_varying: whether ``dt`` has a time axis (a transition per step).
       platform: ``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"`` or ``"tpu"`` (default: JAX's
         default backend).
       dtype: the recurrence dtype (float32, or float64 with float64 parameters).
 
     Raises:
-      ValueError: an unknown or removed name, flags on a path without them, a path that
-        does not run on ``platform`` (e.g. ``"native"`` off the CPU).
+      ValueError: an unknown or removed name, flags or a time-varying ``dt`` on a path
+        without them, a path that does not run on ``platform`` (e.g. ``"native"`` off the
+        CPU).
       RuntimeError: a kernel asked for where it cannot run (the message says why).
     """
     scan = Scan(table.check_scan(scan))
@@ -74,6 +81,12 @@ def resolve_scan(
         raise ValueError(
             f"scan={scan.value!r} needs a time-invariant transition and cannot apply `mask` or "
             f"`segment_ids`; use one of {takes} or 'auto'."
+        )
+    if time_varying and not entry.time_varying:
+        takes = [s.value for s, p in SCAN_TABLE.items() if p.time_varying and s != Scan.AUTO]
+        raise ValueError(
+            f"scan={scan.value!r} is time-invariant by construction and cannot take a `dt` "
+            f"with a time axis (a transition per step); use one of {takes} or 'auto'."
         )
     if scan == Scan.NATIVE and platform != "cpu":
         raise ValueError(
@@ -87,18 +100,19 @@ def resolve_scan(
                 f"scan={scan.value!r} is unavailable: {reason}. Use 'auto' (it falls back)."
             )
         return scan
-    return _auto(platform, flags, dtype)
+    return _auto(platform, flags or time_varying, dtype)
 
 
 def _usable(scan: Scan, platform: str, dtype) -> bool:
     return SCAN_TABLE[scan].unavailable_reason(platform, dtype) is None
 
 
-def _auto(platform: str, flags: bool, dtype) -> Scan:
+def _auto(platform: str, per_step: bool, dtype) -> Scan:
+    """``per_step``: flags or a time-varying ``dt`` (which ``chunked`` cannot take)."""
     device_local = per_device()
     if platform == "cpu":
         native = device_local and _usable(Scan.NATIVE, platform, dtype)
         return Scan.NATIVE if native else Scan.ADJOINT
     if platform in ("tpu", "gpu") and device_local and _usable(Scan.PALLAS, platform, dtype):
         return Scan.PALLAS
-    return Scan.ASSOCIATIVE if flags else Scan.CHUNKED
+    return Scan.ASSOCIATIVE if per_step else Scan.CHUNKED

@@ -3,10 +3,10 @@
 Without flags, ``M`` is time-invariant and the scan is Hillis-Steele needing only
 ``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code), in a
 ``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the same
-way for the backward pass. With flags (time-varying transitions) it is
+way for the backward pass. With flags or per-step coefficients (a transition per step) it is
 ``lax.associative_scan`` over per-step ``(A_t, b_t)`` pairs, differentiated by autodiff.
-It partitions under a multi-device ``jit``; ``auto`` uses it for flagged inputs there on
-accelerators, where ``chunked`` cannot take flags.
+It partitions under a multi-device ``jit``; ``auto`` uses it for flagged and time-varying
+inputs there on accelerators, where ``chunked`` cannot take them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax_linoss.ops._scans._common import (
     Flags,
     coefficient_grads,
+    is_time_varying,
     prefix_scan,
     run_custom,
     transpose2,
@@ -53,13 +54,18 @@ def _backward(res, cts):
 _parallel = with_adjoint(_forward, _backward)
 
 
-def _per_step(tr, v, z0, y0, flags: Flags):
+def _per_step(tr, v, z0, y0, flags: Flags | None):
     length, q = v.shape[1:]
     # Elements (A [., L, 2, 2, Q], b [N, L, 2, Q]): two stacked leaves keep the scan's graph
-    # (and its compile time) small. A is shared across the batch until a flag makes it vary.
-    m = jnp.stack([jnp.stack([tr.m11, tr.m12]), jnp.stack([tr.m21, tr.m22])])  # [2, 2, Q]
-    a = jnp.broadcast_to(m, (1, length, 2, 2, q))
+    # (and its compile time) small. A is shared across the batch until a flag or per-step
+    # coefficients make it vary.
+    m = jnp.stack([jnp.stack([tr.m11, tr.m12], -2), jnp.stack([tr.m21, tr.m22], -2)], -3)
+    if is_time_varying(tr):
+        a = m  # [N, L, 2, 2, Q]
+    else:
+        a = jnp.broadcast_to(m, (1, length, 2, 2, q))
     b = jnp.stack([tr.f1 * v, tr.f2 * v], axis=2)  # [N, L, 2, Q]
+    flags = flags or Flags(None, None)
     if flags.hold is not None:
         # A held step: identity transition, no forcing.
         hold = flags.hold[:, :, None, None, None]
@@ -84,7 +90,8 @@ def _per_step(tr, v, z0, y0, flags: Flags):
 
 
 def run(tr, v, z0, y0, flags: Flags | None):
-    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
-    if flags is None:
+    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``;
+    ``tr``'s fields ``[Q]`` or per step ``[N, L, Q]``."""
+    if flags is None and not is_time_varying(tr):
         return run_custom(_parallel, tr, v, z0, y0, None)
     return _per_step(tr, v, z0, y0, flags)
