@@ -100,7 +100,6 @@ def test_per_step_dt_matches_float64_reference_values_and_gradients(disc, flagge
         flags["mask"], flags["segment_ids"] = _flags(rng, batch, length)
     args = (u, a, dt, b, c, d, g)[: 7 if disc == "damped" else 6]
     ref_grads, ref_out = _reference_grads(disc, args, ct, ct_z, st0, reverse, **flags)
-    assert np.abs(ref_grads[2]).min(axis=(0, 2)).max() > 0  # a gradient for every step
     for scan in SCANS:
         grads, out = _grads(scan, disc, args, ct, ct_z, st0, reverse, **flags)
         assert grads[2].shape == dt.shape  # d/d dt[t] for every step
