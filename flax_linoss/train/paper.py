@@ -58,8 +58,18 @@ def paper_config(
         # root: folder of the raw files ("": <data dir>/downloads/manual); data_dir: where
         # prepared datasets live ("": $FLAX_LINOSS_DATA_DIR or ~/tensorflow_datasets);
         # download: fetch missing raw files; normalise: standardise channels with the train
-        # split's statistics (off, as the papers feed the raw UEA series).
-        options = {"root": "", "data_dir": "", "download": True, "normalise": False}
+        # split's statistics (off, as the papers feed the raw UEA series); drop_fraction:
+        # irregular sampling, remove this share of every series' steps at random (the
+        # Neural-CDE protocol: 0.3, 0.5, 0.7) and pass the kept steps' timestamps to the
+        # model; drop_seed: which steps.
+        options = {
+            "root": "",
+            "data_dir": "",
+            "download": True,
+            "normalise": False,
+            "drop_fraction": 0.0,
+            "drop_seed": 0,
+        }
     config.data.options = ml_collections.ConfigDict(options)  # get_dataset options
     config.data.time_channel = time_channel  # prepend t_k = k / L (tuned per experiment)
     config.data.batch_size = batch_size  # the papers' batch
