@@ -23,7 +23,7 @@ adjoint backward pass), organised for the memory system:
 * work is split over (batch row, channel block) items on XLA's intra-op thread pool;
 * the per-step flags (hold, reset; see :mod:`._common`) arrive as one int8 per batch row
   and step; the kernels are compiled with and without them;
-* per-step coefficients (a time-varying ``dt``) arrive as a ``[6, N * L, Q]`` stream read
+* per-step coefficients (a time-varying ``dt``) arrive as six ``[N * L, Q]`` streams read
   with ``v``; the backward pass then writes each step's six coefficient gradients
   (``[6, N * L, Q]``) instead of summing them. The kernels are compiled for both kinds.
 
@@ -183,11 +183,12 @@ def _sizes(v):
     return n, length, q, dict(length=np.int64(length), chunk=np.int64(CHUNK))
 
 
-def _stacked(coeffs, n, length, q):
-    """``[6, Q]``, or per step ``[6, N * L, Q]``: the coefficient buffer the kernels read."""
+def _coefficient_rows(coeffs, n, length, q):
+    """The six coefficient buffers the kernels read: ``[Q]``, or per step ``[N * L, Q]``
+    (six arguments, not one stacked array: stacking would copy six ``[N, L, Q]`` arrays)."""
     if is_time_varying(coeffs):
-        return jnp.stack([c.reshape(n * length, q) for c in coeffs])
-    return jnp.stack(coeffs)
+        return tuple(c.reshape(n * length, q) for c in coeffs)
+    return tuple(coeffs)
 
 
 def _flag_codes(flags, n, length):
@@ -225,7 +226,7 @@ def forward(coeffs, v, z0, y0, flags):
         vmap_method="sequential",
     )
     ys, z_last, checkpoints = call(
-        _stacked(coeffs, n, length, q),
+        *_coefficient_rows(coeffs, n, length, q),
         v.reshape(n * length, q),
         _flag_codes(flags, n, length),
         z0,
@@ -258,10 +259,10 @@ def backward(res, cts):
             _shape((n, q), v.dtype),
         ),
         vmap_method="sequential",
-        input_output_aliases={7: 0},  # the input gradient overwrites g_ys
+        input_output_aliases={12: 0},  # the input gradient overwrites g_ys
     )
     g_v, g_coeffs, g_z0, g_y0 = call(
-        _stacked(coeffs, n, length, q),
+        *_coefficient_rows(coeffs, n, length, q),
         v.reshape(n * length, q),
         _flag_codes(flags, n, length),
         z0,

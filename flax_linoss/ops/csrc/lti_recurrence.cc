@@ -7,8 +7,9 @@
 //   z_t = m11 z_{t-1} + m12 y_{t-1} + f1 v_t
 //   y_t = m21 z_{t-1} + m22 y_{t-1} + f2 v_t
 //
-// The six coefficients are either time-invariant ([6, Q]) or given per step ([6, N * L, Q],
-// a transition per batch row and step: a time-varying dt); the kernels are compiled for both.
+// The six coefficients arrive as six buffers, each either time-invariant ([Q]) or given per
+// step ([N * L, Q], a transition per batch row and step: a time-varying dt); the kernels are
+// compiled for both.
 //
 // LtiForward writes every y_t (the layer's output needs them), the final z, and z at the
 // start of every chunk of `chunk` steps (a checkpoint). It never writes the [N * L, Q]
@@ -110,22 +111,21 @@ struct Coefs {
   const T* f2;
 };
 
-// One item's view: batch row n, channels [q0, q0 + w); coefficients [6, Q] or, with
-// kVarying, [6, N * L, Q] (`plane` elements apart).
+// One item's view: batch row n, channels [q0, q0 + w); the six coefficient buffers are
+// [Q] or, with kVarying, [N * L, Q].
 template <typename T, bool kVarying>
 struct Item {
-  int64_t n, q0, w, plane;
-  const T* c;
-  Item(const Sizes& s, const T* c_, int64_t i)
-      : n(i / s.blocks()), q0((i % s.blocks()) * kBlock), w(std::min(kBlock, s.q - q0)),
-        plane(kVarying ? s.n * s.l * s.q : s.q), c(c_) {}
+  int64_t n, q0, w;
+  const Coefs<T>& c;
+  Item(const Sizes& s, const Coefs<T>& c_, int64_t i)
+      : n(i / s.blocks()), q0((i % s.blocks()) * kBlock), w(std::min(kBlock, s.q - q0)), c(c_) {}
   // Offset of (n, t, q0) in an [N * L, Q] array and of (n, q0) in an [N, Q] array.
   int64_t at(const Sizes& s, int64_t t) const { return (n * s.l + t) * s.q + q0; }
   int64_t row(const Sizes& s) const { return n * s.q + q0; }
   // The coefficients of step t (any t when time-invariant).
   Coefs<T> coefs(const Sizes& s, int64_t t) const {
-    const T* b = c + (kVarying ? at(s, t) : q0);
-    return {b, b + plane, b + 2 * plane, b + 3 * plane, b + 4 * plane, b + 5 * plane};
+    const int64_t o = kVarying ? at(s, t) : q0;
+    return {c.m11 + o, c.m12 + o, c.m21 + o, c.m22 + o, c.f1 + o, c.f2 + o};
   }
 };
 
@@ -142,7 +142,7 @@ inline T NextY(const Coefs<T>& k, int64_t j, T z, T y, T v) {
 }
 
 template <typename T, bool kFlags, bool kVarying>
-void ForwardItem(const Sizes& s, const T* c, const T* v, const int8_t* fl, const T* z0,
+void ForwardItem(const Sizes& s, const Coefs<T>& c, const T* v, const int8_t* fl, const T* z0,
                  const T* y0, T* ys, T* z_last, T* z_ck, int64_t i) {
   const Item<T, kVarying> k(s, c, i);
   const Coefs<T> fixed = k.coefs(s, 0);
@@ -201,7 +201,7 @@ inline void PrefetchRows(const Sizes& s, const K& k, const T* x, int64_t t0, int
 // With kVarying, g_c is [6, N * L, Q] and receives each step's coefficient gradient;
 // otherwise [N, 6, Q], the sums over the row's steps.
 template <typename T, bool kFlags, bool kVarying>
-void BackwardItem(const Sizes& s, const T* c, const T* v, const int8_t* fl, const T* z0,
+void BackwardItem(const Sizes& s, const Coefs<T>& c, const T* v, const int8_t* fl, const T* z0,
                   const T* y0, const T* ys, const T* z_ck, const T* g_ys, const T* g_zl,
                   T* g_v, T* g_c, T* g_z0, T* g_y0, int64_t i) {
   const Item<T, kVarying> k(s, c, i);
@@ -209,7 +209,7 @@ void BackwardItem(const Sizes& s, const T* c, const T* v, const int8_t* fl, cons
   const int64_t w = k.w;
   // Where step t's six coefficient gradients go (kVarying only).
   auto grads_at = [&](int64_t t, T* out[6]) {
-    for (int a = 0; a < 6; ++a) out[a] = g_c + a * k.plane + k.at(s, t);
+    for (int a = 0; a < 6; ++a) out[a] = g_c + a * s.n * s.l * s.q + k.at(s, t);
   };
   // Row r of zbuf / ybuf holds z / y after step t0 + r - 1 of the current chunk [t0, t1); row
   // 0 is the state before the chunk (checkpoint, and y from the forward output).
@@ -368,7 +368,17 @@ ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
 
 // Reads the sizes from v ([N * L, Q] rows of Q channels, `length` rows per sequence) and
 // checks the arguments every kernel takes.
-ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
+// The six coefficient buffers, in the order (m11, m12, m21, m22, f1, f2).
+struct CoefBuffers {
+  const ffi::AnyBuffer* b[6];
+  template <typename T>
+  Coefs<T> typed() const {
+    return {b[0]->typed_data<T>(), b[1]->typed_data<T>(), b[2]->typed_data<T>(),
+            b[3]->typed_data<T>(), b[4]->typed_data<T>(), b[5]->typed_data<T>()};
+  }
+};
+
+ffi::Error CheckCommon(const CoefBuffers& c, const ffi::AnyBuffer& v,
                        const ffi::AnyBuffer& fl, const ffi::AnyBuffer& z0,
                        const ffi::AnyBuffer& y0, int64_t length, int64_t chunk, Sizes* s,
                        bool* has_flags, bool* varying) {
@@ -381,11 +391,13 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& c, const ffi::AnyBuffer& v,
   if (dt != ffi::DataType::F32 && dt != ffi::DataType::F64) {
     return Invalid("float32 or float64 only.");
   }
-  *varying = c.dimensions().size() == 3;
-  if (*varying) {
-    FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(c, "coeffs", {6, s->n * s->l, s->q}, dt));
-  } else {
-    FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(c, "coeffs", {6, s->q}, dt));
+  *varying = c.b[0]->dimensions().size() == 2;
+  for (int a = 0; a < 6; ++a) {
+    if (*varying) {
+      FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*c.b[a], "coeffs", {s->n * s->l, s->q}, dt));
+    } else {
+      FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*c.b[a], "coeffs", {s->q}, dt));
+    }
   }
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(z0, "z0", {s->n, s->q}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(y0, "y0", {s->n, s->q}, dt));
@@ -424,10 +436,13 @@ void WithElementType(ffi::DataType dt, bool has_flags, bool varying, const F& fn
   }
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer m12,
+                       ffi::AnyBuffer m21, ffi::AnyBuffer m22, ffi::AnyBuffer f1,
+                       ffi::AnyBuffer f2, ffi::AnyBuffer v,
                        ffi::AnyBuffer fl, ffi::AnyBuffer z0, ffi::AnyBuffer y0,
                        ffi::Result<ffi::AnyBuffer> ys, ffi::Result<ffi::AnyBuffer> z_last,
                        ffi::Result<ffi::AnyBuffer> z_ck, int64_t length, int64_t chunk) {
+  const CoefBuffers c{{&m11, &m12, &m21, &m22, &f1, &f2}};
   Sizes s;
   bool has_flags, varying;
   FLAX_LINOSS_RETURN_IF_ERROR(
@@ -441,7 +456,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
     using T = decltype(zero);
     ParallelFor(pool, s.items(), [&](int64_t i) {
       ForwardItem<T, decltype(with_flags)::value, decltype(per_step)::value>(
-          s, c.typed_data<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
+          s, c.typed<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
           y0.typed_data<T>(), ys->typed_data<T>(), z_last->typed_data<T>(),
           z_ck->typed_data<T>(), i);
     });
@@ -449,13 +464,16 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer m12,
+                        ffi::AnyBuffer m21, ffi::AnyBuffer m22, ffi::AnyBuffer f1,
+                        ffi::AnyBuffer f2, ffi::AnyBuffer v,
                         ffi::AnyBuffer fl, ffi::AnyBuffer z0, ffi::AnyBuffer y0,
                         ffi::AnyBuffer ys,
                         ffi::AnyBuffer z_ck, ffi::AnyBuffer g_ys, ffi::AnyBuffer g_zl,
                         ffi::Result<ffi::AnyBuffer> g_v, ffi::Result<ffi::AnyBuffer> g_c,
                         ffi::Result<ffi::AnyBuffer> g_z0, ffi::Result<ffi::AnyBuffer> g_y0,
                         int64_t length, int64_t chunk) {
+  const CoefBuffers c{{&m11, &m12, &m21, &m22, &f1, &f2}};
   Sizes s;
   bool has_flags, varying;
   FLAX_LINOSS_RETURN_IF_ERROR(
@@ -478,7 +496,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v
     using T = decltype(zero);
     ParallelFor(pool, s.items(), [&](int64_t i) {
       BackwardItem<T, decltype(with_flags)::value, decltype(per_step)::value>(
-          s, c.typed_data<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
+          s, c.typed<T>(), v.typed_data<T>(), flags, z0.typed_data<T>(),
           y0.typed_data<T>(), ys.typed_data<T>(), z_ck.typed_data<T>(), g_ys.typed_data<T>(),
           g_zl.typed_data<T>(), g_v->typed_data<T>(), g_c->typed_data<T>(),
           g_z0->typed_data<T>(), g_y0->typed_data<T>(), i);
@@ -487,11 +505,16 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer c, ffi::AnyBuffer v
   return ffi::Error::Success();
 }
 
-// The context and the five arguments both kernels take, in this order.
+// The context and the ten arguments both kernels take, in this order.
 auto BindCommon() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()   // coeffs [6, Q], or per step [6, N * L, Q]
+      .Arg<ffi::AnyBuffer>()   // m11 [Q], or per step [N * L, Q]
+      .Arg<ffi::AnyBuffer>()   // m12
+      .Arg<ffi::AnyBuffer>()   // m21
+      .Arg<ffi::AnyBuffer>()   // m22
+      .Arg<ffi::AnyBuffer>()   // f1
+      .Arg<ffi::AnyBuffer>()   // f2
       .Arg<ffi::AnyBuffer>()   // v [N * L, Q]
       .Arg<ffi::AnyBuffer>()   // flags [N * L] int8, or [0]
       .Arg<ffi::AnyBuffer>()   // z0 [N, Q]
