@@ -72,6 +72,15 @@ def _measure(fn, args, repeats: int) -> tuple[float, int]:
     return statistics.median(times), _peak_bytes(compiled)
 
 
+def _timed(apply, args, grad, grad_args, repeats: int, label: str) -> dict:
+    """Forward (``apply(*args)``) and forward+backward (``grad(*grad_args)``): median
+    seconds and the larger peak; prints a progress line."""
+    fwd_t, fwd_m = _measure(apply, args, repeats)
+    bwd_t, bwd_m = _measure(grad, grad_args, repeats)
+    print(f"  .. {label} fwd+bwd {bwd_t * 1e3:9.1f} ms", file=sys.stderr, flush=True)
+    return dict(fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m))
+
+
 def _problem(batch, length, features, num_osc, disc, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 8)
     a = jax.random.uniform(ks[0], (num_osc,))
@@ -99,17 +108,12 @@ def bench_layer(disc, length, scans, repeats, batch=16, features=128, num_osc=12
             apply = lambda u, a, dt, b, c, d, g, scan=scan: ops.linoss_apply(
                 u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, check=False
             )
-        fwd_t, fwd_m = _measure(apply, (u, a, dt, b, c, d, g), repeats)
         argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
         # The cotangent is an argument (a closure constant would be constant-folded).
         grad = jax.grad(lambda *p, apply=apply: jnp.sum(p[-1] * apply(*p[:-1])), argnums=argnums)
-        bwd_t, bwd_m = _measure(grad, (u, a, dt, b, c, d, g, ct), repeats)
-        rows.append(dict(scan=scan, fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m)))
-        print(
-            f"  .. {disc:6s} L={length:6d} {scan:11s} fwd+bwd {bwd_t * 1e3:9.1f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+        args = (u, a, dt, b, c, d, g)
+        row = _timed(apply, args, grad, (*args, ct), repeats, f"{disc:6s} L={length:6d} {scan:11s}")
+        rows.append(dict(scan=scan, **row))
     return rows
 
 
@@ -130,14 +134,10 @@ def bench_time_varying(disc, length, scans, repeats, batch=16, features=128, num
         argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
         grad = jax.grad(lambda *p, apply=apply: jnp.sum(p[-1] * apply(*p[:-1])), argnums=argnums)
         for kind, x in (("[P]", dt), ("[B, L, P]", steps)):
-            fwd_t, fwd_m = _measure(apply, (u, a, x, b, c, d, g), repeats)
-            bwd_t, bwd_m = _measure(grad, (u, a, x, b, c, d, g, ct), repeats)
-            rows.append(dict(scan=scan, dt=kind, fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m)))
-            print(
-                f"  .. {disc:6s} L={length:6d} {scan:11s} dt {kind:9s} fwd+bwd "
-                f"{bwd_t * 1e3:9.1f} ms",
-                file=sys.stderr,
-                flush=True,
+            args = (u, a, x, b, c, d, g)
+            label = f"{disc:6s} L={length:6d} {scan:11s} dt {kind:9s}"
+            rows.append(
+                dict(scan=scan, dt=kind, **_timed(apply, args, grad, (*args, ct), repeats, label))
             )
     return rows
 
@@ -167,14 +167,9 @@ def bench_layers(disc, length, repeats, batch=16, features=128, num_osc=128):
         grad = jax.grad(
             lambda p, x, t, ct, apply=apply: jnp.sum(ct * apply(p, x, t)), argnums=(0, 1)
         )
-        fwd_t, fwd_m = _measure(apply, (params, x, t), repeats)
-        bwd_t, bwd_m = _measure(grad, (params, x, t, ct), repeats)
-        rows.append(dict(layer=kind, fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m)))
-        print(
-            f"  .. {disc:6s} L={length:6d} layer {kind:18s} fwd+bwd {bwd_t * 1e3:9.1f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+        label = f"{disc:6s} L={length:6d} layer {kind:18s}"
+        row = _timed(apply, (params, x, t), grad, (params, x, t, ct), repeats, label)
+        rows.append(dict(layer=kind, **row))
     return rows
 
 

@@ -94,39 +94,27 @@ def _synthetic_oscillator(name, seed, num_train=1024, num_val=128, num_test=128,
     return DatasetSplits(out, info)
 
 
-def _synthetic_long_range(name, seed, num_train=1024, num_val=128, num_test=128, **kw):
-    from flax_linoss.data import synthetic
+def _generated(source: str, num_val: int = 128, num_test: int = 128, **more_info):
+    """A loader of the synthetic classification task whose source is ``synthetic.<source>``."""
 
-    out = {
-        split: synthetic.LongRangeSource(n, seed=(seed, _SPLIT_IDS[split]), **kw)
-        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
-    }
-    first = out["train"][0]["series"]
-    info = {
-        "task": "classification",
-        "channels": first.shape[1],
-        "length": first.shape[0],
-        "num_classes": kw.get("num_classes", 4),
-    }
-    return DatasetSplits(out, info)
+    def load(name, seed, num_train=1024, num_val=num_val, num_test=num_test, **kw):
+        from flax_linoss.data import synthetic
 
+        cls = getattr(synthetic, source)
+        out = {
+            split: cls(n, seed=(seed, _SPLIT_IDS[split]), **kw)
+            for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
+        }
+        first = out["train"][0]["series"]
+        info = {
+            "task": "classification",
+            "channels": first.shape[1],
+            "length": first.shape[0],
+            "num_classes": kw.get("num_classes", 4),
+        }
+        return DatasetSplits(out, info | more_info)
 
-def _synthetic_irregular(name, seed, num_train=1024, num_val=256, num_test=256, **kw):
-    from flax_linoss.data import synthetic
-
-    out = {
-        split: synthetic.IrregularOscillatorSource(n, seed=(seed, _SPLIT_IDS[split]), **kw)
-        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
-    }
-    first = out["train"][0]["series"]
-    info = {
-        "task": "classification",
-        "channels": first.shape[1],
-        "length": first.shape[0],
-        "num_classes": kw.get("num_classes", 4),
-        "timestamps": True,
-    }
-    return DatasetSplits(out, info)
+    return load
 
 
 def _token_task(name, seed, num_train=100_000, num_val=3_000, num_test=3_000, **options):
@@ -252,10 +240,12 @@ DATASETS: dict[str, Dataset] = {
         _synthetic_oscillator, _oscillator_options, "forecast pendulum positions (RK4)"
     ),
     "synthetic/long_range": Dataset(
-        _synthetic_long_range, _long_range_options, "a label hidden at the start of a long series"
+        _generated("LongRangeSource"),
+        _long_range_options,
+        "a label hidden at the start of a long series",
     ),
     "synthetic/irregular_oscillator": Dataset(
-        _synthetic_irregular,
+        _generated("IrregularOscillatorSource", num_val=256, num_test=256, timestamps=True),
         _irregular_options,
         "an oscillation's frequency band from irregularly timed samples (with timestamps)",
     ),

@@ -307,7 +307,27 @@ class IndexedSource:
         raise NotImplementedError
 
 
-class LongRangeSource(IndexedSource):
+class GeneratedSource(IndexedSource):
+    """Examples of a per-index generator, made on demand: ``generate(i, **kwargs)`` returns
+    ``(series, label, *more)``, named ``("series", "label", *extra_fields)``."""
+
+    extra_fields: tuple[str, ...] = ()
+
+    def __init__(self, num_examples: int, **kwargs):
+        self.num_examples = int(num_examples)
+        self.kwargs = kwargs
+        self.generate(0, **kwargs)  # validate arguments early
+
+    @staticmethod
+    def generate(index: int, **kwargs) -> tuple:
+        raise NotImplementedError
+
+    def example(self, i: int) -> dict[str, np.ndarray]:
+        x, label, *more = self.generate(i, **self.kwargs)
+        return {"series": x, "label": np.int32(label), **dict(zip(self.extra_fields, more))}
+
+
+class LongRangeSource(GeneratedSource):
     """Random-access source of :func:`long_range_classification` examples, made on demand.
 
     ``source[i] == {"series": x[i] (float32 [L, 1]), "label": y[i] (int32)}`` for
@@ -315,14 +335,7 @@ class LongRangeSource(IndexedSource):
     in memory.
     """
 
-    def __init__(self, num_examples: int, **kwargs):
-        self.num_examples = int(num_examples)
-        self.kwargs = kwargs
-        long_range_example(0, **kwargs)  # validate arguments early
-
-    def example(self, i: int) -> dict[str, np.ndarray]:
-        x, label = long_range_example(i, **self.kwargs)
-        return {"series": x, "label": np.int32(label)}
+    generate = staticmethod(long_range_example)
 
 
 # ----------------------------------------------------------------------- irregular sampling
@@ -374,17 +387,11 @@ def irregular_oscillator_example(
     return x.astype(np.float32)[:, None], label, t.astype(np.float32)
 
 
-class IrregularOscillatorSource(IndexedSource):
+class IrregularOscillatorSource(GeneratedSource):
     """Random-access source of :func:`irregular_oscillator_example` examples, made on demand.
 
     ``source[i] == {"series": float32 [L, 1], "label": int32, "timestamps": float32 [L]}``.
     """
 
-    def __init__(self, num_examples: int, **kwargs):
-        self.num_examples = int(num_examples)
-        self.kwargs = kwargs
-        irregular_oscillator_example(0, **kwargs)  # validate arguments early
-
-    def example(self, i: int) -> dict[str, np.ndarray]:
-        x, label, t = irregular_oscillator_example(i, **self.kwargs)
-        return {"series": x, "label": np.int32(label), "timestamps": t}
+    generate = staticmethod(irregular_oscillator_example)
+    extra_fields = ("timestamps",)
