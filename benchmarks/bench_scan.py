@@ -13,6 +13,13 @@ Run:  python benchmarks/bench_scan.py            (the full table: 20-30 min on 2
           path with dt [P] against dt [B, L, P], and the nnx LinOSSLayer time-invariant against
           with timestamps and selective=True)
 
+``--clock process`` times the CPU seconds the process spends (``time.process_time``) instead
+of wall time: on a shared machine it is far less disturbed by other jobs. Run it single-
+threaded so that it counts work, not threads waiting::
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        taskset -c 1 python benchmarks/bench_scan.py --clock process ...
+
 "Peak memory" is XLA's own account of the compiled program (arguments + outputs + temporaries
 - aliased), the same on every run; it is what the program needs at its high-water mark.
 """
@@ -60,15 +67,20 @@ def _peak_bytes(compiled) -> int:
     )
 
 
+# The clock of _measure: time.perf_counter (wall) or time.process_time (--clock process).
+CLOCK = {"now": time.perf_counter}
+
+
 def _measure(fn, args, repeats: int) -> tuple[float, int]:
     """Median seconds of ``repeats`` calls after one warm-up, and peak bytes."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
+    now = CLOCK["now"]
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times), _peak_bytes(compiled)
 
 
@@ -287,7 +299,15 @@ def main(argv=None):
         action="store_true",
         help="instead: the cost of a per-step dt on each path and of the time-varying layers",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or the process's CPU time (robust on a shared machine; run it "
+        "single-threaded, see the module docstring)",
+    )
     args = parser.parse_args(argv)
+    CLOCK["now"] = time.process_time if args.clock == "process" else time.perf_counter
     if args.quick:
         args.lengths, args.repeats = [256], 1
 
@@ -309,7 +329,10 @@ def main(argv=None):
         f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
         f"jax {jax.__version__}"
     )
-    print("# batch=16, H=P=128; times are medians after warm-up; memory is XLA's peak.")
+    print(
+        f"# batch=16, H=P=128; times ({args.clock} clock) are medians after warm-up; memory "
+        "is XLA's peak."
+    )
     print()
     if args.time_varying:
         args.scans = [s for s in args.scans if s not in (FLOOR, BASELINE)]

@@ -32,7 +32,8 @@ DISCRETIZATIONS = (IM, IMEX, DAMPED)
 class Transition(NamedTuple):
     """Per-oscillator coefficients of ``x_n = M x_{n-1} + f v_n`` with ``x = [z; y]``.
 
-    Every field has shape ``[P]`` (or any shape broadcasting like ``a``).
+    Every field has shape ``[P]``, or per step ``[..., L, P]`` for a time-varying ``dt``
+    (any shape ``a``, ``dt`` and ``g`` broadcast to).
     """
 
     m11: jnp.ndarray
@@ -70,12 +71,12 @@ def transition(
 
     Args:
       a: ``[P]`` stiffness (diagonal of A), ``>= 0``.
-      dt: ``[P]`` time steps in ``(0, 1]``.
+      dt: ``[P]`` time steps in ``(0, 1]``, or per step ``[..., L, P]`` (``> 0``).
       discretization: ``"im"``, ``"imex"`` or ``"damped"``.
       g: ``[P]`` damping ``>= 0``; required for (and only used by) ``"damped"``.
 
     Returns:
-      The :class:`Transition` coefficients, each ``[P]``.
+      The :class:`Transition` coefficients, each shaped like ``dt`` (broadcast with ``a``).
     """
     check_discretization(discretization)
     dt2a = dt * dt * a
