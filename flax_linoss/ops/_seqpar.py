@@ -1,11 +1,11 @@
 """Sequence parallelism: one sequence split over a ``shard_map`` mesh axis.
 
-The system is time-invariant, so by linearity a shard's true states are its states from a
-zero start plus the free response of the state it receives. Each shard therefore scans its
-part from zero with any path of the scan table (the fused kernels included), the shards'
-end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming states follow by a
-prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the initial state),
-and each shard adds the free response of ``h_k`` in closed form
+With a fixed ``dt`` the system is time-invariant, so by linearity a shard's true states are
+its states from a zero start plus the free response of the state it receives. Each shard
+therefore scans its part from zero with any path of the scan table (the fused kernels
+included), the shards' end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming
+states follow by a prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the
+initial state), and each shard adds the free response of ``h_k`` in closed form
 (:func:`~flax_linoss.ops._scans.chunked.free_response`). Gradients are autodiff of this
 combination through each path's own backward.
 

@@ -9,7 +9,8 @@ Each oscillator ``p`` has state ``(z, y)`` (velocity, position) and obeys
 
 and in all three ``y_n = y_{n-1} + dt z_n``.
 
-Solving each for the new state gives a linear time-invariant update
+Solving each for the new state gives a linear update (time-invariant for a fixed ``dt``, one
+per step for a time-varying ``dt [..., L, P]``)
 ``[z_n; y_n] = M [z_{n-1}; y_{n-1}] + [f1; f2] Bu_n`` with a real ``M`` and real ``f`` per
 oscillator. Everything downstream (scans, single steps, kernels) is written in terms of the
 six real coefficients returned by :func:`transition`.

@@ -1,12 +1,12 @@
 """``scan="associative"``: a parallel prefix scan, ``O(log L)`` depth.
 
-Without flags, ``M`` is time-invariant and the scan is Hillis-Steele needing only
-``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code), in a
-``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the same
-way for the backward pass. With flags or per-step coefficients (a transition per step) it is
-``lax.associative_scan`` over per-step ``(A_t, b_t)`` pairs, differentiated by autodiff.
-It partitions under a multi-device ``jit``; ``auto`` uses it for flagged and time-varying
-inputs there on accelerators, where ``chunked`` cannot take them.
+Without flags and with a fixed ``dt``, ``M`` is time-invariant and the scan is Hillis-Steele
+needing only ``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code),
+in a ``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the
+same way for the backward pass. With flags or per-step coefficients (a transition per step)
+it is ``lax.associative_scan`` over per-step ``(A_t, b_t)`` pairs, differentiated by
+autodiff. It partitions under a multi-device ``jit``; ``auto`` uses it for flagged and
+time-varying inputs there on accelerators, where ``chunked`` cannot take them.
 """
 
 from __future__ import annotations
