@@ -9,6 +9,16 @@ training step (Adam, batch norm, dropout) of the papers' SelfRegulationSCP1 mode
 
 Run:  python benchmarks/bench_scan.py            (the full table: 20-30 min on 2 CPU cores)
       python benchmarks/bench_scan.py --quick    (a small smoke run)
+      python benchmarks/bench_scan.py --time-varying   (the cost of a time-varying dt: each
+          path with dt [P] against dt [B, L, P], and the nnx LinOSSLayer time-invariant against
+          with timestamps and selective=True)
+
+``--clock process`` times the CPU seconds the process spends (``time.process_time``) instead
+of wall time: on a shared machine it is far less disturbed by other jobs. Run it single-
+threaded so that it counts work, not threads waiting::
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        taskset -c 1 python benchmarks/bench_scan.py --clock process ...
 
 "Peak memory" is XLA's own account of the compiled program (arguments + outputs + temporaries
 - aliased), the same on every run; it is what the program needs at its high-water mark.
@@ -57,16 +67,30 @@ def _peak_bytes(compiled) -> int:
     )
 
 
+# The clock of _measure: time.perf_counter (wall) or time.process_time (--clock process).
+CLOCK = {"now": time.perf_counter}
+
+
 def _measure(fn, args, repeats: int) -> tuple[float, int]:
     """Median seconds of ``repeats`` calls after one warm-up, and peak bytes."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
+    now = CLOCK["now"]
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times), _peak_bytes(compiled)
+
+
+def _timed(apply, args, grad, grad_args, repeats: int, label: str) -> dict:
+    """Forward (``apply(*args)``) and forward+backward (``grad(*grad_args)``): median
+    seconds and the larger peak; prints a progress line."""
+    fwd_t, fwd_m = _measure(apply, args, repeats)
+    bwd_t, bwd_m = _measure(grad, grad_args, repeats)
+    print(f"  .. {label} fwd+bwd {bwd_t * 1e3:9.1f} ms", file=sys.stderr, flush=True)
+    return dict(fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m))
 
 
 def _problem(batch, length, features, num_osc, disc, seed=0):
@@ -96,18 +120,101 @@ def bench_layer(disc, length, scans, repeats, batch=16, features=128, num_osc=12
             apply = lambda u, a, dt, b, c, d, g, scan=scan: ops.linoss_apply(
                 u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, check=False
             )
-        fwd_t, fwd_m = _measure(apply, (u, a, dt, b, c, d, g), repeats)
         argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
         # The cotangent is an argument (a closure constant would be constant-folded).
         grad = jax.grad(lambda *p, apply=apply: jnp.sum(p[-1] * apply(*p[:-1])), argnums=argnums)
-        bwd_t, bwd_m = _measure(grad, (u, a, dt, b, c, d, g, ct), repeats)
-        rows.append(dict(scan=scan, fwd=fwd_t, fwdbwd=bwd_t, mem=max(fwd_m, bwd_m)))
-        print(
-            f"  .. {disc:6s} L={length:6d} {scan:11s} fwd+bwd {bwd_t * 1e3:9.1f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+        args = (u, a, dt, b, c, d, g)
+        row = _timed(apply, args, grad, (*args, ct), repeats, f"{disc:6s} L={length:6d} {scan:11s}")
+        rows.append(dict(scan=scan, **row))
     return rows
+
+
+def bench_time_varying(disc, length, scans, repeats, batch=16, features=128, num_osc=128):
+    """Each path with ``dt [P]`` and with a per-step ``dt [B, L, P]`` (the coefficients then
+    stream per step, and the backward writes each step's gradient): forward and
+    forward+backward (the gradient of every input, ``d/d dt[t]`` included)."""
+    u, a, dt, b, c, d, g, ct = _problem(batch, length, features, num_osc, disc)
+    steps = dt * jax.random.uniform(jax.random.PRNGKey(9), (batch, length, num_osc), minval=0.5)
+    steps = ops.clamp_steps(disc, a, steps, g)
+    rows = []
+    for scan in scans:
+        if not ops.SCAN_TABLE[ops.Scan(scan)].time_varying:
+            continue
+        apply = lambda u, a, dt, b, c, d, g, scan=scan: ops.linoss_apply(
+            u, a, dt, b, c, d, g=g, discretization=disc, scan=scan, check=False
+        )
+        argnums = (0, 1, 2, 3, 4, 5) + ((6,) if g is not None else ())
+        grad = jax.grad(lambda *p, apply=apply: jnp.sum(p[-1] * apply(*p[:-1])), argnums=argnums)
+        for kind, x in (("[P]", dt), ("[B, L, P]", steps)):
+            args = (u, a, x, b, c, d, g)
+            label = f"{disc:6s} L={length:6d} {scan:11s} dt {kind:9s}"
+            rows.append(
+                dict(scan=scan, dt=kind, **_timed(apply, args, grad, (*args, ct), repeats, label))
+            )
+    return rows
+
+
+def bench_layers(disc, length, repeats, batch=16, features=128, num_osc=128):
+    """The nnx ``LinOSSLayer`` (``scan="auto"``), time-invariant, with ``timestamps`` and
+    with ``selective=True``: forward and forward+backward (the gradient of every parameter
+    and of the input)."""
+    from flax import nnx
+
+    from flax_linoss.nnx import LinOSSLayer
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, features))
+    ct = jax.random.normal(jax.random.PRNGKey(1), (batch, length, features))
+    gaps = jax.random.uniform(jax.random.PRNGKey(2), (batch, length), minval=0.5, maxval=1.5)
+    times = jnp.cumsum(gaps, axis=1)
+    rows = []
+    for kind, options, t in (
+        ("time-invariant", {}, None),
+        ("timestamps", {}, times),
+        ("selective", {"selective": True}, None),
+        ("selective, rank 16", {"selective": True, "selective_rank": 16}, None),
+    ):
+        layer = LinOSSLayer(features, num_osc, discretization=disc, rngs=nnx.Rngs(0), **options)
+        graphdef, params = nnx.split(layer)
+        apply = lambda params, x, t, gd=graphdef: nnx.merge(gd, params)(x, timestamps=t)
+        grad = jax.grad(
+            lambda p, x, t, ct, apply=apply: jnp.sum(ct * apply(p, x, t)), argnums=(0, 1)
+        )
+        label = f"{disc:6s} L={length:6d} layer {kind:18s}"
+        row = _timed(apply, (params, x, t), grad, (params, x, t, ct), repeats, label)
+        rows.append(dict(layer=kind, **row))
+    return rows
+
+
+def time_varying_tables(args) -> None:
+    """The ``--time-varying`` report: two tables (see :func:`bench_time_varying`,
+    :func:`bench_layers`)."""
+    print("| disc | L | scan | dt | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd vs dt [P] |")
+    print("|" + "---|" * 8)
+    for disc in args.discretizations:
+        for length in args.lengths:
+            rows = bench_time_varying(disc, length, args.scans, args.repeats)
+            for r in rows:
+                base = next(x for x in rows if x["scan"] == r["scan"] and x["dt"] == "[P]")
+                print(
+                    f"| {disc} | {length} | {r['scan']} | {r['dt']} | {r['fwd'] * 1e3:.1f} | "
+                    f"{r['fwdbwd'] * 1e3:.1f} | {r['mem'] / 2**20:.0f} | "
+                    f"{r['fwdbwd'] / base['fwdbwd']:.2f}x |",
+                    flush=True,
+                )
+    print()
+    print("# nnx LinOSSLayer, scan='auto', batch=16, H=P=128")
+    print("| disc | L | layer | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd vs time-invariant |")
+    print("|" + "---|" * 7)
+    for disc in args.discretizations:
+        for length in args.lengths:
+            rows = bench_layers(disc, length, args.repeats)
+            for r in rows:
+                print(
+                    f"| {disc} | {length} | {r['layer']} | {r['fwd'] * 1e3:.1f} | "
+                    f"{r['fwdbwd'] * 1e3:.1f} | {r['mem'] / 2**20:.0f} | "
+                    f"{r['fwdbwd'] / rows[0]['fwdbwd']:.2f}x |",
+                    flush=True,
+                )
 
 
 @contextlib.contextmanager
@@ -187,7 +294,20 @@ def main(argv=None):
         help="also time the SCP1 step with these computation dtypes (e.g. bfloat16)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument(
+        "--time-varying",
+        action="store_true",
+        help="instead: the cost of a per-step dt on each path and of the time-varying layers",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or the process's CPU time (robust on a shared machine; run it "
+        "single-threaded, see the module docstring)",
+    )
     args = parser.parse_args(argv)
+    CLOCK["now"] = time.process_time if args.clock == "process" else time.perf_counter
     if args.quick:
         args.lengths, args.repeats = [256], 1
 
@@ -209,8 +329,15 @@ def main(argv=None):
         f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
         f"jax {jax.__version__}"
     )
-    print("# batch=16, H=P=128; times are medians after warm-up; memory is XLA's peak.")
+    print(
+        f"# batch=16, H=P=128; times ({args.clock} clock) are medians after warm-up; memory "
+        "is XLA's peak."
+    )
     print()
+    if args.time_varying:
+        args.scans = [s for s in args.scans if s not in (FLOOR, BASELINE)]
+        time_varying_tables(args)
+        return
     header = (
         f"| disc | L | scan | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up vs "
         f"{BASELINE} | peak memory vs {BASELINE} |"

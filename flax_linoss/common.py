@@ -241,14 +241,18 @@ def _axes_size(entry, sizes) -> int:
     return int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
 
-def per_shard(fn, x: jax.Array, per_step: dict, state, params: dict, rules=None):
+def per_shard(
+    fn, x: jax.Array, per_step: dict, state, params: dict, rules=None, per_row: dict | None = None
+):
     """The recurrence ``fn`` run per device, with the sharding the mesh and rules ask for.
 
-    ``fn(x, **per_step, initial_state=state, **params, sequence_axis=, oscillator_axis=)``
-    is :func:`flax_linoss.ops.linoss_apply` with the layer's options bound; ``x [batch..., L,
-    H]``, ``per_step`` arrays ``[batch..., L]`` (mask, segment ids), ``state`` leaves
+    ``fn(x, **per_step, **per_row, initial_state=state, **params, sequence_axis=,
+    oscillator_axis=)`` is :func:`flax_linoss.ops.linoss_apply` with the layer's options
+    bound; ``x [batch..., L, H]``, ``per_step`` arrays ``[batch..., L]`` (mask, segment ids,
+    timestamps), ``per_row`` arrays ``[batch...]`` (an initial timestamp), ``state`` leaves
     ``[batch..., 2, P]`` (or ``None``), ``params`` ``a, dt, g [P]``, ``b [P, H, 2]``, ``c [H,
-    P, 2]``, ``d [H]``.
+    P, 2]``, ``d [H]`` and the selective gate's ``dt_kernel [H, P]``, ``dt_down [H, r]``,
+    ``dt_up [r, P]``, ``dt_bias [P]``.
 
     Under a mesh, the logical ``rules`` (flax's ``(name, mesh axes)`` pairs) say which mesh
     axes split the first batch axis (``"batch"``), the length (``"length"``) and the
@@ -259,19 +263,21 @@ def per_shard(fn, x: jax.Array, per_step: dict, state, params: dict, rules=None)
     device runs its own; the output projection's sum over ``P`` is the one reduction). The
     parameters enter with their ``P`` axis split (whatever their sharding outside, e.g. over
     an fsdp axis: gathered as they enter) and ``H`` whole. A masked or packed input keeps
-    its length whole (the shards' closed-form carry needs a time-invariant transition).
+    its length whole (the shards' closed-form carry is not yet built for flags; timestamps
+    need the previous shard's last time).
     Without a mesh, inside ``shard_map`` / ``pmap``, or with nothing to split, this is
     ``fn(...)`` (under a plain ``jit`` XLA partitions it).
 
     Returns:
       ``fn``'s output ``[batch..., L, H]`` (and its final state, ``[batch..., 2, P]``).
     """
-    call = lambda x, per_step, state, params, **axes: fn(
-        x, **per_step, initial_state=state, **params, **axes
+    per_row = {k: v for k, v in (per_row or {}).items() if v is not None}
+    call = lambda x, per_step, per_row, state, params, **axes: fn(
+        x, **per_step, **per_row, initial_state=state, **params, **axes
     )
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or jax.sharding.AxisType.Manual in tuple(mesh.axis_types):
-        return call(x, per_step, state, params)  # no mesh, or already per device
+        return call(x, per_step, per_row, state, params)  # no mesh, or already per device
     P = jax.sharding.PartitionSpec
     explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
     per_step = {k: v for k, v in per_step.items() if v is not None}
@@ -292,18 +298,26 @@ def per_shard(fn, x: jax.Array, per_step: dict, state, params: dict, rules=None)
     elif x.ndim > 2:
         lead = (batch, *lead[1:])
     if not explicit and lead == (None,) * (x.ndim - 2) and seq is None and osc is None:
-        return call(x, per_step, state, params)
+        return call(x, per_step, per_row, state, params)
     row = P(*lead, seq, None)
     specs = (
         row,
         {k: P(*lead, seq) for k in per_step},
+        {k: P(*lead) for k in per_row},
         None if state is None else jax.tree.map(lambda _: P(*lead, None, osc), state),
         {
-            k: {"b": P(osc, None, None), "c": P(None, osc, None), "d": P()}.get(k, P(osc))
+            k: {
+                "b": P(osc, None, None),
+                "c": P(None, osc, None),
+                "d": P(),
+                "dt_kernel": P(None, osc),
+                "dt_down": P(),
+                "dt_up": P(None, osc),
+            }.get(k, P(osc))
             for k in params
         },
     )
-    args = (x, per_step, state, params)
+    args = (x, per_step, per_row, state, params)
     if explicit:
         args = jax.tree.map(jax.sharding.reshard, args, specs, is_leaf=lambda a: a is None)
     axes = {"sequence_axis": seq, "oscillator_axis": osc}

@@ -42,6 +42,9 @@ def reference_apply(
 ):
     """``u [B, L, H]``, real-pair ``b [P, H, 2]``, ``c [H, P, 2]``; returns (out, z_L, y_L).
 
+    ``dt`` is ``[P]`` (the same step everywhere) or per step ``[L, P]`` / ``[B, L, P]``: step
+    ``t`` then uses ``dt[..., t, :]`` in the scheme's equations.
+
     ``valid [B, L]`` (a ``False`` step is skipped: the state stays as it was) and
     ``segment_ids [B, L]`` (the state restarts from zero where the id changes) as written in
     the docs, step by step. Must be called under ``jax.enable_x64(True)``; everything is cast
@@ -58,24 +61,39 @@ def reference_apply(
     y0 = zero if y0 is None else jnp.asarray(y0, jnp.complex128)
 
     length = u.shape[1]
+    dt_steps = jnp.broadcast_to(dt if dt.ndim > 1 else dt[None], (batch, length, num_osc))
     valid = jnp.ones((batch, length), bool) if valid is None else jnp.asarray(valid, bool)
     seg = jnp.zeros((batch, length), int) if segment_ids is None else jnp.asarray(segment_ids)
     new_segment = jnp.concatenate([jnp.zeros((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
 
     def body(carry, inp):
         z, y = carry
-        u_t, ok, restart = inp
+        u_t, ok, restart, dt_t = inp
         z = jnp.where(restart[:, None], 0.0, z)
         y = jnp.where(restart[:, None], 0.0, y)
         bu = u_t @ b.T  # [B, P]
-        z_new, y_new = reference_step(z, y, bu, a, dt, g, discretization)
+        z_new, y_new = reference_step(z, y, bu, a, dt_t, g, discretization)
         z = jnp.where(ok[:, None], z_new, z)
         y = jnp.where(ok[:, None], y_new, y)
         return (z, y), jnp.real(y @ c.T) + d * u_t
 
-    steps = (jnp.swapaxes(u, 0, 1), valid.T, new_segment.T)
+    steps = (jnp.swapaxes(u, 0, 1), valid.T, new_segment.T, jnp.swapaxes(dt_steps, 0, 1))
     (z_l, y_l), out = jax.lax.scan(body, (z0, y0), steps)
     return jnp.swapaxes(out, 0, 1), z_l, y_l
+
+
+def random_steps(seed, shape, discretization, a, g=None):
+    """Random per-step sizes ``[..., L, P]`` in ``(0.1, 2)`` (beyond ``(0, 1]``: gaps between
+    timestamps), within each scheme's stable range for ``a``, ``g`` (as float32 numpy)."""
+    rng = np.random.default_rng(seed)
+    dt = rng.uniform(0.1, 2.0, shape)
+    a = np.asarray(a, np.float64)
+    if discretization == "imex":  # dt^2 a <= 3.5 < 4
+        dt = np.minimum(dt, np.sqrt(3.5 / np.maximum(a, 1e-9)))
+    if discretization == "damped":  # dt^2 a < 2 (2 + dt g): eigenvalue moduli < 1
+        g = np.asarray(g, np.float64)
+        dt = np.minimum(dt, 0.9 * (g + np.sqrt(g**2 + 4 * a)) / np.maximum(a, 1e-9))
+    return np.asarray(dt, np.float32)
 
 
 def random_problem(seed, batch, length, features, num_osc, discretization):
@@ -125,7 +143,8 @@ def reference_grads(
     """The reference's ``(grads, out, z_L)`` for ``loss = sum(ct * out) + sum(ct_z * z_L)``.
 
     Args:
-      args: ``(u, a, dt, b, c, d)`` or ``(u, a, dt, b, c, d, g)`` (``g`` for ``"damped"``).
+      args: ``(u, a, dt, b, c, d)`` or ``(u, a, dt, b, c, d, g)`` (``g`` for ``"damped"``);
+        ``dt`` ``[P]`` or per step ``[B, L, P]``.
       disc: the scheme.
       ct, ct_z: cotangents of the output ``[B, L, H]`` and of the final velocity
         ``[B, 2, P]`` (real, imaginary) (``None``: not in the loss).
@@ -144,7 +163,9 @@ def reference_grads(
         def loss(*p):
             out, z_l, _ = reference_apply(
                 flip(p[0]),
-                *p[1:6],
+                p[1],
+                flip(p[2]) if jnp.ndim(p[2]) > 1 else p[2],  # a dt per step runs reversed too
+                *p[3:6],
                 p[6] if nargs == 7 else None,
                 discretization=disc,
                 z0=z0,

@@ -128,6 +128,26 @@ def test_registry_synthetic_through_grain():
     assert b["series"].shape == (4, 32, 2) and b["label"].shape == (4, 8, 2)
 
 
+def test_irregular_oscillator_times_bands_and_registry():
+    x, label, t = synthetic.irregular_oscillator_example(3, seed=(1, 0), length=50)
+    x2, _, t2 = synthetic.irregular_oscillator_example(3, seed=(1, 0), length=50)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(t, t2)
+    assert x.shape == (50, 1) and t.shape == (50,) and 0 <= label < 4
+    assert np.all(np.diff(t) >= 0) and 0 <= t[0] and t[-1] <= 32
+    ds = registry.get_dataset("synthetic/irregular_oscillator", num_train=64, num_val=4, num_test=4)
+    assert ds.info["timestamps"] and ds.info["length"] == 64
+    labels = [ds["train"][i]["label"] for i in range(64)]
+    assert set(labels) == {0, 1, 2, 3}  # every band appears
+    # Without the times, samples per cycle overlap across bands: the window length varies.
+    spans = [ds["train"][i]["timestamps"][-1] for i in range(64)]
+    assert max(spans) > 2.5 * min(spans)
+    b = next(make_loader(ds["train"], batch_size=8, shard_index=0, shard_count=1))
+    assert b["timestamps"].shape == (8, 64) and b["series"].shape == (8, 64, 1)
+    with pytest.raises(ValueError, match="min_frequency < max_frequency"):
+        synthetic.irregular_oscillator_example(0, min_frequency=1.0, max_frequency=0.5)
+
+
 def test_registry_unknown_name_lists_known():
     with pytest.raises(ValueError, match=r"Known: .*synthetic/oscillator.*uea/EigenWorms"):
         registry.get_dataset("uea/Nope")

@@ -813,3 +813,30 @@ def test_get_dataset_unknown_name_and_option_suggest():
         get_dataset("uea/SelfRegulationSCP", seed=0)
     with pytest.raises(UnknownDatasetError, match=r"no option 'rot' \(did you mean root\?\)"):
         get_dataset(f"uea/{SCP1}", seed=0, rot="/data")
+
+
+def test_drop_fraction_keeps_the_split_and_returns_the_kept_times():
+    # The Neural-CDE protocol on small arrays: int(f L) steps of every series removed at
+    # random (seeded, per series), after the split; the kept steps' original indices returned.
+    rng = np.random.default_rng(0)
+    x_tr, x_te = rng.normal(size=(30, 40, 3)), rng.normal(size=(12, 40, 3))
+    y_tr, y_te = rng.integers(0, 2, 30), rng.integers(0, 2, 12)
+    arrays = (x_tr, y_tr, x_te, y_te)
+    full = protocol.uea_splits(arrays, seed=5)
+    half = protocol.uea_splits(arrays, seed=5, drop_fraction=0.5, add_time=True)
+    again = protocol.uea_splits(arrays, seed=5, drop_fraction=0.5, add_time=True)
+    for k, (x, y) in full.items():
+        xs, ys, t = half[k]
+        np.testing.assert_array_equal(ys, y)  # the split is unchanged
+        assert xs.shape == (len(x), 20, 4) and t.shape == (len(x), 20)
+        assert np.all(np.diff(t, axis=1) > 0) and t.min() >= 0 and t.max() <= 39
+        kept = np.take_along_axis(x, t.astype(int)[..., None], axis=1)
+        np.testing.assert_array_equal(xs[..., 1:], kept)  # the kept values, in order
+        np.testing.assert_allclose(xs[..., 0], t / 20)  # the time channel: their times
+        np.testing.assert_array_equal(again[k][2], t)  # seeded
+        assert len({r.tobytes() for r in t}) > 1  # each series its own steps
+    other = protocol.uea_splits(arrays, seed=5, drop_fraction=0.5, drop_seed=1)
+    assert not np.array_equal(other["train"][2], half["train"][2])
+    assert protocol.uea_splits(arrays, seed=5, drop_fraction=0.3)["test"][0].shape[1] == 28
+    with pytest.raises(DataError, match=r"drop_fraction must be in \[0, 1\)"):
+        protocol.uea_splits(arrays, seed=5, drop_fraction=1.0)

@@ -7,35 +7,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oscillator_reference import random_problem, reference_grads, rel_err
+from oscillator_reference import random_problem, random_steps, reference_grads, rel_err
 
 from flax_linoss import ops
 from flax_linoss.ops._auto import resolve_scan
 from flax_linoss.ops._scans import pallas
 
-# (scheme, batch, length, P, flags, reverse). Lengths 1, 37 (one partial block of 128), 200
-# and 300 (whole blocks and a partial one); the last case has 12 sequences x P = 64, so the
-# channels are padded (Q' = 256, N Q' = 24 rows of 128 lanes) and split over 3 row blocks
-# (TPU) and 24 programs per chunk (GPU).
+# (scheme, batch, length, P, flags, reverse, per-step dt). Lengths 1, 37 (one partial block
+# of 128), 150, 200 and 300 (whole blocks and a partial one); the 200 case has 12 sequences
+# x P = 64, so the channels are padded (Q' = 256, N Q' = 24 rows of 128 lanes) and split over
+# 3 row blocks (TPU) and 24 programs per chunk (GPU). The 150 case streams a dt per step.
 CASES = [
-    ("im", 2, 1, 4, False, False),
-    ("imex", 2, 37, 4, False, True),
-    ("damped", 3, 300, 5, True, False),
-    ("im", 12, 200, 64, True, True),
+    ("im", 2, 1, 4, False, False, False),
+    ("imex", 2, 37, 4, False, True, False),
+    ("damped", 3, 300, 5, True, False, False),
+    ("im", 12, 200, 64, True, True, False),
+    ("damped", 2, 150, 4, True, True, True),
 ]
 # The same under jax_enable_x64 with float32 parameters (the kernels still run float32).
-X64_CASE = ("damped", 2, 140, 4, True, True)
+X64_CASE = ("damped", 2, 140, 4, True, True, True)
 
 
 @pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize(
     ("case", "x64"),
     [(c, False) for c in CASES] + [(X64_CASE, True)],
-    ids=lambda c: f"{c[0]}-N{c[1]}-L{c[2]}-P{c[3]}" if isinstance(c, tuple) else ("x64" * c),
+    ids=lambda c: (
+        (f"{c[0]}-N{c[1]}-L{c[2]}-P{c[3]}" + "-dt(t)" * c[6])
+        if isinstance(c, tuple)
+        else ("x64" * c)
+    ),
 )
 def test_kernels_match_float64_reference_values_and_gradients(kernel, case, x64):
-    disc, batch, length, num_osc, flagged, reverse = case
+    disc, batch, length, num_osc, flagged, reverse, varying = case
     u, a, dt, b, c, d, g = random_problem(length, batch, length, 3, num_osc, disc)
+    if varying:  # d/d dt[t] for every step, through the per-step coefficient streams
+        dt = random_steps(length, (batch, length, num_osc), disc, a, g)
     rng = np.random.default_rng(length)
     ct = rng.normal(size=u.shape).astype(np.float32)
     ct_z = rng.normal(size=(batch, 2, num_osc)).astype(np.float32)
@@ -121,18 +128,20 @@ def _big_transposes_feed_or_come_from_dots(text: str, size: int) -> list[str]:
 # indices are int64 in the jaxpr; Mosaic's verifier rejected the TPU backward's `n - 1 - i`.
 # The context manager confines x64 to this test.
 @pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
-@pytest.mark.parametrize("flagged", [False, True])
-def test_lowering_for_tpu_and_cuda_picks_each_platforms_kernel(flagged, x64):
+@pytest.mark.parametrize(("flagged", "varying"), [(False, False), (True, False), (True, True)])
+def test_lowering_for_tpu_and_cuda_picks_each_platforms_kernel(flagged, varying, x64):
     with jax.enable_x64(x64):
-        _check_lowering(flagged)
+        _check_lowering(flagged, varying)
     assert not jax.config.x64_enabled
 
 
-def _check_lowering(flagged):
+def _check_lowering(flagged, varying):
     # No device here: lowering runs the Mosaic and Triton lowerings, which reject what the
     # kernels cannot compile to (unsupported ops, block shapes, layouts).
     batch, length, feats, num_osc = 16, 300, 128, 128
     u, a, dt, b, c, d, _ = random_problem(0, batch, length, feats, num_osc, "im")
+    if varying:
+        dt = random_steps(0, (batch, length, num_osc), "im", a)
     flags = {}
     if flagged:
         flags = dict(

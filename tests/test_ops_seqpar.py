@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from oscillator_reference import random_problem, reference_apply, rel_err
+from oscillator_reference import random_problem, random_steps, reference_apply, rel_err
 
 from flax_linoss import ops
 
@@ -42,28 +42,33 @@ def _mesh():
     return jax.make_mesh((8,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-# Shards of 13 steps (under every chunk and block) and of 50; every kind of local path: auto
-# (the native kernel per device), the chunked matmuls, a Pallas kernel in the interpreter,
-# and the two loops (lax.scan, fori_loop: their carries must keep the shard's type), small,
-# with every scheme (four of the six behind the slow marker); auto without kernels (it takes
-# the adjoint loop) runs the README's example in test_readme.py.
+# Shards of 3, 7 and 13 steps (under every chunk and block) and of 50; every kind of local
+# path: auto (the native kernel per device), the chunked matmuls, a Pallas kernel in the
+# interpreter, and the two loops (lax.scan, fori_loop: their carries must keep the shard's
+# type), small, with every scheme (four of them behind the slow marker); a dt per step
+# (sharded like the input: the carry across a shard is the product of its transitions);
+# auto without kernels (it takes the adjoint loop) runs the README's example in
+# test_readme.py.
 @pytest.mark.parametrize(
-    ("scan", "disc", "shard", "reverse"),
+    ("scan", "disc", "shard", "reverse", "varying"),
     [
-        ("auto", "damped", 13, False),
-        ("chunked", "imex", 50, True),
-        ("pallas", "im", 13, True),
-        ("sequential", "imex", 3, True),
-        ("adjoint", "damped", 3, False),
-        pytest.param("sequential", "im", 3, False, marks=pytest.mark.slow),
-        pytest.param("sequential", "damped", 3, False, marks=pytest.mark.slow),
-        pytest.param("adjoint", "im", 3, True, marks=pytest.mark.slow),
-        pytest.param("adjoint", "imex", 3, True, marks=pytest.mark.slow),
+        ("auto", "damped", 13, False, False),
+        ("chunked", "imex", 50, True, False),
+        ("pallas", "im", 13, True, False),
+        ("auto", "imex", 7, True, True),
+        ("sequential", "imex", 3, True, False),
+        ("adjoint", "damped", 3, False, True),
+        pytest.param("sequential", "im", 3, False, False, marks=pytest.mark.slow),
+        pytest.param("sequential", "damped", 3, False, True, marks=pytest.mark.slow),
+        pytest.param("adjoint", "im", 3, True, False, marks=pytest.mark.slow),
+        pytest.param("adjoint", "imex", 3, True, False, marks=pytest.mark.slow),
     ],
 )
-def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
+def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse, varying):
     length = 8 * shard
     u, a, dt, b, c, d, g = random_problem(shard, 2, length, 3, 4, disc)
+    if varying:
+        dt = random_steps(shard, (2, length, 4), disc, a, g)
     rng = np.random.default_rng(shard)
     ct = rng.normal(size=u.shape).astype(np.float32)
     ct_z = rng.normal(size=(2, 2, 4)).astype(np.float32)
@@ -74,11 +79,13 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
     flip = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)
 
     def sharded(*p):
-        def local(u, state, *params):
+        def local(u, dt, state, *params):
             return ops.linoss_apply(
                 u,
-                *params[:5],
-                g=params[5] if disc == "damped" else None,
+                params[0],
+                dt,
+                *params[1:4],
+                g=params[4] if disc == "damped" else None,
                 discretization=disc,
                 scan=scan,
                 initial_state=state,
@@ -87,15 +94,18 @@ def test_sharded_sequence_equals_the_whole_sequence(scan, disc, shard, reverse):
                 sequence_axis="seq",
             )
 
-        specs = (P(None, "seq"), P()) + (P(),) * (len(p) - 1)
+        dt_spec = P(None, "seq") if varying else P()
+        specs = (P(None, "seq"), dt_spec, P()) + (P(),) * (len(p) - 2)
         return jax.shard_map(local, mesh=_mesh(), in_specs=specs, out_specs=(P(None, "seq"), P()))(
-            p[0], state0, *p[1:]
+            p[0], p[2], state0, p[1], *p[3:]
         )
 
     def reference(*p):
         out, z_l, _ = reference_apply(
             flip(p[0]),
-            *p[1:6],
+            p[1],
+            flip(p[2]) if varying else p[2],
+            *p[3:6],
             p[6] if disc == "damped" else None,
             discretization=disc,
             z0=z0,

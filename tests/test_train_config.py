@@ -32,13 +32,14 @@ def test_every_paper_experiment_has_a_config():
         "uea_heartbeat",
         "uea_motor",
         "mixers",
+        "irregular_oscillator",
     }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_configs_validate_for_every_model(path):
     module = _load(path)
-    if path.stem == "default":
+    if path.stem in ("default", "irregular_oscillator"):
         config_lib.validate(module.get_config())
         return
     if path.stem == "mixers":
@@ -66,6 +67,17 @@ def test_scp1_row_matches_the_papers():
     scp1 = _load(REPO / "configs" / "uea_scp1.py").get_config("linoss_im")
     assert scp1.optimizer.learning_rate == 1e-4 and scp1.model.state_size == 256
     assert scp1.model.num_blocks == 6 and scp1.data.time_channel and scp1.seed == 2345
+    assert scp1.data.options.drop_fraction == 0.0 and scp1.model.use_timestamps
+
+
+def test_scp1_irregular_sampling_configs():
+    module = _load(REPO / "configs" / "uea_scp1.py")
+    for suffix, fraction in (("drop30", 0.3), ("drop50", 0.5), ("drop70", 0.7)):
+        config = config_lib.validate(module.get_config(f"d_linoss-{suffix}"))
+        assert config.data.options.drop_fraction == fraction
+        assert config.model.discretization == "damped"
+    with pytest.raises(ValueError, match="unknown suffix 'drop40'"):
+        module.get_config("linoss_im-drop40")
 
 
 def test_every_default_field_has_a_comment():

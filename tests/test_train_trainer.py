@@ -198,3 +198,36 @@ def test_resume_onto_another_mesh_and_eval_on_one_device(tmp_path, tamper_train_
         f"Checkpoint step 12: val accuracy {here['val_accuracy']:.4f} | test accuracy "
         f"{here['test_accuracy']:.4f}"
     )
+
+
+def test_timestamps_reach_the_paper_model_unless_ignored(tmp_path):
+    # An irregularly sampled dataset: its timestamps go to the model (and the time channel)
+    # by default; model.use_timestamps=False trains the same model ignoring them.
+    from flax_linoss.train import data as data_lib
+
+    def run(use, name):
+        config = _tiny(**{"model.use_timestamps": use})  # no time channel: only the steps
+        config.data.name = "synthetic/irregular_oscillator"
+        config.data.options = {"num_train": 64, "num_val": 32, "num_test": 32, "length": 16}
+        config.train.num_steps = 8
+        trainer.train_and_evaluate(config, str(tmp_path / name))
+        return config
+
+    config = run(True, "with")
+    run(False, "without")
+    losses = lambda name: [r["loss"] for r in read_metrics(str(tmp_path / name))]
+    assert losses("with") != losses("without")
+    config.data.time_channel = True
+    batch = {
+        "series": np.ones((2, 4, 1), np.float32),
+        "label": np.zeros(2, np.int32),
+        "valid": np.ones(2, bool),
+        "timestamps": np.array([[0, 2, 3, 7], [1, 2, 4, 5]], np.float32),
+    }
+    prepared = data_lib.prepare_batch(config, batch)
+    np.testing.assert_allclose(prepared["series"][..., 0], batch["timestamps"] / 4)
+    np.testing.assert_array_equal(prepared["timestamps"], batch["timestamps"])
+    config.model.use_timestamps = False
+    ignored = data_lib.prepare_batch(config, batch)
+    assert "timestamps" not in ignored
+    np.testing.assert_allclose(ignored["series"][0, :, 0], np.arange(4) / 4)

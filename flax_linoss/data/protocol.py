@@ -12,6 +12,14 @@ How the ``"paper"`` split is derived (identical to the reference code):
 4. ``train = perm[:int(0.7 N)]``, ``val = perm[int(0.7 N):int(0.85 N)]``,
    ``test = perm[int(0.85 N):]`` (SCP1: 392 / 84 / 85).
 
+Irregular sampling (the Neural-CDE protocol of Kidger et al., 2020, which the LinOSS papers'
+baselines follow): ``drop_fraction=f`` removes ``int(f L)`` time steps of every series at
+random (all channels of a step together; each series its own steps, from
+``numpy.random.default_rng([drop_seed, split, row])``), after the split, so the split is the
+same; the kept steps stay in order and their original indices ``0 <= k < L`` are returned as
+the series' timestamps (in units of the original sampling interval). The papers' 30%, 50%
+and 70% are ``drop_fraction`` 0.3, 0.5, 0.7.
+
 JAX 0.5 switched ``jax_threefry_partitionable`` on, which changes every random bit and so
 the split. The LinOSS runs (2024) predate that; ``prng="legacy"`` (the default) turns the flag
 off for the split only, so a seed gives the same split on any JAX. ``prng="current"`` uses
@@ -38,6 +46,7 @@ __all__ = [
     "add_time_channel",
     "check_missing",
     "deduplicate",
+    "drop_time_steps",
     "load_uea_arrays",
     "paper_split_indices",
     "uea_splits",
@@ -102,20 +111,56 @@ def paper_split_indices(n: int, seed: int, *, prng: str = "legacy") -> dict[str,
     return {"train": p[:a], "val": p[a:b], "test": p[b:]}
 
 
-def add_time_channel(x: np.ndarray, duration: float = 1.0) -> np.ndarray:
+def add_time_channel(
+    x: np.ndarray, duration: float = 1.0, timestamps: np.ndarray | None = None
+) -> np.ndarray:
     """Prepends ``t_k = duration * k / L`` as channel 0.
 
     Args:
         x: ``[N, L, C]``.
         duration: ``T`` in ``t_k = T k / L`` (the papers use 1).
+        timestamps: optional ``[N, L]`` observation times of irregularly sampled series:
+            ``t_k = duration * timestamps_k / L`` (on the full grid, ``timestamps_k = k``, the
+            same channel).
 
     Returns:
         ``[N, L, C + 1]`` float32.
     """
     n, length, _ = x.shape
-    t = (duration * np.arange(length, dtype=np.float64) / length).astype(np.float32)
-    t = np.broadcast_to(t[None, :, None], (n, length, 1))
+    if timestamps is None:
+        t = np.arange(length, dtype=np.float64)[None]
+    else:
+        t = np.asarray(timestamps, np.float64)
+    t = np.broadcast_to((duration * t / length).astype(np.float32)[..., None], (n, length, 1))
     return np.concatenate([t, x.astype(np.float32)], axis=-1)
+
+
+def drop_time_steps(
+    x: np.ndarray, fraction: float, *, seed: int | tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Removes ``int(fraction * L)`` random time steps of every series (Neural-CDE protocol).
+
+    Args:
+        x: ``[N, L, C]`` series.
+        fraction: in ``[0, 1)``, the share of steps removed from each series.
+        seed: an int or a tuple of ints; row ``i`` draws its steps from
+            ``numpy.random.default_rng([*seed, i])``.
+
+    Returns:
+        ``(x_kept [N, L', C], timestamps float32 [N, L'])`` with ``L' = L - int(fraction L)``:
+        the kept steps in their original order and their original indices.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"drop_fraction must be in [0, 1), got {fraction}")
+    n, length, _ = x.shape
+    removed = int(length * fraction)
+    seed = (int(seed),) if np.isscalar(seed) else tuple(int(s) for s in seed)
+    keep = np.empty((n, length - removed), np.int64)
+    for i in range(n):
+        gone = np.random.default_rng([*seed, i]).permutation(length)[:removed]
+        keep[i] = np.setdiff1d(np.arange(length), gone)
+    kept = np.take_along_axis(x, keep[:, :, None], axis=1)
+    return kept, keep.astype(np.float32)
 
 
 def load_uea_arrays(
@@ -227,6 +272,8 @@ def uea_splits(
     verify: bool = True,
     missing: str = "error",
     fill_value: float = 0.0,
+    drop_fraction: float = 0.0,
+    drop_seed: int = 0,
 ) -> Splits:
     """Train / val / test arrays for one UEA dataset under the papers' protocol.
 
@@ -253,10 +300,17 @@ def uea_splits(
             and appends one channel per data channel, 1 where the value was observed and 0
             where it was missing.
         fill_value: The value ``"fill"`` and ``"mask"`` put in place of a missing one.
+        drop_fraction: Irregular sampling: remove this share of every series' time steps at
+            random after the split (see the module docstring and :func:`drop_time_steps`);
+            the time channel then holds the kept steps' times.
+        drop_seed: Seed of the dropped steps (the same for every split seed, as in the
+            Neural-CDE experiments).
 
     Returns:
         ``{"train", "val", "test"}`` -> ``(x float32 [n, L, C'], y int32 [n])`` with
-        ``C' = C + 1`` if ``add_time`` else ``C``, plus ``C`` with ``missing="mask"``.
+        ``C' = C + 1`` if ``add_time`` else ``C``, plus ``C`` with ``missing="mask"``; with
+        ``drop_fraction > 0`` the triples ``(x float32 [n, L', C'], y, timestamps float32
+        [n, L'])``, ``L' = L - int(f L)``.
 
     Raises:
         DataError: Missing values with ``missing="error"``; bad options.
@@ -301,15 +355,26 @@ def uea_splits(
     else:
         raise DataError(f"split must be 'paper' or 'original', got {split!r}")
 
+    times: dict[str, np.ndarray | None] = dict.fromkeys(out)
+    if drop_fraction:  # each split its own seed (train, val, test: 0, 1, 2)
+        kept = {
+            k: drop_time_steps(x, drop_fraction, seed=(drop_seed, i))
+            for i, (k, (x, _)) in enumerate(out.items())
+        }
+        times = {k: t for k, (_, t) in kept.items()}
+        out = {k: (kept[k][0], y) for k, (_, y) in out.items()}
     if add_time:
-        out = {k: (add_time_channel(x), y) for k, (x, y) in out.items()}
+        out = {k: (add_time_channel(x, timestamps=times[k]), y) for k, (x, y) in out.items()}
     if normalise:
         out = _normalise(out, skip_first=add_time)
     if missing != "error":
         out = _treat_missing(out, missing, fill_value, skip_first=add_time)
-    return {
+    out = {
         k: (np.ascontiguousarray(x, np.float32), y.astype(np.int32)) for k, (x, y) in out.items()
     }
+    if drop_fraction:
+        return {k: (*v, times[k]) for k, v in out.items()}
+    return out
 
 
 def as_mapping(splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:

@@ -3,8 +3,9 @@
 Each row of :data:`DATASETS` names a dataset, the function that builds it and the options it
 takes. Families:
 
-* ``synthetic/oscillator``, ``synthetic/long_range``: generated series
-  (:mod:`flax_linoss.data.synthetic`);
+* ``synthetic/oscillator``, ``synthetic/long_range``, ``synthetic/irregular_oscillator``:
+  generated series (:mod:`flax_linoss.data.synthetic`; the last irregularly sampled, with
+  timestamps);
 * ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``: token tasks for
   comparing sequence mixers (:mod:`flax_linoss.data.lm_tasks`);
 * ``uea/<Name>`` for every line of :data:`flax_linoss.data.uea_table.UEA_DATASETS`: read from
@@ -38,7 +39,9 @@ class DatasetSplits(dict):
     [L, C]``); ``num_classes`` and, for UEA, ``class_names`` (classification);
     ``target_shape`` (regression: shape of one example's ``label``) and ``output_step``
     (regression: steps of input per target step, where it applies); ``vocab_size``
-    (``"lm"``: every token id, padding 0 and special tokens included).
+    (``"lm"``: every token id, padding 0 and special tokens included); ``timestamps``
+    (``True`` where the sources also yield ``"timestamps" float32 [L]``, the observation
+    times of irregularly sampled series; see ``LinOSSModel(timestamps=...)``).
     """
 
     def __init__(self, splits: dict[str, Any], info: dict[str, Any]):
@@ -91,21 +94,27 @@ def _synthetic_oscillator(name, seed, num_train=1024, num_val=128, num_test=128,
     return DatasetSplits(out, info)
 
 
-def _synthetic_long_range(name, seed, num_train=1024, num_val=128, num_test=128, **kw):
-    from flax_linoss.data import synthetic
+def _generated(source: str, num_val: int = 128, num_test: int = 128, **more_info):
+    """A loader of the synthetic classification task whose source is ``synthetic.<source>``."""
 
-    out = {
-        split: synthetic.LongRangeSource(n, seed=(seed, _SPLIT_IDS[split]), **kw)
-        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
-    }
-    first = out["train"][0]["series"]
-    info = {
-        "task": "classification",
-        "channels": first.shape[1],
-        "length": first.shape[0],
-        "num_classes": kw.get("num_classes", 4),
-    }
-    return DatasetSplits(out, info)
+    def load(name, seed, num_train=1024, num_val=num_val, num_test=num_test, **kw):
+        from flax_linoss.data import synthetic
+
+        cls = getattr(synthetic, source)
+        out = {
+            split: cls(n, seed=(seed, _SPLIT_IDS[split]), **kw)
+            for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
+        }
+        first = out["train"][0]["series"]
+        info = {
+            "task": "classification",
+            "channels": first.shape[1],
+            "length": first.shape[0],
+            "num_classes": kw.get("num_classes", 4),
+        }
+        return DatasetSplits(out, info | more_info)
+
+    return load
 
 
 def _token_task(name, seed, num_train=100_000, num_val=3_000, num_test=3_000, **options):
@@ -131,6 +140,8 @@ _UEA_OPTIONS = (
     "verify",
     "missing",
     "fill_value",
+    "drop_fraction",
+    "drop_seed",
 )
 
 
@@ -146,6 +157,7 @@ def _uea(
     download: bool = True,
     verify: bool = True,
     missing: str = "error",
+    drop_fraction: float = 0.0,
     **protocol_options,
 ):
     from flax_linoss.data import protocol, uea
@@ -162,19 +174,22 @@ def _uea(
         add_time=add_time,
         normalise=normalise,
         missing=missing,
+        drop_fraction=drop_fraction,
         **protocol_options,
     )
-    out = {k: ArraySource(x, y) for k, (x, y) in splits.items()}
-    return DatasetSplits(
-        out,
-        {
-            "task": "classification",
-            "channels": info.channels * (2 if missing == "mask" else 1) + int(add_time),
-            "length": info.length,
-            "num_classes": len(info.class_names),
-            "class_names": info.class_names,
-        },
-    )
+    # With drop_fraction, each split is (x, y, timestamps).
+    out = {
+        k: ArraySource(arrays[0], arrays[1], timestamps=arrays[2] if len(arrays) > 2 else None)
+        for k, arrays in splits.items()
+    }
+    description = {
+        "task": "classification",
+        "channels": info.channels * (2 if missing == "mask" else 1) + int(add_time),
+        "length": info.length - int(info.length * drop_fraction),
+        "num_classes": len(info.class_names),
+        "class_names": info.class_names,
+    }
+    return DatasetSplits(out, description | ({"timestamps": True} if drop_fraction else {}))
 
 
 def _ppg(name, seed, **kw):
@@ -205,6 +220,12 @@ def _oscillator_options():
     return [*_COUNTS, *_params(synthetic.oscillator_forecasting)]
 
 
+def _irregular_options():
+    from flax_linoss.data import synthetic
+
+    return [*_COUNTS, *_params(synthetic.irregular_oscillator_example)]
+
+
 def _long_range_options():
     from flax_linoss.data import synthetic
 
@@ -226,7 +247,14 @@ DATASETS: dict[str, Dataset] = {
         _synthetic_oscillator, _oscillator_options, "forecast pendulum positions (RK4)"
     ),
     "synthetic/long_range": Dataset(
-        _synthetic_long_range, _long_range_options, "a label hidden at the start of a long series"
+        _generated("LongRangeSource"),
+        _long_range_options,
+        "a label hidden at the start of a long series",
+    ),
+    "synthetic/irregular_oscillator": Dataset(
+        _generated("IrregularOscillatorSource", num_val=256, num_test=256, timestamps=True),
+        _irregular_options,
+        "an oscillation's frequency band from irregularly timed samples (with timestamps)",
     ),
     "synthetic/mqar": Dataset(
         _token_task, _token_options("mqar"), "multi-query associative recall (Zoology)"
@@ -267,6 +295,8 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
             arguments of :func:`~flax_linoss.data.synthetic.oscillator_forecasting`.
             ``synthetic/long_range``: the same, with
             :func:`~flax_linoss.data.synthetic.long_range_classification`'s arguments.
+            ``synthetic/irregular_oscillator``: the same, with
+            :func:`~flax_linoss.data.synthetic.irregular_oscillator_example`'s arguments.
             ``synthetic/mqar``, ``synthetic/selective_copy``, ``synthetic/induction``:
             ``num_train``, ``num_val``, ``num_test`` (default 100,000 / 3,000 / 3,000) and
             the task's fields (:mod:`flax_linoss.data.lm_tasks`).
@@ -276,7 +306,9 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> DatasetSplits:
             :func:`~flax_linoss.data.protocol.uea_splits`), ``root`` (folder of the raw
             files; default ``<data_dir>/downloads/manual``, then the download),
             ``data_dir`` (where prepared datasets live; see :mod:`flax_linoss.data.paths`),
-            ``download``, ``verify``.
+            ``download``, ``verify``, ``drop_fraction`` and ``drop_seed`` (irregular
+            sampling: remove this share of every series' steps at random, and yield the kept
+            steps' ``timestamps``; see :mod:`flax_linoss.data.protocol`).
             ``ppg_dalia``: ``data_dir``, ``manual_dir`` (alias ``root``), ``config``
             (:class:`~flax_linoss.data.ppg_files.PpgConfig`), ``split_seed``,
             ``download``, ``verify``.

@@ -1,4 +1,5 @@
-"""Built-in synthetic tasks (no download): oscillator forecasting and long-range classification.
+"""Built-in synthetic tasks (no download): oscillator forecasting, long-range classification and
+an irregularly sampled oscillator.
 
 The token tasks for comparing sequence mixers (MQAR, selective copying, induction heads) are
 in :mod:`flax_linoss.data.lm_tasks`.
@@ -19,8 +20,10 @@ import numpy as np
 
 __all__ = [
     "OSCILLATOR_KINDS",
+    "IrregularOscillatorSource",
     "LongRangeSource",
     "example_rng",
+    "irregular_oscillator_example",
     "long_range_classification",
     "long_range_example",
     "oscillator_forecasting",
@@ -304,7 +307,27 @@ class IndexedSource:
         raise NotImplementedError
 
 
-class LongRangeSource(IndexedSource):
+class GeneratedSource(IndexedSource):
+    """Examples of a per-index generator, made on demand: ``generate(i, **kwargs)`` returns
+    ``(series, label, *more)``, named ``("series", "label", *extra_fields)``."""
+
+    extra_fields: tuple[str, ...] = ()
+
+    def __init__(self, num_examples: int, **kwargs):
+        self.num_examples = int(num_examples)
+        self.kwargs = kwargs
+        self.generate(0, **kwargs)  # validate arguments early
+
+    @staticmethod
+    def generate(index: int, **kwargs) -> tuple:
+        raise NotImplementedError
+
+    def example(self, i: int) -> dict[str, np.ndarray]:
+        x, label, *more = self.generate(i, **self.kwargs)
+        return {"series": x, "label": np.int32(label), **dict(zip(self.extra_fields, more))}
+
+
+class LongRangeSource(GeneratedSource):
     """Random-access source of :func:`long_range_classification` examples, made on demand.
 
     ``source[i] == {"series": x[i] (float32 [L, 1]), "label": y[i] (int32)}`` for
@@ -312,11 +335,63 @@ class LongRangeSource(IndexedSource):
     in memory.
     """
 
-    def __init__(self, num_examples: int, **kwargs):
-        self.num_examples = int(num_examples)
-        self.kwargs = kwargs
-        long_range_example(0, **kwargs)  # validate arguments early
+    generate = staticmethod(long_range_example)
 
-    def example(self, i: int) -> dict[str, np.ndarray]:
-        x, label = long_range_example(i, **self.kwargs)
-        return {"series": x, "label": np.int32(label)}
+
+# ----------------------------------------------------------------------- irregular sampling
+
+
+def irregular_oscillator_example(
+    index: int,
+    *,
+    seed: Seed = 0,
+    length: int = 64,
+    num_classes: int = 4,
+    min_duration: float = 8.0,
+    max_duration: float = 32.0,
+    min_frequency: float = 0.2,
+    max_frequency: float = 0.8,
+    damping: float = 0.02,
+    noise_std: float = 0.05,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Example ``index`` of the irregularly sampled oscillator task.
+
+    A damped oscillation ``A exp(-damping t) cos(2 pi f t + phi) + noise`` observed at
+    ``length`` random times (sorted, uniform over a window of ``T`` time units); the class is
+    the frequency band of ``f`` (``num_classes`` equal bands, on a log scale, between
+    ``min_frequency`` and ``max_frequency`` cycles per time unit). The window ``T`` is drawn
+    per example from ``[min_duration, max_duration]``, so the number of cycles per
+    observation says nothing about ``f`` without the times: a model that ignores the
+    timestamps sees the bands overlap (by the default factor 4 of ``T`` against a factor 4
+    of ``f``), one that uses them can tell them apart.
+
+    Returns:
+        ``(x float32 [L, 1], label, timestamps float32 [L])``, the times in time units from
+        the window's start (increasing).
+    """
+    if length < 2 or num_classes < 2:
+        raise ValueError("need length >= 2 and num_classes >= 2")
+    if not 0 < min_duration <= max_duration or not 0 < min_frequency < max_frequency:
+        raise ValueError(
+            "need 0 < min_duration <= max_duration and 0 < min_frequency < max_frequency"
+        )
+    rng = example_rng(seed, index)
+    label = int(rng.integers(num_classes))
+    edges = np.geomspace(min_frequency, max_frequency, num_classes + 1)
+    freq = np.exp(rng.uniform(np.log(edges[label]), np.log(edges[label + 1])))
+    duration = rng.uniform(min_duration, max_duration)
+    t = np.sort(rng.uniform(0.0, duration, length))
+    amp, phase = rng.uniform(0.5, 1.5), rng.uniform(0.0, 2 * np.pi)
+    x = amp * np.exp(-damping * t) * np.cos(2 * np.pi * freq * t + phase)
+    x = x + noise_std * rng.standard_normal(length)
+    return x.astype(np.float32)[:, None], label, t.astype(np.float32)
+
+
+class IrregularOscillatorSource(GeneratedSource):
+    """Random-access source of :func:`irregular_oscillator_example` examples, made on demand.
+
+    ``source[i] == {"series": float32 [L, 1], "label": int32, "timestamps": float32 [L]}``.
+    """
+
+    generate = staticmethod(irregular_oscillator_example)
+    extra_fields = ("timestamps",)

@@ -9,6 +9,7 @@ Shapes: ``[batch, length, features]``; ``H`` features, ``P`` oscillators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,21 +48,45 @@ from flax_linoss.ops.params import (
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-__all__ = ["LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm"]
+__all__ = ["SOFTPLUS_INV_ONE", "LinOSSBlock", "LinOSSLayer", "LinOSSModel", "RunningBatchNorm"]
+
+#: ``softplus^-1(1)``: the selective gate's bias at initialisation (a gate of exactly 1).
+SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
+_ZEROS = nnx.initializers.zeros_init()
+_LECUN_NORMAL = nnx.initializers.lecun_normal()
+_GATE_BIAS = nnx.initializers.constant(SOFTPLUS_INV_ONE)
 
 
 class LinOSSLayer(nnx.Module):
     """One LinOSS / D-LinOSS state-space layer, ``[batch, length, H] -> [batch, length, H]``.
 
     Parameters: ``a_raw [P]``, ``dt_raw [P]``, ``g_raw [P]`` (damped only), ``b [P, H, 2]``,
-    ``c [H, P, 2]`` (complex matrices as (re, im) pairs) and ``d [H]``.
+    ``c [H, P, 2]`` (complex matrices as (re, im) pairs) and ``d [H]``; with ``selective``
+    also ``dt_bias [P]`` and ``dt_kernel [H, P]`` (or, with ``selective_rank=r``,
+    ``dt_down [H, r]`` and ``dt_up [r, P]``).
+
+    Step sizes. By default every step advances each oscillator by its learned ``dt [P]``
+    (time-invariant). Two options make the step vary (see :mod:`flax_linoss.ops.steps`):
+
+    * ``timestamps [..., length]`` (a call argument, irregularly sampled series): step ``t``
+      advances by ``dt * gap_t``, ``gap_t`` the time since the previous observation in
+      units of ``time_scale`` (the first step: 1 unit; see
+      :func:`flax_linoss.ops.timestamp_gaps`), as S5 does;
+    * ``selective=True`` (input-dependent, as Mamba's): ``dt_t = dt * softplus(W x_t + b)``
+      per oscillator, with ``W`` zero and ``b = softplus^-1(1)`` at initialisation, so the
+      layer starts as the time-invariant one.
+
+    Both together multiply. LinOSS-IMEX (``constraint="stable"``) and D-LinOSS clamp each
+    step into their stable range (:func:`flax_linoss.ops.clamp_steps`); LinOSS-IM is stable
+    for every step size.
 
     Args:
       in_features: ``H`` (``features=`` is accepted as an older alias).
       state_size: ``P``, the number of oscillators.
       discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
         (D-LinOSS).
-      scan: scan path, see :func:`flax_linoss.ops.linoss_apply`.
+      scan: scan path, see :func:`flax_linoss.ops.linoss_apply` (a varying step needs a
+        path that takes one: ``"auto"`` picks it).
       oscillator_init: ``(key, P, dtype) -> {"a_raw", "dt_raw"[, "g_raw"]}``; default: the
         papers' (uniform for LinOSS, ring for D-LinOSS).
       constraint: ``"stable"`` (default: LinOSS-IMEX's ``a`` is kept below ``4 / dt^2``,
@@ -70,6 +95,14 @@ class LinOSSLayer(nnx.Module):
         D-LinOSS is kept strictly stable under both (float32 margins, see
         :mod:`flax_linoss.ops.params`). See :func:`flax_linoss.ops.constrain`.
       b_init, c_init, d_init: initialisers of ``b``, ``c``, ``d``.
+      selective: input-dependent step sizes (see above).
+      selective_rank: ``None`` for a full ``[H, P]`` projection ``dt_kernel``, or ``r`` for
+        a rank-``r`` one, ``dt_down [H, r] @ dt_up [r, P]``.
+      time_scale: the time unit of ``timestamps``: a gap of ``time_scale`` is one step of
+        the learned ``dt``.
+      dt_kernel_init: initialiser of ``dt_kernel`` (and of ``dt_up``); zeros by default.
+      dt_down_init: initialiser of ``dt_down`` (low rank only).
+      dt_bias_init: initialiser of ``dt_bias``; ``softplus^-1(1)`` by default.
       dtype: computation dtype of the projections (default: inferred from the input). The
         recurrence always runs in float32 or wider.
       param_dtype: parameter dtype.
@@ -94,6 +127,12 @@ class LinOSSLayer(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         constraint: str = STABLE,
         param_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+        selective: bool = False,
+        selective_rank: int | None = None,
+        time_scale: float = 1.0,
+        dt_kernel_init: Initializer = _ZEROS,
+        dt_down_init: Initializer = _LECUN_NORMAL,
+        dt_bias_init: Initializer = _GATE_BIAS,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_size("LinOSSLayer", "in_features", in_features)
@@ -102,6 +141,15 @@ class LinOSSLayer(nnx.Module):
         self.scan = ops.table.check_scan(scan)
         self.constraint = check_constraint(constraint)
         check_dtypes("LinOSSLayer", dtype, param_dtype)
+        if selective_rank is not None:
+            check_size("LinOSSLayer", "selective_rank", selective_rank)
+            if not selective:
+                raise ValueError("LinOSSLayer: selective_rank is an option of selective=True.")
+        if not (isinstance(time_scale, int | float) and time_scale > 0):
+            raise ValueError(f"LinOSSLayer: time_scale must be a number > 0, got {time_scale!r}.")
+        self.selective = selective
+        self.selective_rank = selective_rank
+        self.time_scale = float(time_scale)
         self.dtype = dtype
         self.param_dtype = param_dtype
         raw = ops.init_oscillators(
@@ -115,6 +163,23 @@ class LinOSSLayer(nnx.Module):
         self.b = param("b", b_init(rngs.params(), (state_size, in_features, 2), param_dtype))
         self.c = param("c", c_init(rngs.params(), (in_features, state_size, 2), param_dtype))
         self.d = param("d", d_init(rngs.params(), (in_features,), param_dtype))
+        # The selective gate (absent attributes are None, like g_raw).
+        low_rank = selective and selective_rank is not None
+        full, down, up = (
+            (in_features, state_size),
+            (in_features, selective_rank),
+            (
+                selective_rank,
+                state_size,
+            ),
+        )
+        new = lambda name, init, shape: param(name, init(rngs.params(), shape, param_dtype))
+        self.dt_bias = new("dt_bias", dt_bias_init, (state_size,)) if selective else None
+        self.dt_kernel = (
+            new("dt_kernel", dt_kernel_init, full) if selective and not low_rank else None
+        )
+        self.dt_down = new("dt_down", dt_down_init, down) if low_rank else None
+        self.dt_up = new("dt_up", dt_kernel_init, up) if low_rank else None
 
     @property
     def features(self) -> int:
@@ -132,6 +197,36 @@ class LinOSSLayer(nnx.Module):
             constraint=self.constraint,
         )
 
+    def _gate_params(self) -> dict[str, jax.Array | None]:
+        return {
+            name: None if p is None else p[...]
+            for name, p in (
+                ("dt_kernel", self.dt_kernel),
+                ("dt_down", self.dt_down),
+                ("dt_up", self.dt_up),
+                ("dt_bias", self.dt_bias),
+            )
+        }
+
+    def step_sizes(
+        self,
+        x: jax.Array,
+        *,
+        timestamps: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        reverse: bool = False,
+        initial_timestamp: jax.Array | None = None,
+    ) -> jax.Array:
+        """The step sizes the layer runs with: ``dt [P]``, or per step ``[..., length, P]``
+        with ``timestamps`` or ``selective`` (arguments as in :meth:`__call__`)."""
+        a, dt, g = self.constrained()
+        gate = self._gate_params()
+        (x,) = nnx.nn.dtypes.promote_dtype((x,), dtype=self.dtype)
+        return _step_sizes(
+            self, x, a, dt, g, timestamps, mask, segment_ids, reverse, initial_timestamp, **gate
+        )
+
     def __call__(
         self,
         x: jax.Array,
@@ -141,6 +236,8 @@ class LinOSSLayer(nnx.Module):
         reverse: bool = False,
         mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        timestamps: jax.Array | None = None,
+        initial_timestamp: jax.Array | None = None,
     ):
         """Applies the layer.
 
@@ -151,19 +248,63 @@ class LinOSSLayer(nnx.Module):
           reverse: run the recurrence from the last step to the first.
           mask: optional ``[..., length]`` bool, ``True`` = valid step.
           segment_ids: optional ``[..., length]`` int; the state restarts per segment.
+          timestamps: optional ``[..., length]`` observation times (increasing over the
+            valid steps; padded steps masked with ``mask``): each step advances by ``dt``
+            times the gap to the previous observation, in units of ``time_scale``.
+          initial_timestamp: optional ``[...]``, the time of the observation that produced
+            ``initial_state`` (streaming with timestamps); without it the first step's gap
+            is one time unit.
 
         Returns:
           ``[..., length, H]``, and the final state if ``return_state``.
         """
         # Shapes are checked once, at the ops boundary (values need no check: constrained).
-        x, b, c, d = nnx.nn.dtypes.promote_dtype(
-            (x, self.b[...], self.c[...], self.d[...]), dtype=self.dtype
+        gate = self._gate_params()
+        names = [k for k, v in gate.items() if v is not None]
+        x, b, c, d, *weights = nnx.nn.dtypes.promote_dtype(
+            (x, self.b[...], self.c[...], self.d[...], *(gate[k] for k in names)),
+            dtype=self.dtype,
         )
+        gate.update(zip(names, weights))
         a, dt, g = self.constrained()
+        if timestamps is not None:
+            _check_per_step("timestamps", timestamps, x.shape[:-1])
 
         def core(
-            x, a, dt, b, c, d, g=None, initial_state=None, mask=None, segment_ids=None, **axes
+            x,
+            a,
+            dt,
+            b,
+            c,
+            d,
+            g=None,
+            initial_state=None,
+            mask=None,
+            segment_ids=None,
+            timestamps=None,
+            initial_timestamp=None,
+            dt_kernel=None,
+            dt_down=None,
+            dt_up=None,
+            dt_bias=None,
+            **axes,
         ):
+            dt = _step_sizes(
+                self,
+                x,
+                a,
+                dt,
+                g,
+                timestamps,
+                mask,
+                segment_ids,
+                reverse,
+                initial_timestamp,
+                dt_kernel=dt_kernel,
+                dt_down=dt_down,
+                dt_up=dt_up,
+                dt_bias=dt_bias,
+            )
             return ops.linoss_apply(
                 x,
                 a,
@@ -188,11 +329,67 @@ class LinOSSLayer(nnx.Module):
         return per_shard(
             core,
             x,
-            {"mask": mask, "segment_ids": segment_ids},
+            {"mask": mask, "segment_ids": segment_ids, "timestamps": timestamps},
             initial_state,
-            {"a": a, "dt": dt, "b": b, "c": c, "d": d, "g": g},
+            {"a": a, "dt": dt, "b": b, "c": c, "d": d, "g": g, **gate},
             get_logical_axis_rules(),
+            per_row={"initial_timestamp": initial_timestamp},
         )
+
+
+def _check_per_step(name: str, x, lead: tuple[int, ...]) -> None:
+    """``x`` must broadcast to the input's ``[..., length]``."""
+    try:
+        ok = jnp.broadcast_shapes(jnp.shape(x), lead) == tuple(lead)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{name}` of shape {jnp.shape(x)} does not match the input's [..., length] = "
+            f"{list(lead)}."
+        )
+
+
+def _step_sizes(
+    layer: LinOSSLayer,
+    x,
+    a,
+    dt,
+    g,
+    timestamps,
+    mask,
+    segment_ids,
+    reverse,
+    initial_timestamp,
+    dt_kernel=None,
+    dt_down=None,
+    dt_up=None,
+    dt_bias=None,
+):
+    """``dt [P]``, or per step ``[..., L, P]`` from timestamps and the selective gate,
+    clamped into the scheme's stable range."""
+    if timestamps is None and not layer.selective:
+        return dt
+    steps = dt
+    if layer.selective:
+        rdt = jnp.promote_types(jnp.float32, jnp.result_type(a, dt))
+        if dt_kernel is None:  # low rank
+            h = jnp.matmul(x, dt_down, preferred_element_type=rdt).astype(x.dtype)
+            pre = jnp.matmul(h, dt_up, preferred_element_type=rdt)
+        else:
+            pre = jnp.matmul(x, dt_kernel, preferred_element_type=rdt)
+        steps = steps * jax.nn.softplus(pre + dt_bias.astype(rdt))
+    if timestamps is not None:
+        gaps = ops.timestamp_gaps(
+            timestamps,
+            mask=mask,
+            segment_ids=segment_ids,
+            reverse=reverse,
+            initial_timestamp=initial_timestamp,
+            time_scale=layer.time_scale,
+        )
+        steps = steps * jnp.broadcast_to(gaps, x.shape[:-1])[..., None].astype(steps.dtype)
+    return ops.clamp_steps(layer.discretization, a, steps, g, constraint=layer.constraint)
 
 
 class RunningBatchNorm(nnx.Module):
@@ -266,7 +463,8 @@ class LinOSSBlock(nnx.Module):
     Args:
       in_features: ``H`` (``features=`` is accepted as an older alias).
       state_size: ``P``.
-      discretization, scan, oscillator_init, constraint: passed to :class:`LinOSSLayer`.
+      discretization, scan, oscillator_init, constraint, selective, selective_rank,
+        time_scale: passed to :class:`LinOSSLayer`.
       norm: ``"batch"`` (Flax's batch norm), ``"batch_running"`` (the reference code's, see
         :class:`RunningBatchNorm`), ``"layer"`` or ``"rms"``.
       dropout_rate: dropout after the GELU and after the GLU.
@@ -292,6 +490,9 @@ class LinOSSBlock(nnx.Module):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         constraint: str = STABLE,
+        selective: bool = False,
+        selective_rank: int | None = None,
+        time_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
         self.in_features = check_size("LinOSSBlock", "in_features", in_features)
@@ -307,6 +508,9 @@ class LinOSSBlock(nnx.Module):
             scan=scan,
             oscillator_init=oscillator_init,
             constraint=constraint,
+            selective=selective,
+            selective_rank=selective_rank,
+            time_scale=time_scale,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -319,15 +523,22 @@ class LinOSSBlock(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, deterministic: bool | None = None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        mask: jax.Array | None = None,
+        timestamps: jax.Array | None = None,
     ) -> jax.Array:
         """Applies the block to ``x [batch, length, H]``; ``mask [batch, length]`` optional
-        (``True`` = valid step; padded steps never influence valid ones or the statistics).
+        (``True`` = valid step; padded steps never influence valid ones or the statistics);
+        ``timestamps [batch, length]`` optional (irregular sampling, see
+        :class:`LinOSSLayer`).
         """
         check_sequence_input(x, "LinOSSBlock", rank=3, features=self.in_features)
-        return self._forward(x, deterministic=deterministic, mask=mask)
+        return self._forward(x, deterministic=deterministic, mask=mask, timestamps=timestamps)
 
-    def _forward(self, x, *, deterministic, mask):
+    def _forward(self, x, *, deterministic, mask, timestamps=None):
         """The block on an already checked input (the model checks its own input once)."""
         deterministic = self.deterministic if deterministic is None else deterministic
         skip = x
@@ -335,7 +546,7 @@ class LinOSSBlock(nnx.Module):
             x = self.norm(x, use_running_average=deterministic, mask=feature_mask(mask, x))
         else:
             x = self.norm(x)
-        x = self.ssm(x, mask=mask)
+        x = self.ssm(x, mask=mask, timestamps=timestamps)
         x = self.dropout(jax.nn.gelu(x, approximate=True), deterministic=deterministic)
         x = self.glu_value(x) * jax.nn.sigmoid(self.glu_gate(x))
         x = self.dropout(x, deterministic=deterministic)
@@ -358,8 +569,8 @@ class LinOSSModel(nnx.Module):
       output_size: classes or regression targets.
       task: ``"classification"`` or ``"regression"``.
       output_step: subsampling of the regression head.
-      discretization, scan, oscillator_init, constraint, norm, dropout_rate, norm_axis_name:
-        per block.
+      discretization, scan, oscillator_init, constraint, norm, dropout_rate, norm_axis_name,
+        selective, selective_rank, time_scale: per block (see :class:`LinOSSLayer`).
       deterministic, dtype, param_dtype: as in Flax.
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training).
     """
@@ -384,6 +595,9 @@ class LinOSSModel(nnx.Module):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         constraint: str = STABLE,
+        selective: bool = False,
+        selective_rank: int | None = None,
+        time_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
         check_model_options(task, output_step, num_blocks)
@@ -411,6 +625,9 @@ class LinOSSModel(nnx.Module):
                     dropout_rate=dropout_rate,
                     norm_axis_name=norm_axis_name,
                     deterministic=deterministic,
+                    selective=selective,
+                    selective_rank=selective_rank,
+                    time_scale=time_scale,
                     **kw,
                 )
                 for _ in range(num_blocks)
@@ -419,13 +636,20 @@ class LinOSSModel(nnx.Module):
         self.head = nnx.Linear(hidden_size, output_size, **kw)
 
     def __call__(
-        self, x: jax.Array, *, deterministic: bool | None = None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        mask: jax.Array | None = None,
+        timestamps: jax.Array | None = None,
     ) -> jax.Array:
-        """Applies the model to ``x [batch, length, in_features]`` (``mask [batch, length]``)."""
+        """Applies the model to ``x [batch, length, in_features]`` (``mask [batch, length]``;
+        ``timestamps [batch, length]`` for irregularly sampled series, see
+        :class:`LinOSSLayer`)."""
         deterministic = self.deterministic if deterministic is None else deterministic
         check_sequence_input(x, "LinOSSModel", rank=3, features=self.in_features)
         x = self.encoder(x)
         for block in self.blocks:
-            x = block._forward(x, deterministic=deterministic, mask=mask)
+            x = block._forward(x, deterministic=deterministic, mask=mask, timestamps=timestamps)
         x = self.head(pool_or_subsample(x, self.task, self.output_step, mask))
         return x if self.task == CLASSIFICATION else jnp.tanh(x)

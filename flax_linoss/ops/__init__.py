@@ -7,7 +7,10 @@ No Flax in here; the linen and nnx layers both call these functions.
   eigenvalues and validation are in :mod:`.schemes`);
 * the scan names and table (:class:`Scan`, :data:`SCAN_TABLE`, :data:`SCANS`; validation and
   capabilities in :mod:`.table`);
-* constraints and initialisers (:func:`constrain`, :data:`CONSTRAINTS`, ...; :mod:`.params`).
+* constraints and initialisers (:func:`constrain`, :data:`CONSTRAINTS`, ...; :mod:`.params`);
+* per-step step sizes for a time-varying ``dt [..., L, P]``: :func:`timestamp_gaps`
+  (irregular sampling), :func:`clamp_steps` / :func:`step_limit` (the stable range per
+  step; :mod:`.steps`).
 
 Everything else (the scan paths in ``_scans/``, validation, projections, ``auto``) is
 private. Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P`` oscillators.
@@ -34,6 +37,7 @@ from flax_linoss.ops.schemes import (
     IM,
     IMEX,
 )
+from flax_linoss.ops.steps import clamp_steps, step_limit, timestamp_gaps
 from flax_linoss.ops.table import (
     ADJOINT,
     ASSOCIATIVE,
@@ -64,6 +68,7 @@ __all__ = [
     "SEQUENTIAL",
     "LinOSSState",
     "Scan",
+    "clamp_steps",
     "complex_uniform_init",
     "constrain",
     "damped_constrain",
@@ -75,5 +80,7 @@ __all__ = [
     "linoss_step",
     "ring_init",
     "stable_band",
+    "step_limit",
+    "timestamp_gaps",
     "uniform_init",
 ]

@@ -10,6 +10,7 @@ real channels.
 from __future__ import annotations
 
 import functools
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,50 @@ from flax_linoss.ops._scans._common import (
 )
 from flax_linoss.ops._state import LinOSSState
 from flax_linoss.ops.table import AUTO, PALLAS, SCAN_TABLE, Scan
+
+
+@overload
+def linoss_apply(
+    u: jax.Array,
+    a: jax.Array,
+    dt: jax.Array,
+    b: jax.Array,
+    c: jax.Array,
+    d: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    discretization: str = schemes.IM,
+    scan: str = AUTO,
+    initial_state: LinOSSState | None = None,
+    return_state: Literal[False] = False,
+    reverse: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    sequence_axis: str | None = None,
+    check: bool | str = True,
+) -> jax.Array: ...
+
+
+@overload
+def linoss_apply(
+    u: jax.Array,
+    a: jax.Array,
+    dt: jax.Array,
+    b: jax.Array,
+    c: jax.Array,
+    d: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    discretization: str = schemes.IM,
+    scan: str = AUTO,
+    initial_state: LinOSSState | None = None,
+    return_state: Literal[True],
+    reverse: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    sequence_axis: str | None = None,
+    check: bool | str = True,
+) -> tuple[jax.Array, LinOSSState]: ...
 
 
 def linoss_apply(
@@ -48,19 +93,27 @@ def linoss_apply(
     sequence_axis: str | None = None,
     oscillator_axis: str | None = None,
     check: bool | str = True,
-):
+) -> jax.Array | tuple[jax.Array, LinOSSState]:
     """Applies a LinOSS / D-LinOSS layer to a sequence, for already-constrained parameters.
 
-    Computes ``x_n = M x_{n-1} + f (B u_n)`` per oscillator (see
+    Computes ``x_n = M_n x_{n-1} + f_n (B u_n)`` per oscillator (see
     :mod:`flax_linoss.ops.schemes`) from ``initial_state`` (zero by default) and returns
-    ``Re(C y_n) + d * u_n``. The recurrence runs in float32 (float64 if ``a``/``dt`` are
+    ``Re(C y_n) + d * u_n``. With ``dt [P]`` the transition ``M`` and forcing ``f`` are the
+    same at every step; with a time axis, ``dt [..., L, P]``, each step has its own (for
+    irregularly sampled series and input-dependent, selective step sizes; see
+    :mod:`flax_linoss.ops.steps`). The recurrence runs in float32 (float64 if ``a``/``dt`` are
     float64) whatever the dtype of ``u``; the projections run in ``u``'s dtype with
     float32 accumulation.
 
     Args:
       u: ``[..., L, H]`` real input.
       a: ``[P]`` stiffness, ``>= 0``.
-      dt: ``[P]`` time steps in ``(0, 1]``.
+      dt: ``[P]`` time steps in ``(0, 1]``, or per step ``[..., L, P]`` (any size ``> 0``;
+        broadcast over the batch where it has no batch axes, e.g. ``[L, P]``; aligned with
+        ``u``'s positions, also with ``reverse``). For LinOSS-IMEX and D-LinOSS a per-step
+        size must lie in the scheme's stable range: :func:`flax_linoss.ops.clamp_steps`
+        clamps it (the layers do). The scan table says which paths take it
+        (``"chunked"`` does not; ``"auto"`` routes around it).
       b: ``[P, H]`` complex input matrix, or real ``[P, H, 2]`` (re, im) pairs.
       c: ``[H, P]`` complex output matrix, or real ``[H, P, 2]``.
       d: ``[H]`` real feed-through.
@@ -106,7 +159,12 @@ def linoss_apply(
         )
     if oscillator_axis is not None:
         _checks.check_mesh_axis("oscillator_axis", oscillator_axis)
-    path = resolve_scan(scan, flags=flagged, dtype=_project.recurrence_dtype(a, dt, g))
+    path = resolve_scan(
+        scan,
+        flags=flagged,
+        time_varying=_checks.time_varying(dt),
+        dtype=_project.recurrence_dtype(a, dt, g),
+    )
     variant = None
     if path == PALLAS:
         from flax_linoss.ops._scans import pallas
@@ -157,20 +215,22 @@ def _flat_state(state: LinOSSState | None, lead, num_osc: int, dtype):
     return tuple(out)
 
 
-def _flat_per_step(x, name: str, lead_len: tuple[int, ...], reverse: bool):
+def _flat_per_step(x, name: str, shape: tuple[int, ...], reverse: bool, time_axis: int = -1):
+    """``x`` broadcast to ``shape`` (``[..., L]``, or ``[..., L, P]`` with ``time_axis=-2``),
+    the batch flattened to ``[N, L(, P)]``, in processing order."""
     if x is None:
         return None
     x = jnp.asarray(x)
-    if x.shape != lead_len:
+    if x.shape != shape:
         try:
-            x = jnp.broadcast_to(x, lead_len)
+            x = jnp.broadcast_to(x, shape)
         except ValueError as e:
+            form = "[..., length]" if time_axis == -1 else "[..., length, P]"
             raise ValueError(
-                f"`{name}` of shape {x.shape} does not match the input's [..., length] = "
-                f"{list(lead_len)}."
+                f"`{name}` of shape {x.shape} does not match the input's {form} = {list(shape)}."
             ) from e
-    x = x.reshape(-1, lead_len[-1])
-    return x[:, ::-1] if reverse else x
+    x = x.reshape(-1, *shape[len(shape) + time_axis :])
+    return jnp.flip(x, 1) if reverse else x
 
 
 # Compiled as one program (cheap eager calls); inlined when called under an outer jit.
@@ -212,9 +272,13 @@ def _apply(
     lead = tuple(lead)
     num_osc = a.shape[0]
     q = 2 * num_osc
-    tr, rdt = _project.real_transition(a, dt, g, discretization)
     u_flat = u.reshape(-1, length, feats)
     n = u_flat.shape[0]
+    if dt.ndim > 1:  # a transition per step: [N, L, Q], in the path's layout
+        dt = _flat_per_step(dt, "dt", (*lead, length, num_osc), reverse, time_axis=-2)
+        if entry.layout == LNQ:
+            dt = jnp.swapaxes(dt, 0, 1)
+    tr, rdt = _project.real_transition(a, dt, g, discretization)
     channels = entry.channels(n, q) if entry.channels is not None else q
     if channels != q:
         # Extra zero channels: zero coefficients and zero weights keep them exactly zero.
@@ -268,7 +332,9 @@ def linoss_step(
     Args:
       state: :class:`LinOSSState` with ``[..., 2, P]`` leaves (``[B, 2, P]`` typically).
       u_t: ``[..., H]`` input at this step.
-      a, dt, b, c, d, g, discretization: as in :func:`linoss_apply`.
+      a, b, c, d, g, discretization: as in :func:`linoss_apply`.
+      dt: ``[P]``, or this step's ``[..., P]`` (broadcasting to ``u_t``'s batch): the
+        ``dt[..., t, :]`` of a time-varying :func:`linoss_apply`.
       check: as in :func:`linoss_apply` (``True``, ``"shapes"`` or ``False``).
 
     Returns:
@@ -278,7 +344,9 @@ def linoss_step(
     shapes, values = _checks.check_levels(check)
     if shapes:
         _checks.check_step_input(u_t)
-        _checks.check_inputs(u_t[..., None, :], a, dt, b, c, d, g, discretization, values=values)
+        _checks.check_inputs(
+            u_t[..., None, :], a, dt, b, c, d, g, discretization, values=values, step=True
+        )
         _checks.check_state(state, np.shape(a)[0], tuple(u_t.shape[:-1]))
     return _step(state, u_t, a, dt, b, c, d, g, discretization=discretization)
 

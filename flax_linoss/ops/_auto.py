@@ -8,9 +8,9 @@ traffic model there until ``benchmarks/bench_device.py`` has run on a device):
 * TPU, and GPU with compute capability >= 8.0: ``pallas`` (the fused kernels: about 2S
   bytes forward and 5S forward+backward for an ``[N, L, Q]`` array of S bytes, the floor)
   where code runs per device and the recurrence is float32; else ``chunked`` (partitions
-  under a multi-device ``jit``; about 8S / 23S), or ``associative`` for flagged inputs
-  there (``chunked`` takes no flags).
-* Other platforms: ``chunked`` (``associative`` with flags).
+  under a multi-device ``jit``; about 8S / 23S), or ``associative`` for flagged or
+  time-varying inputs there (``chunked`` takes neither).
+* Other platforms: ``chunked`` (``associative`` with flags or a time-varying ``dt``).
 
 "Per device" means a single-device process, or inside ``shard_map``/``pmap`` (every mesh
 axis manual): elsewhere XLA's SPMD partitioner may split the batch over devices, and it
@@ -55,20 +55,27 @@ def per_device() -> bool:
 
 
 def resolve_scan(
-    scan: str, *, flags: bool = False, platform: str | None = None, dtype=jnp.float32
+    scan: str,
+    *,
+    flags: bool = False,
+    time_varying: bool = False,
+    platform: str | None = None,
+    dtype=jnp.float32,
 ) -> Scan:
     """The path to run for ``scan`` (``"auto"`` resolved by the rule in this module's doc).
 
     Args:
       scan: a name in :data:`flax_linoss.ops.SCANS`.
       flags: whether the input has a ``mask`` or ``segment_ids``.
+      time_varying: whether ``dt`` has a time axis (a transition per step).
       platform: ``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"`` or ``"tpu"`` (default: JAX's
         default backend).
       dtype: the recurrence dtype (float32, or float64 with float64 parameters).
 
     Raises:
-      ValueError: an unknown or removed name, flags on a path without them, a path that
-        does not run on ``platform`` (e.g. ``"native"`` off the CPU).
+      ValueError: an unknown or removed name, flags or a time-varying ``dt`` on a path
+        without them, a path that does not run on ``platform`` (e.g. ``"native"`` off the
+        CPU).
       RuntimeError: a kernel asked for where it cannot run (the message says why).
     """
     scan = Scan(table.check_scan(scan))
@@ -79,6 +86,12 @@ def resolve_scan(
         raise ValueError(
             f"scan={scan.value!r} needs a time-invariant transition and cannot apply `mask` or "
             f"`segment_ids`; use one of {takes} or 'auto'."
+        )
+    if time_varying and not entry.time_varying:
+        takes = [s.value for s, p in SCAN_TABLE.items() if p.time_varying and s != Scan.AUTO]
+        raise ValueError(
+            f"scan={scan.value!r} is time-invariant by construction and cannot take a `dt` "
+            f"with a time axis (a transition per step); use one of {takes} or 'auto'."
         )
     if scan == Scan.NATIVE and platform != "cpu":
         raise ValueError(
@@ -92,19 +105,17 @@ def resolve_scan(
                 f"scan={scan.value!r} is unavailable: {reason}. Use 'auto' (it falls back)."
             )
         return scan
-    return _auto(platform, flags, dtype)
+    return _auto(platform, flags or time_varying, dtype)
 
 
-def _usable(scan: Scan, platform: str, dtype) -> bool:
-    return SCAN_TABLE[scan].unavailable_reason(platform, dtype) is None
+def _auto(platform: str, per_step: bool, dtype) -> Scan:
+    """``per_step``: flags or a time-varying ``dt`` (which ``chunked`` cannot take)."""
+    return _choose(platform, per_step, dtype, per_device())[0]
 
 
-def _auto(platform: str, flags: bool, dtype) -> Scan:
-    return _choose(platform, flags, dtype, per_device())[0]
-
-
-def _choose(platform: str, flags: bool, dtype, device_local: bool) -> tuple[Scan, str]:
-    """``auto``'s path and why, for a platform, flags, dtype and device context."""
+def _choose(platform: str, per_step: bool, dtype, device_local: bool) -> tuple[Scan, str]:
+    """``auto``'s path and why, for a platform, per-step inputs (flags or a time-varying
+    ``dt``), dtype and device context."""
     if platform == "cpu":
         if not device_local:
             return Scan.ADJOINT, (
@@ -115,7 +126,7 @@ def _choose(platform: str, flags: bool, dtype, device_local: bool) -> tuple[Scan
         if reason is None:
             return Scan.NATIVE, "the fused C++ kernel, measured fastest on CPU"
         return Scan.ADJOINT, f"native unavailable: {reason}"
-    fallback = Scan.ASSOCIATIVE if flags else Scan.CHUNKED
+    fallback = Scan.ASSOCIATIVE if per_step else Scan.CHUNKED
     if platform not in ("tpu", "gpu"):
         return fallback, f"no fused kernel for {platform!r}"
     if not device_local:

@@ -75,13 +75,43 @@ def _features_from_b(b, num_osc: int) -> int:
     return shape[1]
 
 
-def check_inputs(u, a, dt, b, c, d, g, discretization: str, *, values: bool = True) -> None:
+def time_varying(dt) -> bool:
+    """Whether ``dt`` has more axes than ``[P]``: a step size per step (``linoss_apply``) or
+    per example (``linoss_step``)."""
+    return np.ndim(dt) > 1
+
+
+def _check_dt(dt, num_osc: int, u_shape: tuple[int, ...], step: bool) -> None:
+    shape = tuple(np.shape(dt))
+    if len(shape) == 1 and shape == (num_osc,):
+        return
+    lead = u_shape[:-2]
+    want = (*lead, num_osc) if step else (*lead, u_shape[-2], num_osc)
+    form = "[..., P]" if step else "[..., L, P]"
+    if len(shape) >= 2 and shape[-1] == num_osc and len(shape) <= len(want):
+        try:
+            if np.broadcast_shapes(shape, want) == want:
+                return
+        except ValueError:
+            pass
+    raise ValueError(
+        f"`dt` must have shape [P] = [{num_osc}] (P from `a`) or, varying, {form} "
+        f"broadcasting to {list(want)} (the input's batch"
+        f"{'' if step else ' and length'}), got {list(shape)}."
+    )
+
+
+def check_inputs(
+    u, a, dt, b, c, d, g, discretization: str, *, values: bool = True, step: bool = False
+) -> None:
     """Raises a clear ``ValueError``/``TypeError`` for malformed inputs to ``linoss_apply``.
 
     Args:
-      u: ``[..., L, H]``.
+      u: ``[..., L, H]`` (``[..., 1, H]`` for one step).
       a, dt, b, c, d, g, discretization: as in ``linoss_apply``.
       values: also check the values of concrete ``a``, ``dt``, ``g`` (a host copy).
+      step: ``linoss_step``'s form: a varying ``dt`` is ``[..., P]`` (per example), not
+        ``[..., L, P]``.
     """
     schemes.check_discretization(discretization)
     if np.ndim(u) < 2:
@@ -98,11 +128,9 @@ def check_inputs(u, a, dt, b, c, d, g, discretization: str, *, values: bool = Tr
     num_osc = np.shape(a)[0]
     if num_osc == 0:
         raise ValueError("`a` has shape (0,): the layer has no oscillators (P = 0); use P >= 1.")
-    for name, x in (("dt", dt), ("g", g)):
-        if x is not None and tuple(np.shape(x)) != (num_osc,):
-            raise ValueError(
-                f"`{name}` must have shape [P] = [{num_osc}] (P from `a`), got {np.shape(x)}."
-            )
+    _check_dt(dt, num_osc, tuple(np.shape(u)), step)
+    if g is not None and tuple(np.shape(g)) != (num_osc,):
+        raise ValueError(f"`g` must have shape [P] = [{num_osc}] (P from `a`), got {np.shape(g)}.")
     if discretization == schemes.DAMPED and g is None:
         raise ValueError("discretization='damped' (D-LinOSS) needs the damping `g` [P].")
     if discretization != schemes.DAMPED and g is not None:
@@ -128,9 +156,12 @@ def check_inputs(u, a, dt, b, c, d, g, discretization: str, *, values: bool = Tr
 
 
 def _check_values(a, dt, g) -> None:
+    # A constrained dt [P] is a sigmoid, in (0, 1]; a varying dt is that times a factor per
+    # step (a gap between timestamps, a selective gate): any positive size.
+    dt_max = None if time_varying(dt) else 1.0
     for name, x, lo, lo_open, hi in (
         ("a", a, 0.0, False, None),
-        ("dt", dt, 0.0, True, 1.0),
+        ("dt", dt, 0.0, True, dt_max),
         ("g", g, 0.0, False, None),
     ):
         xv = _concrete(x)
@@ -142,7 +173,7 @@ def _check_values(a, dt, g) -> None:
         if hi is not None:
             bad |= xv > hi
         if np.any(bad):
-            rng = f"({lo}, {hi}]" if hi is not None else f">= {lo}"
+            rng = f"({lo}, {hi}]" if hi is not None else f"> {lo}" if lo_open else f">= {lo}"
             raise ValueError(
                 f"`{name}` must be {rng} (already constrained); got min {xv.min():.4g}, "
                 f"max {xv.max():.4g}. Use flax_linoss.ops.constrain (or linoss_constrain / "

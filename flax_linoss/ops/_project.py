@@ -1,9 +1,10 @@
 """The layer's two projections, in the layout the chosen scan path streams.
 
-Because ``M`` and ``f`` are real and time-invariant, the complex state of each oscillator
-splits into two real 2-vectors driven by ``Re(Bu)`` and ``Im(Bu)``. The recurrence therefore
-runs on ``Q = 2P`` real channels (no complex dtypes, which TPUs support poorly), and the
-output ``Re(C y)`` becomes one real matmul with ``[Re(C), -Im(C)]``.
+Because ``M`` and ``f`` are real (and the same for both parts, per step if ``dt`` varies),
+the complex state of each oscillator splits into two real 2-vectors driven by ``Re(Bu)`` and
+``Im(Bu)``. The recurrence therefore runs on ``Q = 2P`` real channels (no complex dtypes,
+which TPUs support poorly), and the output ``Re(C y)`` becomes one real matmul with
+``[Re(C), -Im(C)]``.
 
 Layouts (see :class:`flax_linoss.ops.table.ScanPath`): ``"nlq"`` is ``[N, L, Q]``, the
 projection's natural output; ``"lnq"`` is time-major ``[L, N, Q]``, where one time step of

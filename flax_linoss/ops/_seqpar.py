@@ -1,13 +1,19 @@
 """Sequence parallelism: one sequence split over a ``shard_map`` mesh axis.
 
-The system is time-invariant, so by linearity a shard's true states are its states from a
-zero start plus the free response of the state it receives. Each shard therefore scans its
-part from zero with any path of the scan table (the fused kernels included), the shards'
-end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming states follow by a
-prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the initial state),
-and each shard adds the free response of ``h_k`` in closed form
+With a fixed ``dt`` the system is time-invariant, so by linearity a shard's true states are
+its states from a zero start plus the free response of the state it receives. Each shard
+therefore scans its part from zero with any path of the scan table (the fused kernels
+included), the shards' end states ``e_k`` are shared (``[K, N, 2, Q]``, small), the incoming
+states follow by a prefix over the shards ``h_{k+1} = M^(L_shard) h_k + e_k`` (``h_0`` the
+initial state), and each shard adds the free response of ``h_k`` in closed form
 (:func:`~flax_linoss.ops._scans.chunked.free_response`). Gradients are autodiff of this
 combination through each path's own backward.
+
+With per-step coefficients (a time-varying ``dt``) there is no power or closed form: each
+shard reduces its steps to their affine map ``x_end = T_k x_start + e_k`` (``T_k`` the
+product of the shard's transitions, by a tree of pairwise products), the maps are shared
+and chained over the shards, ``h_{k+1} = T_k h_k + e_k``, and each shard runs its scan
+path once, from its incoming state ``h_k``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ import jax.numpy as jnp
 
 from flax_linoss.ops._project import LNQ
 from flax_linoss.ops._scans import chunked
-from flax_linoss.ops._scans._common import power, prefix_scan, vary, varying_axes
+from flax_linoss.ops._scans._common import (
+    affine_reduce,
+    is_time_varying,
+    power,
+    prefix_scan,
+    vary,
+    varying_axes,
+)
 
 
 def _axis_size(axis) -> int:
@@ -49,19 +62,14 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
     if reverse:
         position = shards - 1 - position
     time_major = entry.layout == LNQ
+    if is_time_varying(tr):
+        return _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major)
     length = v.shape[0 if time_major else 1]
     # The local scan starts from zero typed like this shard's input (varying over the axis):
     # the loop paths' carries must keep one type.
     zero = vary(jnp.zeros_like(z0), varying_axes(v))
     ys, z_end, y_end = entry.run(tr, v, zero, zero, None)
-    # Every shard's end state, on every shard: a psum of one-hot slots (not all_gather), so
-    # that what follows is replicated over the axis (the final state can leave shard_map
-    # with out_specs P() under check_vma).
-    mine = jnp.stack([z_end, y_end], axis=1)  # [N, 2, Q]
-    slots = jnp.zeros((shards, *mine.shape), mine.dtype)
-    ends = jax.lax.psum(slots.at[jax.lax.axis_index(axis)].set(mine), axis)  # [K, N, 2, Q]
-    if reverse:
-        ends = ends[::-1]
+    ends = _share(jnp.stack([z_end, y_end], axis=1), axis, shards, reverse)  # [K, N, 2, Q]
     m = power(tuple(tr)[:4], length)
     b_z = jnp.moveaxis(ends[:, :, 0], 0, 1).at[:, 0].add(m[0] * z0 + m[1] * y0)  # [N, K, Q]
     b_y = jnp.moveaxis(ends[:, :, 1], 0, 1).at[:, 0].add(m[2] * z0 + m[3] * y0)
@@ -72,3 +80,29 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
     h_y = jax.lax.dynamic_index_in_dim(h_y, position, 1, keepdims=False)
     ys = ys + chunked.free_response(tr, h_z, h_y, length, time_major=time_major)
     return ys, after_z[:, -1], after_y[:, -1]
+
+
+def _share(mine, axis, shards: int, reverse: bool):
+    """Every shard's ``mine`` on every shard, ``[K, ...]`` in processing order: a psum of
+    one-hot slots (not all_gather), so that what follows is replicated over the axis (the
+    final state can leave shard_map with out_specs P() under check_vma)."""
+    slots = jnp.zeros((shards, *mine.shape), mine.dtype)
+    every = jax.lax.psum(slots.at[jax.lax.axis_index(axis)].set(mine), axis)
+    return every[::-1] if reverse else every
+
+
+def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major):
+    """:func:`run` for per-step coefficients (see the module docstring)."""
+    transfer, end = affine_reduce(tr, v, 0 if time_major else 1)
+    maps = _share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
+
+    def chain(h, k_map):
+        t11, t12, t21, t22, e_z, e_y = (k_map[:, i] for i in range(6))
+        h_z, h_y = h
+        return (t11 * h_z + t12 * h_y + e_z, t21 * h_z + t22 * h_y + e_y), h
+
+    (z_l, y_l), before = jax.lax.scan(chain, (z0, y0), maps)  # before: the state into shard k
+    h_z = jax.lax.dynamic_index_in_dim(before[0], position, 0, keepdims=False)
+    h_y = jax.lax.dynamic_index_in_dim(before[1], position, 0, keepdims=False)
+    ys, _, _ = entry.run(tr, v, h_z, h_y, None)
+    return ys, z_l, y_l

@@ -9,7 +9,8 @@ Each oscillator ``p`` has state ``(z, y)`` (velocity, position) and obeys
 
 and in all three ``y_n = y_{n-1} + dt z_n``.
 
-Solving each for the new state gives a linear time-invariant update
+Solving each for the new state gives a linear update (time-invariant for a fixed ``dt``, one
+per step for a time-varying ``dt [..., L, P]``)
 ``[z_n; y_n] = M [z_{n-1}; y_{n-1}] + [f1; f2] Bu_n`` with a real ``M`` and real ``f`` per
 oscillator. Everything downstream (scans, single steps, kernels) is written in terms of the
 six real coefficients returned by :func:`transition`.
@@ -32,7 +33,8 @@ DISCRETIZATIONS = (IM, IMEX, DAMPED)
 class Transition(NamedTuple):
     """Per-oscillator coefficients of ``x_n = M x_{n-1} + f v_n`` with ``x = [z; y]``.
 
-    Every field has shape ``[P]`` (or any shape broadcasting like ``a``).
+    Every field has shape ``[P]``, or per step ``[..., L, P]`` for a time-varying ``dt``
+    (any shape ``a``, ``dt`` and ``g`` broadcast to).
     """
 
     m11: jnp.ndarray
@@ -70,12 +72,12 @@ def transition(
 
     Args:
       a: ``[P]`` stiffness (diagonal of A), ``>= 0``.
-      dt: ``[P]`` time steps in ``(0, 1]``.
+      dt: ``[P]`` time steps in ``(0, 1]``, or per step ``[..., L, P]`` (``> 0``).
       discretization: ``"im"``, ``"imex"`` or ``"damped"``.
       g: ``[P]`` damping ``>= 0``; required for (and only used by) ``"damped"``.
 
     Returns:
-      The :class:`Transition` coefficients, each ``[P]``.
+      The :class:`Transition` coefficients, each shaped like ``dt`` (broadcast with ``a``).
     """
     check_discretization(discretization)
     dt2a = dt * dt * a

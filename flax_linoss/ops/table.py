@@ -3,25 +3,31 @@
 One entry per :class:`Scan` name. Validation (:func:`check_scan`), the ``"auto"`` choice
 (:mod:`flax_linoss.ops._auto`) and the dispatch in ``linoss_apply`` all read
 :data:`SCAN_TABLE`; adding a path is one module in ``flax_linoss/ops/_scans/`` (a
-``run(tr, v, z0, y0, flags) -> (ys, z_L, y_L)``) and one entry here.
+``run(tr, v, z0, y0, flags) -> (ys, z_L, y_L)``, the :class:`ScanRun` contract) and one
+entry here.
 
-============= ===== ====== ========= ===== ==================================================
-scan          flags fwd AD platforms SPMD  what it is for
-============= ===== ====== ========= ===== ==================================================
-sequential    yes   yes    any       yes   the reference (``lax.scan``, autodiff); ``jvp``
-associative   yes   flags  any       yes   log-depth prefix scan; flagged inputs under a
-                                           multi-device ``jit`` on accelerators
-adjoint       yes   no     any       yes   one loop + hand-written adjoint backward; the
-                                           fastest pure-JAX path on CPU
-native        yes   no     cpu       no    ``adjoint`` as a fused C++ kernel; fastest on CPU
-chunked       no    no     any       yes   chunked matmuls + a prefix over chunks; for
-                                           accelerators under a multi-device ``jit``
-pallas        yes   no     tpu, gpu  no    fused streaming kernels (Mosaic TPU, Triton GPU
-                           (cpu:           with compute capability >= 8.0); accelerators
-                           interp.)        per device; the CPU runs them interpreted (slow)
-============= ===== ====== ========= ===== ==================================================
+============= ===== ===== ====== ========= ===== =============================================
+scan          flags dt(t) fwd AD platforms SPMD  what it is for
+============= ===== ===== ====== ========= ===== =============================================
+sequential    yes   yes   yes    any       yes   the reference (``lax.scan``, autodiff); ``jvp``
+associative   yes   yes   flags  any       yes   log-depth prefix scan; flagged or time-varying
+                                                 inputs under a multi-device ``jit`` on
+                                                 accelerators
+adjoint       yes   yes   no     any       yes   one loop + hand-written adjoint backward; the
+                                                 fastest pure-JAX path on CPU
+native        yes   yes   no     cpu       no    ``adjoint`` as a fused C++ kernel; fastest on
+                                                 CPU
+chunked       no    no    no     any       yes   chunked matmuls + a prefix over chunks; for
+                                                 accelerators under a multi-device ``jit``
+pallas        yes   yes   no     tpu, gpu  no    fused streaming kernels (Mosaic TPU, Triton
+                                 (cpu:           GPU with compute capability >= 8.0);
+                                 interp.)        accelerators per device; the CPU runs them
+                                                 interpreted (slow)
+============= ===== ===== ====== ========= ===== =============================================
 
-*flags*: takes ``mask`` / ``segment_ids`` (per-step hold and reset). *fwd AD*: forward-mode
+*flags*: takes ``mask`` / ``segment_ids`` (per-step hold and reset). *dt(t)*: takes a
+time-varying ``dt [..., L, P]`` (a transition and forcing per step; ``chunked`` is
+time-invariant by construction, and ``auto`` routes such inputs around it). *fwd AD*: forward-mode
 autodiff (``jvp``); every path has reverse mode. *SPMD*: XLA's SPMD partitioner can
 split it over devices under a plain ``jit``; a custom call cannot be split (XLA gathers its
 inputs onto every device: correct, not parallel), so ``auto`` uses kernels only where code
@@ -33,10 +39,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
+import jax
 import jax.numpy as jnp
 
 from flax_linoss.ops._project import LNQ, NLQ
+
+if TYPE_CHECKING:
+    from flax_linoss.ops._scans._common import Flags
+    from flax_linoss.ops.schemes import Transition
 
 
 class Scan(str, enum.Enum):
@@ -77,6 +89,31 @@ _REMOVED = {
 }
 
 
+class ScanRun(Protocol):
+    """What every scan path's ``run`` is: ``(tr, v, z0, y0, flags) -> (ys, z_L, y_L)``.
+
+    Args:
+      tr: the transition on ``Q`` real channels: each field ``[Q]`` (time-invariant) or,
+        for a path with :attr:`ScanPath.time_varying`, per step in the path's layout
+        (``[N, L, Q]``, or ``[L, N, Q]`` for ``"lnq"``).
+      v: the forcing in the path's layout.
+      z0, y0: ``[N, Q]`` the state before the first step.
+      flags: per-step hold / reset, or ``None``.
+
+    Returns:
+      ``ys`` (the positions, in the layout), ``z_L`` and ``y_L`` (``[N, Q]``, the final state).
+    """
+
+    def __call__(
+        self,
+        tr: Transition,
+        v: jax.Array,
+        z0: jax.Array,
+        y0: jax.Array,
+        flags: Flags | None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanPath:
     """One row of the scan table.
@@ -85,11 +122,9 @@ class ScanPath:
       scan: the name.
       summary: what it is, in a line.
       use: what it is for (where ``auto`` picks it, or why one would ask for it).
-      run: ``(tr, v, z0, y0, flags) -> (ys, z_L, y_L)`` with ``tr`` the transition on ``Q``
-        real channels (each field ``[Q]``), ``v`` the forcing in :attr:`layout`, ``z0, y0``
-        ``[N, Q]``, ``flags`` a ``Flags`` or ``None``; ``ys`` in :attr:`layout`. ``None``
-        for ``auto``.
+      run: a :class:`ScanRun`; ``None`` for ``auto``.
       flags: takes per-step flags (``mask``, ``segment_ids``).
+      time_varying: takes per-step coefficients (a time-varying ``dt``).
       forward_ad: supports forward-mode autodiff (``jax.jvp``) without flags.
       platforms: where it runs (``"cpu"``, ``"gpu"``, ``"tpu"``).
       partitions: XLA's SPMD partitioner can split it over devices under a plain ``jit``.
@@ -102,8 +137,9 @@ class ScanPath:
     scan: Scan
     summary: str
     use: str
-    run: Callable | None
+    run: ScanRun | None
     flags: bool
+    time_varying: bool
     forward_ad: bool
     platforms: tuple[str, ...]
     partitions: bool
@@ -182,6 +218,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "the default",
             None,
             flags=True,
+            time_varying=True,
             forward_ad=False,
             platforms=_ALL,
             partitions=True,
@@ -192,6 +229,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "the reference; forward-mode autodiff (jvp)",
             _run_sequential,
             flags=True,
+            time_varying=True,
             forward_ad=True,
             platforms=_ALL,
             partitions=True,
@@ -200,9 +238,11 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             ASSOCIATIVE,
             "parallel prefix scan, O(log L) depth (Hillis-Steele with M^(2^i) per level and an "
             "adjoint backward; lax.associative_scan over per-step (A, b) with flags)",
-            "auto's choice for flagged inputs under a multi-device jit on accelerators",
+            "auto's choice for flagged or time-varying inputs under a multi-device jit on "
+            "accelerators",
             _run_associative,
             flags=True,
+            time_varying=True,
             forward_ad=False,
             platforms=_ALL,
             partitions=True,
@@ -213,6 +253,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "fastest pure-JAX path on CPU; auto's CPU choice where the native kernel cannot run",
             _run_adjoint,
             flags=True,
+            time_varying=True,
             forward_ad=False,
             platforms=_ALL,
             partitions=True,
@@ -223,6 +264,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "fastest on CPU; auto's CPU choice per device",
             _run_native,
             flags=True,
+            time_varying=True,
             forward_ad=False,
             platforms=("cpu",),
             partitions=False,
@@ -235,6 +277,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "accelerators under a multi-device jit, GPUs older than compute capability 8.0",
             _run_chunked,
             flags=False,
+            time_varying=False,
             forward_ad=False,
             platforms=_ALL,
             partitions=True,
@@ -247,6 +290,7 @@ SCAN_TABLE: dict[Scan, ScanPath] = {
             "runs in the Pallas interpreter (slow: for tests)",
             _run_pallas,
             flags=True,
+            time_varying=True,
             forward_ad=False,
             platforms=_ALL,
             partitions=False,

@@ -42,7 +42,9 @@ def load_dataset(config: ml_collections.ConfigDict):
 
 def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> dict[str, Any]:
     """The model input ``series``, the ``label`` and the row mask ``valid`` (plus the scored
-    positions ``weight`` of token tasks); adds the time channel if configured."""
+    positions ``weight`` of token tasks, and the ``timestamps`` of irregularly sampled
+    series unless ``model.use_timestamps`` is off); adds the time channel if configured
+    (from the timestamps where they are used)."""
     if "inputs" in batch:  # token task: inputs [B, L] int, next-token targets, weights
         out = {
             "series": np.asarray(batch["inputs"], np.int32),
@@ -56,11 +58,15 @@ def prepare_batch(config: ml_collections.ConfigDict, batch: dict[str, Any]) -> d
                 out[key] = np.asarray(batch[key], np.int32)
         return out
     series = np.asarray(batch["series"], np.float32)
+    times = batch.get("timestamps") if config.model.use_timestamps else None
     if config.data.time_channel:
         from flax_linoss.data.protocol import add_time_channel
 
-        series = add_time_channel(series)
-    return {"series": series, "label": batch["label"], "valid": batch["valid"]}
+        series = add_time_channel(series, timestamps=times)
+    out = {"series": series, "label": batch["label"], "valid": batch["valid"]}
+    if times is not None:
+        out["timestamps"] = np.asarray(times, np.float32)
+    return out
 
 
 def model_shape(info: dict[str, Any], time_channel: bool = False) -> dict[str, Any]:

@@ -89,6 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.scan = "auto"
     # Computation dtype of the projections: "float32" or "bfloat16" (parameters stay float32).
     model.dtype = "float32"
+    # Irregularly sampled data (a dataset with timestamps, e.g. UEA with
+    # data.options.drop_fraction): the "paper" model steps each oscillator by its dt times the
+    # time since the previous observation. False ignores the timestamps (the steps are taken
+    # as equally spaced, and the time channel is k / L).
+    model.use_timestamps = True
 
     config.optimizer = opt = ml_collections.ConfigDict()  # optax optimiser and schedule
     # "adam" or "adamw".

@@ -60,7 +60,10 @@ def paper_config(
         # download: fetch missing raw files; normalise: standardise channels with the train
         # split's statistics (off, as the papers feed the raw UEA series); missing: what to
         # do with missing values ("?" in the raw files; the papers' datasets have none):
-        # "error", "fill" (with fill_value) or "mask" (a fill and 0/1 observed channels).
+        # "error", "fill" (with fill_value) or "mask" (a fill and 0/1 observed channels);
+        # drop_fraction: irregular sampling, remove this share of every series' steps at
+        # random (the Neural-CDE protocol: 0.3, 0.5, 0.7) and pass the kept steps'
+        # timestamps to the model; drop_seed: which steps.
         options = {
             "root": "",
             "data_dir": "",
@@ -68,6 +71,8 @@ def paper_config(
             "normalise": False,
             "missing": "error",
             "fill_value": 0.0,
+            "drop_fraction": 0.0,
+            "drop_seed": 0,
         }
     config.data.options = ml_collections.ConfigDict(options)  # get_dataset options
     config.data.time_channel = time_channel  # prepend t_k = k / L (tuned per experiment)

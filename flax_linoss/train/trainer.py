@@ -309,8 +309,9 @@ def task_loss(task: str, out: jax.Array, batch: dict[str, jax.Array]):
 
 
 def packing(batch) -> dict[str, Any]:
-    """The packing fields of a token batch (``segment_ids``, ``positions``) it has."""
-    return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+    """The per-step fields a batch has besides the input: the packing of a token batch
+    (``segment_ids``, ``positions``), the ``timestamps`` of irregularly sampled series."""
+    return {k: batch[k] for k in ("segment_ids", "positions", "timestamps") if k in batch}
 
 
 def metric_name(task: str) -> str:

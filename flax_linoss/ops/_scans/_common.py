@@ -4,10 +4,12 @@ Every path solves the same problem on ``Q`` real channels (see :mod:`flax_linoss
 
     x_t = k_t A_t x_{t-1} + (1 - h_t) f v_t,    A_t = h_t I + (1 - h_t) M,    x_{-1} = x0
 
-with ``x = (z, y)``, a time-invariant 2x2 ``M`` and 2-vector ``f`` per channel, and two
-optional per-step flags per sequence: ``h_t`` *hold* (a masked step leaves the state as it
-is) and ``k_t = 1 - reset_t`` (a packed segment starts: the state restarts from zero before
-the step). Without flags this is ``x_t = M x_{t-1} + f v_t``.
+with ``x = (z, y)``, a 2x2 ``M`` and 2-vector ``f`` per channel, either time-invariant (each
+coefficient ``[Q]``) or given per step (``M_t``, ``f_t``: each coefficient ``[N, L, Q]`` in the
+path's layout, see :func:`is_time_varying`), and two optional per-step flags per sequence:
+``h_t`` *hold* (a masked step leaves the state as it is) and ``k_t = 1 - reset_t`` (a packed
+segment starts: the state restarts from zero before the step). Without flags this is
+``x_t = M x_{t-1} + f v_t``.
 
 The exact adjoint (reverse-mode) recurrence, with ``g_t`` the cotangent of ``y_t`` and
 ``g_zL`` that of the final velocity, is::
@@ -16,6 +18,10 @@ The exact adjoint (reverse-mode) recurrence, with ``g_t`` the cotangent of ``y_t
     rho_{t-1} = k_t A_t^T lambda_t,
     dv_t = (1 - h_t) f . lambda_t,    dM += (1 - h_t) lambda_t (k_t x_{t-1})^T,
     df += (1 - h_t) lambda_t v_t,     dx0 = rho_{-1}.
+
+With per-step coefficients ``M_t``, ``f_t`` replace ``M``, ``f`` at step ``t``, and the sums
+``dM``, ``df`` are not taken: each step's term is the gradient of that step's coefficients
+(from which autodiff of the scheme gives the gradient of every ``dt[t]``).
 
 Legend: ``N`` rows (flattened batch), ``L`` length, ``Q`` real channels.
 """
@@ -62,6 +68,20 @@ class Flags(NamedTuple):
 HOLD, RESET = 1, 2  # bits of Flags.code
 
 
+def is_time_varying(coeffs) -> bool:
+    """Whether coefficients (a ``Transition`` or its tuple) are per step (``[N, L, Q]`` or
+    time-major ``[L, N, Q]``) rather than time-invariant (``[Q]``)."""
+    return jnp.ndim(coeffs[0]) > 1
+
+
+def coefficients_at(coeffs, t, axis: int = 1) -> tuple:
+    """The coefficients of step ``t``: the ``[N, Q]`` slices of per-step coefficients
+    (time on ``axis``), or time-invariant ``[Q]`` coefficients as they are."""
+    if not is_time_varying(coeffs):
+        return tuple(coeffs)
+    return tuple(jax.lax.dynamic_index_in_dim(c, t, axis, keepdims=False) for c in coeffs)
+
+
 def resets_from_segments(segment_ids: jnp.ndarray) -> jnp.ndarray:
     """``[N, L]`` bool: the state restarts from zero before step t (the id changed)."""
     first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
@@ -105,6 +125,21 @@ def coded_step(m, z, y, v, code):
         hold = (code & HOLD) != 0
         zn, yn = jnp.where(hold, z, zn), jnp.where(hold, y, yn)
     return zn, yn
+
+
+def named_kernel(body, names):
+    """A Pallas kernel that hands its refs to ``body`` by name.
+
+    ``pallas_call`` passes the refs positionally (inputs, outputs, scratch); ``names`` lists
+    them in that order, so the kernel body reads ``body(v=..., ys=..., carry=...)`` rather
+    than unpacking by offset. Optional inputs are simply left out of ``names`` and default
+    to ``None`` in ``body``.
+    """
+
+    def kernel(*refs):
+        return body(**dict(zip(names, refs, strict=True)))
+
+    return kernel
 
 
 def with_adjoint(forward, backward):
@@ -262,6 +297,47 @@ def power(m, n: int):
     """``m^n`` (a tuple of four ``[Q]`` arrays) by binary exponentiation, in double-word
     arithmetic rounded once (see :mod:`._compensated`)."""
     return _cp.power(m, n)
+
+
+def affine_reduce(tr, v, axis: int):
+    """The map of a whole stretch of steps: ``x_end = T x_start + e``.
+
+    ``T = M_{L-1} ... M_0`` (the product of the per-step transitions) and ``e`` the end state
+    from a zero start, by a tree of pairwise products over the time ``axis`` (``ceil(log2
+    L)`` levels of 2x2 products on halving arrays: ``O(L)`` work, differentiable by
+    autodiff).
+
+    Args:
+      tr: per-step coefficients, each shaped like ``v``.
+      v: the forcing, ``[N, L, Q]`` (``axis=1``) or ``[L, N, Q]`` (``axis=0``).
+      axis: the time axis.
+
+    Returns:
+      ``(T, e)``: four and two ``[N, Q]`` arrays.
+    """
+    m = tuple(tr)[:4]
+    b = (tr.f1 * v, tr.f2 * v)
+
+    def take(x, start):
+        return jax.lax.slice_in_dim(x, start, None, 2, axis)
+
+    def pad(x, fill):
+        step = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis), fill)
+        return jnp.concatenate([x, step], axis)
+
+    while m[0].shape[axis] > 1:
+        if m[0].shape[axis] % 2:  # an identity step with no forcing at the end
+            m = tuple(pad(x, fill) for x, fill in zip(m, (1.0, 0.0, 0.0, 1.0)))
+            b = tuple(pad(x, 0.0) for x in b)
+        first, second = tuple(take(x, 0) for x in m), tuple(take(x, 1) for x in m)
+        b_first, b_second = tuple(take(x, 0) for x in b), tuple(take(x, 1) for x in b)
+        b = (
+            second[0] * b_first[0] + second[1] * b_first[1] + b_second[0],
+            second[2] * b_first[0] + second[3] * b_first[1] + b_second[1],
+        )
+        m = matmul2(second, first)
+    squeeze = lambda x: jnp.squeeze(x, axis)
+    return tuple(map(squeeze, m)), tuple(map(squeeze, b))
 
 
 def transpose2(m):

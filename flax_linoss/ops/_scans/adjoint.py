@@ -3,9 +3,10 @@
 The forward pass is one ``fori_loop`` over the time axis of the ``[N, L, Q]`` array (no
 transposes) that keeps every velocity; the backward pass is one more loop running the
 exact adjoint recurrence (see :mod:`._common`) backwards, accumulating the gradients of
-``M`` and ``f`` in the same loop. Autodiff of ``lax.scan`` instead stores and replays generic
-per-step residuals. The fastest pure-JAX path on CPU; loop-bound on accelerators (a
-``fori_loop`` iteration costs microseconds there). Takes both flags.
+``M`` and ``f`` in the same loop (with per-step coefficients: writing each step's gradient).
+Autodiff of ``lax.scan`` instead stores and replays generic per-step residuals. The fastest
+pure-JAX path on CPU; loop-bound on accelerators (a ``fori_loop`` iteration costs
+microseconds there). Takes both flags and per-step coefficients.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 from flax_linoss.ops import schemes
 from flax_linoss.ops._scans._common import (
     Flags,
+    coefficients_at,
     flags_at,
+    is_time_varying,
     recurrence_step,
     run_custom,
     with_adjoint,
@@ -24,7 +27,6 @@ from flax_linoss.ops._scans._common import (
 
 
 def _forward(coeffs, v, z0, y0, flags):
-    tr = schemes.Transition(*coeffs)
     length = v.shape[1]
 
     def body(t, carry):
@@ -32,6 +34,7 @@ def _forward(coeffs, v, z0, y0, flags):
         hold, keep = flags_at(flags, t, v.dtype)
         if keep is not None:
             z, y = z * keep, y * keep
+        tr = schemes.Transition(*coefficients_at(coeffs, t))
         zn, yn = recurrence_step(tr, z, y, jax.lax.dynamic_index_in_dim(v, t, 1, keepdims=False))
         if hold is not None:
             zn, yn = jnp.where(hold, z, zn), jnp.where(hold, y, yn)
@@ -47,8 +50,8 @@ def _forward(coeffs, v, z0, y0, flags):
 def _backward(res, cts):
     coeffs, v, z0, y0, flags, ys, zs = res
     g_ys, g_zl = cts
-    m11, m12, m21, m22, f1, f2 = coeffs
     length = v.shape[1]
+    varying = is_time_varying(coeffs)
 
     def previous(xs, x0, t):
         # x_{t-1}, with x_{-1} the initial state.
@@ -59,6 +62,7 @@ def _backward(res, cts):
         # rho = k A^T lambda_{t+1} (plus the final-state cotangent); lambda_t = rho + e_y g_t.
         t = length - 1 - i
         rz, ry, g_v, acc = carry
+        m11, m12, m21, m22, f1, f2 = coefficients_at(coeffs, t)
         hold, keep = flags_at(flags, t, v.dtype)
         lz = rz
         ly = ry + jax.lax.dynamic_index_in_dim(g_ys, t, 1, keepdims=False)
@@ -77,13 +81,17 @@ def _backward(res, cts):
         if keep is not None:
             rz, ry = rz * keep, ry * keep
         g_v = jax.lax.dynamic_update_index_in_dim(g_v, gv, t, 1)
-        acc = tuple(a + x for a, x in zip(acc, terms))
+        if varying:  # each step's own coefficients: its terms are their gradient
+            acc = tuple(jax.lax.dynamic_update_index_in_dim(a, x, t, 1) for a, x in zip(acc, terms))
+        else:
+            acc = tuple(a + x for a, x in zip(acc, terms))
         return rz, ry, g_v, acc
 
     zero = jnp.zeros_like(z0)
-    init = (g_zl.astype(z0.dtype), zero, jnp.zeros_like(v), (zero,) * 6)
+    acc = (jnp.zeros_like(v),) * 6 if varying else (zero,) * 6
+    init = (g_zl.astype(z0.dtype), zero, jnp.zeros_like(v), acc)
     rz, ry, g_v, acc = jax.lax.fori_loop(0, length, body, init)
-    g_coeffs = tuple(jnp.sum(x, axis=0) for x in acc)
+    g_coeffs = acc if varying else tuple(jnp.sum(x, axis=0) for x in acc)
     return g_coeffs, g_v, rz, ry
 
 
@@ -91,5 +99,6 @@ _recurrence = with_adjoint(_forward, _backward)
 
 
 def run(tr, v, z0, y0, flags: Flags | None):
-    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
+    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``;
+    ``tr``'s fields ``[Q]`` or per step ``[N, L, Q]``."""
     return run_custom(_recurrence, tr, v, z0, y0, flags)

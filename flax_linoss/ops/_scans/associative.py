@@ -1,13 +1,14 @@
 """``scan="associative"``: a parallel prefix scan, ``O(log L)`` depth.
 
-Without flags, ``M`` is time-invariant and the scan is Hillis-Steele needing only
-``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code), in a
-``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the same
-way for the backward pass. With flags (a held step's transition is the identity, a reset's
-zero) it is ``lax.associative_scan`` over per-step elements whose transition is ``M^c`` or
-zero, looked up in a table of powers (see ``_per_step``), differentiated by autodiff.
-It partitions under a multi-device ``jit``; ``auto`` uses it for flagged inputs there on
-accelerators, where ``chunked`` cannot take flags.
+Without flags and with a fixed ``dt``, ``M`` is time-invariant and the scan is Hillis-Steele
+needing only ``M^(2^i)`` per level (no per-step copies of ``M``, unlike the papers' code),
+in a ``fori_loop`` (small programs, fast compiles), with the adjoint recurrence solved the
+same way for the backward pass. With flags and a fixed ``dt`` (a held step's transition is
+the identity, a reset's zero) it is ``lax.associative_scan`` over per-step elements whose
+transition is ``M^c`` or zero, looked up in a table of powers (see ``_flagged``); with
+per-step coefficients, over per-step ``(A_t, b_t)`` pairs; both differentiated by
+autodiff. It partitions under a multi-device ``jit``; ``auto`` uses it for flagged and
+time-varying inputs there on accelerators, where ``chunked`` cannot take them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax_linoss.ops._scans._common import (
     Flags,
     coefficient_grads,
+    is_time_varying,
     powers,
     prefix_scan,
     run_custom,
@@ -55,7 +57,7 @@ def _backward(res, cts):
 _parallel = with_adjoint(_forward, _backward)
 
 
-def _per_step(tr, v, z0, y0, flags: Flags):
+def _flagged(tr, v, z0, y0, flags: Flags):
     length = v.shape[1]
     # With flags every step's transition is the identity (held), M, or zero (a reset), so
     # the transition of any run of steps is M^c (c: the run's unheld steps) or zero: an
@@ -94,8 +96,46 @@ def _per_step(tr, v, z0, y0, flags: Flags):
     return ys, zs[:, -1], ys[:, -1]
 
 
+def _varying(tr, v, z0, y0, flags: Flags | None):
+    length, q = v.shape[1:]
+    # Elements (A [., L, 2, 2, Q], b [N, L, 2, Q]): two stacked leaves keep the scan's graph
+    # (and its compile time) small. A is shared across the batch until a flag or per-step
+    # coefficients make it vary.
+    m = jnp.stack([jnp.stack([tr.m11, tr.m12], -2), jnp.stack([tr.m21, tr.m22], -2)], -3)
+    if is_time_varying(tr):
+        a = m  # [N, L, 2, 2, Q]
+    else:
+        a = jnp.broadcast_to(m, (1, length, 2, 2, q))
+    b = jnp.stack([tr.f1 * v, tr.f2 * v], axis=2)  # [N, L, 2, Q]
+    flags = flags or Flags(None, None)
+    if flags.hold is not None:
+        # A held step: identity transition, no forcing.
+        hold = flags.hold[:, :, None, None, None]
+        a = jnp.where(hold, jnp.eye(2, dtype=v.dtype)[:, :, None], a)
+        b = jnp.where(hold[..., 0], jnp.zeros((), v.dtype), b)
+    if flags.reset is not None:
+        a = a * jnp.logical_not(flags.reset)[:, :, None, None, None].astype(v.dtype)
+    # Fold the initial state into the first element: x_0 = A_0 x_init + b_0.
+    x0 = jnp.stack([z0, y0], axis=1)  # [N, 2, Q]
+    b = b.at[:, 0].add(jnp.einsum("nijq,njq->niq", a[:, 0], x0))
+
+    def combine(earlier, later):
+        a_i, b_i = earlier
+        a_j, b_j = later
+        a_new = jnp.einsum("...ijq,...jkq->...ikq", a_j, a_i)
+        b_new = jnp.einsum("...ijq,...jq->...iq", a_j, b_i) + b_j
+        return a_new, b_new
+
+    _, xs = jax.lax.associative_scan(combine, (a, b), axis=1)
+    zs, ys = xs[:, :, 0], xs[:, :, 1]
+    return ys, zs[:, -1], ys[:, -1]
+
+
 def run(tr, v, z0, y0, flags: Flags | None):
-    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
+    """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``;
+    ``tr``'s fields ``[Q]`` or per step ``[N, L, Q]``."""
+    if is_time_varying(tr):
+        return _varying(tr, v, z0, y0, flags)
     if flags is None:
         return run_custom(_parallel, tr, v, z0, y0, None)
-    return _per_step(tr, v, z0, y0, flags)
+    return _flagged(tr, v, z0, y0, flags)

@@ -22,8 +22,9 @@ autodiff through the tables. The forward states are recomputed, not stored.
 next power of two above ``L``. The matmuls run at ``Precision.HIGHEST``: on GPU the default
 float32 matmul is TF32 (about 1e-3 relative error), on TPU one bfloat16 pass;
 ``HIGHEST`` keeps float32 accuracy on both (about 2T multiply-adds per element, so still
-memory-bound). No flags: a time-varying transition breaks the Toeplitz structure, so
-``auto`` sends flagged inputs elsewhere (see :mod:`flax_linoss.ops.table`).
+memory-bound). Time-invariant by construction: flags and a per-step ``dt`` (each a
+time-varying transition) break the Toeplitz structure, so ``auto`` sends such inputs
+elsewhere (see :mod:`flax_linoss.ops.table`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from flax_linoss.ops._scans._common import (
     Flags,
     coefficient_grads,
+    is_time_varying,
     powers,
     prefix_scan,
     run_custom,
@@ -160,6 +162,8 @@ def run(tr, v, z0, y0, flags: Flags | None):
     """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
     if flags is not None:
         raise ValueError("scan='chunked' takes no mask or segment_ids (no per-step flags).")
+    if is_time_varying(tr):
+        raise ValueError("scan='chunked' is time-invariant: it takes no `dt` with a time axis.")
     return run_custom(_recurrence, tr, v, z0, y0, None)
 
 

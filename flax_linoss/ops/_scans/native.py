@@ -22,7 +22,10 @@ adjoint backward pass), organised for the memory system:
   written over the incoming output cotangent (no new ``[N, L, Q]`` buffer);
 * work is split over (batch row, channel block) items on XLA's intra-op thread pool;
 * the per-step flags (hold, reset; see :mod:`._common`) arrive as one int8 per batch row
-  and step; the kernels are compiled with and without them.
+  and step; the kernels are compiled with and without them;
+* per-step coefficients (a time-varying ``dt``) arrive as six ``[N * L, Q]`` streams read
+  with ``v``; the backward pass then writes each step's six coefficient gradients
+  (``[6, N * L, Q]``) instead of summing them. The kernels are compiled for both kinds.
 
 It is differentiable once (reverse mode: ``grad``, ``vjp``); like the ``"adjoint"`` path it
 has no forward-mode (``jvp``) rule. Float32 and float64. XLA's SPMD partitioner cannot split
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops._scans._common import Flags, run_custom, with_adjoint
+from flax_linoss.ops._scans._common import Flags, is_time_varying, run_custom, with_adjoint
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +200,14 @@ def _sizes(v):
     return n, length, q, dict(length=np.int64(length), chunk=np.int64(CHUNK))
 
 
+def _coefficient_rows(coeffs, n, length, q):
+    """The six coefficient buffers the kernels read: ``[Q]``, or per step ``[N * L, Q]``
+    (six arguments, not one stacked array: stacking would copy six ``[N, L, Q]`` arrays)."""
+    if is_time_varying(coeffs):
+        return tuple(c.reshape(n * length, q) for c in coeffs)
+    return tuple(coeffs)
+
+
 def _flag_codes(flags, n, length):
     """``[N * L]`` int8 codes (hold + 2 * reset), or an empty array meaning "no flags"."""
     if flags is None:
@@ -208,7 +219,7 @@ def forward(coeffs, v, z0, y0, flags):
     """The forward kernel: ``x_t = M x_{t-1} + f v_t`` on real channels, with flags.
 
     Args:
-      coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]``.
+      coeffs: ``(m11, m12, m21, m22, f1, f2)``, each ``[Q]`` or per step ``[N, L, Q]``.
       v: ``[N, L, Q]`` forcing.
       z0, y0: ``[N, Q]`` initial state.
       flags: a :class:`~._common.Flags` of ``[N, L]`` bools, or ``None``.
@@ -232,7 +243,12 @@ def forward(coeffs, v, z0, y0, flags):
         vmap_method="sequential",
     )
     ys, z_last, checkpoints = call(
-        jnp.stack(coeffs), v.reshape(n * length, q), _flag_codes(flags, n, length), z0, y0, **attrs
+        *_coefficient_rows(coeffs, n, length, q),
+        v.reshape(n * length, q),
+        _flag_codes(flags, n, length),
+        z0,
+        y0,
+        **attrs,
     )
     return ys.reshape(v.shape), z_last, checkpoints
 
@@ -250,19 +266,20 @@ def backward(res, cts):
     coeffs, v, z0, y0, flags, ys, checkpoints = res
     g_ys, g_zl = cts
     n, length, q, attrs = _sizes(v)
+    varying = is_time_varying(coeffs)
     call = jax.ffi.ffi_call(
         _BACKWARD_TARGET,
         (
             _shape((n * length, q), v.dtype),
-            _shape((n, 6, q), v.dtype),
+            _shape((6, n * length, q) if varying else (n, 6, q), v.dtype),
             _shape((n, q), v.dtype),
             _shape((n, q), v.dtype),
         ),
         vmap_method="sequential",
-        input_output_aliases={7: 0},  # the input gradient overwrites g_ys
+        input_output_aliases={12: 0},  # the input gradient overwrites g_ys
     )
     g_v, g_coeffs, g_z0, g_y0 = call(
-        jnp.stack(coeffs),
+        *_coefficient_rows(coeffs, n, length, q),
         v.reshape(n * length, q),
         _flag_codes(flags, n, length),
         z0,
@@ -274,6 +291,8 @@ def backward(res, cts):
         **attrs,
     )
     g_v = g_v.reshape(v.shape)
+    if varying:
+        return tuple(g_coeffs[i].reshape(v.shape) for i in range(6)), g_v, g_z0, g_y0
     g_coeffs = jnp.sum(g_coeffs, axis=0)
     return tuple(g_coeffs[i] for i in range(6)), g_v, g_z0, g_y0
 

@@ -9,7 +9,8 @@ lowering for TPU emits the Mosaic kernel (``pallas_tpu.py``), for CUDA the Trito
 unless :func:`use_interpret_kernel` says otherwise: slow, for tests).
 
 The recurrence is float32 (bfloat16 activations are projected into float32 forcing); the
-flags (hold, reset) arrive as one int32 code per sequence and step.
+flags (hold, reset) arrive as one int32 code per sequence and step; per-step coefficients
+(a time-varying ``dt``) as a ``[6, L, C]`` stream beside the forcing (``[6, C]`` otherwise).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import os
 import jax
 import jax.numpy as jnp
 
-from flax_linoss.ops._scans._common import Flags, match_vma, vary, varying_axes
+from flax_linoss.ops._scans._common import (
+    Flags,
+    is_time_varying,
+    match_vma,
+    vary,
+    varying_axes,
+)
 
 # Steps per time block (TPU) and per chunk (GPU); one checkpoint per block.
 BLOCK = 128
@@ -151,7 +158,8 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def run(tr, v, z0, y0, flags: Flags | None):
-    """``(ys [L, N, Q], z_L [N, Q], y_L [N, Q])`` for time-major ``v [L, N, Q]``.
+    """``(ys [L, N, Q], z_L [N, Q], y_L [N, Q])`` for time-major ``v [L, N, Q]``; ``tr``'s
+    fields ``[Q]`` or per step ``[L, N, Q]``.
 
     ``Q`` must satisfy :func:`channels` (the layer's projections pad it).
     """
@@ -159,7 +167,10 @@ def run(tr, v, z0, y0, flags: Flags | None):
     if (n * q) % LANES:
         raise ValueError(f"N * Q = {n} * {q} must be a multiple of {LANES} (see channels()).")
     c = n * q
-    coeffs = jnp.broadcast_to(jnp.stack(tuple(tr))[:, None, :], (6, n, q)).reshape(6, c)
+    if is_time_varying(tr):
+        coeffs = jnp.stack(tuple(tr)).reshape(6, length, c)
+    else:
+        coeffs = jnp.broadcast_to(jnp.stack(tuple(tr))[:, None, :], (6, n, q)).reshape(6, c)
     x0 = jnp.stack([z0, y0]).reshape(2, c)
     code = None if flags is None else flags.code((n, length)).T  # [L, N]
     ys, z_l = _recurrence(coeffs, v.reshape(length, c), x0, code, interpret_kernel())

@@ -19,6 +19,11 @@ backward (the exact adjoint, see :mod:`._common`)
      chunk, overwriting each row with the input gradient once it is read, and the six
      per-channel parameter gradients are accumulated per chunk.
 
+Per-step coefficients (a time-varying ``dt``) arrive as ``[6, L, C]`` and are read per step
+like the forcing; the chunk transfer matrices are then accumulated in the summary passes
+(as with flags), and the gradient pass writes each step's six coefficient gradients
+(``[6, L, C]``) instead of per-chunk sums.
+
 Memory traffic: about 3S forward and 6S backward for ``[L, N*Q]`` arrays of S bytes (the
 fused floor is 2S and 5S with a single streaming pass). Each program handles 128
 consecutive channels of the time-major layout, so every load and store is one coalesced
@@ -27,6 +32,8 @@ consecutive channels of the time-major layout, so every load and store is one co
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,7 @@ from flax_linoss.ops._scans._common import (
     RESET,
     coded_step,
     matmul2,
+    named_kernel,
     out_struct,
     power,
     transpose2,
@@ -51,41 +59,92 @@ def _params():
     return plt.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _call(kernel, out_shape, grid, interpret, name):
+class _Grid(NamedTuple):
+    """The sizes every pass shares, computed once per call by :func:`_grid`.
+
+    Attributes:
+      length: ``L``.
+      channels: ``C``.
+      block: steps per chunk.
+      chunks: ``ceil(L / block)``.
+      per_row: channels per sequence (to find a channel's flags), 1 without flags.
+      varying: per-step coefficients.
+      flagged: per-step flags.
+    """
+
+    length: int
+    channels: int
+    block: int
+    chunks: int
+    per_row: int
+    varying: bool
+    flagged: bool
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.chunks, self.channels // LANES)
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the chunk transfer matrices vary (flags or per-step coefficients)."""
+        return self.varying or self.flagged
+
+
+def _grid(v, coeffs, code, block: int) -> _Grid:
+    length, channels = v.shape
+    flagged = code is not None
+    per_row = channels // code.shape[1] if flagged else 1
+    return _Grid(
+        length, channels, block, pl.cdiv(length, block), per_row, coeffs.ndim == 3, flagged
+    )
+
+
+def _call(kernel, names, out_shape, g: _Grid, interpret, name):
     return pl.pallas_call(
-        kernel,
+        named_kernel(kernel, names),
         out_shape=out_shape,
-        grid=grid,
+        grid=g.grid,
         compiler_params=_params(),
         interpret=interpret,
         name=name,
     )
 
 
-def _program(block: int, length: int):
+def _program(g: _Grid):
     """``(chunk k, lane slice, first step, steps in this chunk)`` of the current program."""
     k = pl.program_id(0)
     lanes = pl.ds(pl.program_id(1) * LANES, LANES)
-    t0 = k * block
-    return k, lanes, t0, jnp.minimum(block, length - t0)
+    t0 = k * g.block
+    return k, lanes, t0, jnp.minimum(g.block, g.length - t0)
 
 
-def _codes(code_ref, t, lanes_start, per_row: int):
-    """The flags of the 128 channels of this program at step ``t`` (a gather of ``[L, N]``)."""
-    rows = (lanes_start + jnp.arange(LANES, dtype=jnp.int32)) // per_row
-    return code_ref[t, rows]
+def _flags(g: _Grid, code_ref, lanes):
+    """``t -> `` the flags of the program's 128 channels at step ``t`` (a gather of
+    ``[L, N]``), or ``None`` without flags."""
+    if code_ref is None:
+        return lambda t: None
+    rows = (lanes.start + jnp.arange(LANES, dtype=jnp.int32)) // g.per_row
+    return lambda t: code_ref[t, rows]
 
 
-def _coefficients(c_ref, lanes):
-    return tuple(c_ref[i, lanes] for i in range(6))
+def _coefficients(g: _Grid, c_ref, lanes):
+    """``t -> (m11, m12, m21, m22, f1, f2)`` of the program's lanes at step ``t`` (loaded
+    once when time-invariant)."""
+    if g.varying:
+        return lambda t: tuple(c_ref[i, t, lanes] for i in range(6))
+    fixed = tuple(c_ref[i, lanes] for i in range(6))
+    return lambda t: fixed
 
 
 def _transfer_step(m, p, code, transpose: bool):
-    """``k A p`` (or ``k A^T p``) for the transfer matrix ``p`` (a 2x2 tuple of lanes)."""
+    """``k A p`` (or ``k A^T p``) for the transfer matrix ``p`` (a 2x2 tuple of lanes);
+    ``A = M`` (this step's) unless the flags hold the step, ``k = 0`` where they reset."""
     a = transpose2(m[:4]) if transpose else m[:4]
+    moved = matmul2(a, p)
+    if code is None:
+        return moved
     keep = (code & RESET) == 0
     hold = (code & HOLD) != 0
-    moved = matmul2(a, p)
     return tuple(jnp.where(keep, jnp.where(hold, x, y), 0.0) for x, y in zip(p, moved))
 
 
@@ -121,149 +180,145 @@ def _carries(transfer, ends, start):
     return jnp.concatenate([start[None], after[:-1]], axis=0)
 
 
-def _constant_transfer(m, chunks: int, block: int, length: int, channels: int):
+def _constant_transfer(m, g: _Grid):
     """``M^block`` for every chunk but the last, ``M^(steps in the last chunk)`` for it."""
-    full = power(m, block)
-    last = power(m, length - (chunks - 1) * block)
-    is_last = jnp.arange(chunks)[:, None] == chunks - 1
-    shape = (chunks, channels)
+    full = power(m, g.block)
+    last = power(m, g.length - (g.chunks - 1) * g.block)
+    is_last = jnp.arange(g.chunks)[:, None] == g.chunks - 1
+    shape = (g.chunks, g.channels)
     return tuple(
         jnp.where(is_last, jnp.broadcast_to(y, shape), jnp.broadcast_to(x, shape))
         for x, y in zip(full, last)
     )
 
 
-def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
-    """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`."""
-    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
-    length, channels = v.shape
-    chunks = pl.cdiv(length, block)
-    grid = (chunks, channels // LANES)
-    flagged = code is not None
-    per_row = channels // code.shape[1] if flagged else 1
+def _inputs(g: _Grid, code, **arrays):
+    """The named inputs of a kernel, the flags last where there are any."""
+    return arrays | ({"code_ref": code} if g.flagged else {})
 
-    def summary_kernel(*refs):
-        c_ref, v_ref = refs[:2]
-        code_ref = refs[2] if flagged else None
-        w_ref = refs[2 + flagged]
-        k, lanes, t0, n = _program(block, length)
-        m = _coefficients(c_ref, lanes)
+
+def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
+    """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`.
+
+    ``coeffs``: ``[6, C]``, or per step ``[6, L, C]``.
+    """
+    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
+    g = _grid(v, coeffs, code, block)
+
+    def summary_kernel(c_ref, v_ref, w_ref, code_ref=None):
+        k, lanes, t0, n = _program(g)
+        coefficients = _coefficients(g, c_ref, lanes)
+        flags = _flags(g, code_ref, lanes)
         zero = jnp.zeros((LANES,), v.dtype)
         one = jnp.ones((LANES,), v.dtype)
 
         def body(s, carry):
             z, y, *p = carry
-            code = None if code_ref is None else _codes(code_ref, t0 + s, lanes.start, per_row)
+            m, code = coefficients(t0 + s), flags(t0 + s)
             z, y = coded_step(m, z, y, v_ref[t0 + s, lanes], code)
-            if code is not None:
+            if g.per_step:
                 p = _transfer_step(m, tuple(p), code, transpose=False)
             return (z, y, *p)
 
-        init = (zero, zero) + ((one, zero, zero, one) if flagged else ())
+        init = (zero, zero) + ((one, zero, zero, one) if g.per_step else ())
         out = jax.lax.fori_loop(0, n, body, init)
         for i, x in enumerate(out):
             w_ref[k, i, lanes] = x
 
-    args = (coeffs, v) + ((code,) if flagged else ())
-    width = 6 if flagged else 2
+    inputs = _inputs(g, code, c_ref=coeffs, v_ref=v)
     summary = _call(
         summary_kernel,
-        out_struct((chunks, width, channels), v.dtype, axes),
-        grid,
+        (*inputs, "w_ref"),
+        out_struct((g.chunks, 6 if g.per_step else 2, g.channels), v.dtype, axes),
+        g,
         interpret,
         "linoss_chunk_summary_gpu",
-    )(*args)
-    if flagged:
+    )(*inputs.values())
+    if g.per_step:
         transfer = tuple(summary[:, 2 + i] for i in range(4))
     else:
-        transfer = _constant_transfer(tuple(coeffs[:4]), chunks, block, length, channels)
+        transfer = _constant_transfer(tuple(coeffs[:4]), g)
     carries = _carries(transfer, summary[:, :2], x0)  # [K, 2, C], also the checkpoints
 
-    def output_kernel(*refs):
-        c_ref, v_ref, h_ref = refs[:3]
-        code_ref = refs[3] if flagged else None
-        ys_ref, zl_ref = refs[3 + flagged :]
-        k, lanes, t0, n = _program(block, length)
-        m = _coefficients(c_ref, lanes)
+    def output_kernel(c_ref, v_ref, h_ref, ys_ref, zl_ref, code_ref=None):
+        k, lanes, t0, n = _program(g)
+        coefficients = _coefficients(g, c_ref, lanes)
+        flags = _flags(g, code_ref, lanes)
 
         def body(s, zy):
-            code = None if code_ref is None else _codes(code_ref, t0 + s, lanes.start, per_row)
-            z, y = coded_step(m, zy[0], zy[1], v_ref[t0 + s, lanes], code)
-            ys_ref[t0 + s, lanes] = y
+            t = t0 + s
+            z, y = coded_step(coefficients(t), zy[0], zy[1], v_ref[t, lanes], flags(t))
+            ys_ref[t, lanes] = y
             return z, y
 
         z, _ = jax.lax.fori_loop(0, n, body, (h_ref[k, 0, lanes], h_ref[k, 1, lanes]))
 
-        @pl.when(k == chunks - 1)
+        @pl.when(k == g.chunks - 1)
         def _():
             zl_ref[lanes] = z
 
+    inputs = _inputs(g, code, c_ref=coeffs, v_ref=v, h_ref=carries)
     ys, z_l = _call(
         output_kernel,
+        (*inputs, "ys_ref", "zl_ref"),
         (
-            out_struct((length, channels), v.dtype, axes),
-            out_struct((channels,), v.dtype, axes),
+            out_struct((g.length, g.channels), v.dtype, axes),
+            out_struct((g.channels,), v.dtype, axes),
         ),
-        grid,
+        g,
         interpret,
         "linoss_chunk_output_gpu",
-    )(coeffs, v, carries, *args[2:])
+    )(*inputs.values())
     return ys, z_l, carries
 
 
 def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: bool):
-    """``(g_coeffs [6, C], g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
+    """``(g_coeffs (coeffs' shape), g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
     axes = varying_axes(coeffs, v, x0, code, ys, ck, g_ys, g_zl)
     del x0  # the checkpoints hold it
-    length, channels = v.shape
-    chunks = pl.cdiv(length, block)
-    grid = (chunks, channels // LANES)
-    flagged = code is not None
-    per_row = channels // code.shape[1] if flagged else 1
-    extra = (code,) if flagged else ()
+    g = _grid(v, coeffs, code, block)
 
-    def summary_kernel(*refs):
-        c_ref, g_ref = refs[:2]
-        code_ref = refs[2] if flagged else None
-        s_ref = refs[2 + flagged]
-        k, lanes, t0, n = _program(block, length)
-        m = _coefficients(c_ref, lanes)
-        m11, m12, m21, m22 = m[:4]
+    def summary_kernel(c_ref, g_ref, s_ref, code_ref=None):
+        k, lanes, t0, n = _program(g)
+        coefficients = _coefficients(g, c_ref, lanes)
+        flags = _flags(g, code_ref, lanes)
         zero = jnp.zeros((LANES,), v.dtype)
         one = jnp.ones((LANES,), v.dtype)
 
         def body(i, carry):
             rz, ry, *p = carry
             t = t0 + n - 1 - i
+            m, code = coefficients(t), flags(t)
+            m11, m12, m21, m22 = m[:4]
             lz, ly = rz, ry + g_ref[t, lanes]
             rz, ry = m11 * lz + m21 * ly, m12 * lz + m22 * ly
-            if code_ref is not None:
-                code = _codes(code_ref, t, lanes.start, per_row)
+            if code is not None:
                 keep = (code & RESET) == 0
                 hold = (code & HOLD) != 0
                 rz, ry = jnp.where(hold, lz, rz), jnp.where(hold, ly, ry)
                 rz, ry = jnp.where(keep, rz, 0.0), jnp.where(keep, ry, 0.0)
+            if g.per_step:
                 p = _transfer_step(m, tuple(p), code, transpose=True)
             return (rz, ry, *p)
 
-        init = (zero, zero) + ((one, zero, zero, one) if flagged else ())
+        init = (zero, zero) + ((one, zero, zero, one) if g.per_step else ())
         out = jax.lax.fori_loop(0, n, body, init)
         for i, x in enumerate(out):
             s_ref[k, i, lanes] = x
 
+    inputs = _inputs(g, code, c_ref=coeffs, g_ref=g_ys)
     summary = _call(
         summary_kernel,
-        out_struct((chunks, 6 if flagged else 2, channels), v.dtype, axes),
-        grid,
+        (*inputs, "s_ref"),
+        out_struct((g.chunks, 6 if g.per_step else 2, g.channels), v.dtype, axes),
+        g,
         interpret,
         "linoss_adjoint_summary_gpu",
-    )(coeffs, g_ys, *extra)
-    if flagged:
+    )(*inputs.values())
+    if g.per_step:
         transfer = tuple(summary[:, 2 + i] for i in range(4))
     else:
-        transfer = _constant_transfer(
-            transpose2(tuple(coeffs[:4])), chunks, block, length, channels
-        )
+        transfer = _constant_transfer(transpose2(tuple(coeffs[:4])), g)
     # rho at each chunk's last step, last chunk first: rho_end(K - 1) = (g_zL, 0), then
     # rho_end(k) = transfer_{k+1} rho_end(k + 1) + summary_{k+1}: the forward carries'
     # recursion on the reversed chunk sequence.
@@ -271,35 +326,32 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
     reversed_transfer = tuple(x[::-1] for x in transfer)
     rho_end = _carries(reversed_transfer, summary[::-1, :2], start)[::-1]
 
-    def gradient_kernel(*refs):
-        c_ref, v_ref, ys_ref, ck_ref, g_ref, rho_ref = refs[:6]
-        code_ref = refs[6] if flagged else None
-        gv_ref, acc_ref, gx0_ref = refs[6 + flagged :]
-        k, lanes, t0, n = _program(block, length)
-        m = _coefficients(c_ref, lanes)
-        m11, m12, m21, m22, f1, f2 = m
+    def gradient_kernel(
+        c_ref, v_ref, ys_ref, ck_ref, g_ref, rho_ref, gv_ref, gc_ref, gx0_ref, code_ref=None
+    ):
+        k, lanes, t0, n = _program(g)
+        coefficients = _coefficients(g, c_ref, lanes)
+        flags = _flags(g, code_ref, lanes)
         y_start = ck_ref[k, 1, lanes]
-
-        def codes(t):
-            return None if code_ref is None else _codes(code_ref, t, lanes.start, per_row)
 
         # Velocities before each step, recomputed from the checkpoint into the rows of the
         # input gradient (each is read below before its gradient overwrites it).
         def recompute(s, zy):
             t = t0 + s
             gv_ref[t, lanes] = zy[0]
-            return coded_step(m, zy[0], zy[1], v_ref[t, lanes], codes(t))
+            return coded_step(coefficients(t), zy[0], zy[1], v_ref[t, lanes], flags(t))
 
         jax.lax.fori_loop(0, n, recompute, (ck_ref[k, 0, lanes], y_start))
 
         def adjoint(i, carry):
             rz, ry, *acc = carry
             t = t0 + n - 1 - i
+            m11, m12, m21, m22, f1, f2 = coefficients(t)
             zp = gv_ref[t, lanes]
             yp = jnp.where(t > t0, ys_ref[jnp.maximum(t - 1, 0), lanes], y_start)
             vt = v_ref[t, lanes]
             lz, ly = rz, ry + g_ref[t, lanes]
-            code = codes(t)
+            code = flags(t)
             if code is not None:
                 keep = (code & RESET) == 0
                 hold = (code & HOLD) != 0
@@ -313,29 +365,37 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                 rz, ry = jnp.where(hold, lz, rz), jnp.where(hold, ly, ry)
                 rz, ry = jnp.where(keep, rz, 0.0), jnp.where(keep, ry, 0.0)
             gv_ref[t, lanes] = gv
+            if g.varying:  # each step's own coefficients: its terms are their gradient
+                for j, x in enumerate(terms):
+                    gc_ref[j, t, lanes] = x
+                return (rz, ry)
             return (rz, ry, *(a + x for a, x in zip(acc, terms)))
 
         zero = jnp.zeros((LANES,), v.dtype)
-        rz, ry, *acc = jax.lax.fori_loop(
-            0, n, adjoint, (rho_ref[k, 0, lanes], rho_ref[k, 1, lanes], *(zero,) * 6)
-        )
-        for i, x in enumerate(acc):
-            acc_ref[k, i, lanes] = x
+        init = (rho_ref[k, 0, lanes], rho_ref[k, 1, lanes]) + (() if g.varying else (zero,) * 6)
+        rz, ry, *acc = jax.lax.fori_loop(0, n, adjoint, init)
+        for j, x in enumerate(acc):
+            gc_ref[k, j, lanes] = x
 
         @pl.when(k == 0)
         def _():
             gx0_ref[0, lanes] = rz
             gx0_ref[1, lanes] = ry
 
-    g_v, acc, g_x0 = _call(
+    inputs = _inputs(
+        g, code, c_ref=coeffs, v_ref=v, ys_ref=ys, ck_ref=ck, g_ref=g_ys, rho_ref=rho_end
+    )
+    gc_shape = (6, g.length, g.channels) if g.varying else (g.chunks, 6, g.channels)
+    g_v, g_c, g_x0 = _call(
         gradient_kernel,
+        (*inputs, "gv_ref", "gc_ref", "gx0_ref"),
         (
-            out_struct((length, channels), v.dtype, axes),
-            out_struct((chunks, 6, channels), v.dtype, axes),
-            out_struct((2, channels), v.dtype, axes),
+            out_struct((g.length, g.channels), v.dtype, axes),
+            out_struct(gc_shape, v.dtype, axes),
+            out_struct((2, g.channels), v.dtype, axes),
         ),
-        grid,
+        g,
         interpret,
         "linoss_adjoint_gradients_gpu",
-    )(coeffs, v, ys, ck, g_ys, rho_end, *extra)
-    return jnp.sum(acc, axis=0), g_v, g_x0
+    )(*inputs.values())
+    return (g_c if g.varying else jnp.sum(g_c, axis=0)), g_v, g_x0

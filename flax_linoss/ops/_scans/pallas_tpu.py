@@ -14,20 +14,36 @@ recomputed from its checkpoint into VMEM scratch, then the adjoint recurrence (s
 :mod:`._common`) runs down through the block, writing the input gradient over the output
 cotangent (aliased buffers) and accumulating the six per-channel parameter gradients in a
 resident output block. Per-step flags arrive as an int32 tile stream like the forcing.
+
+Per-step coefficients (a time-varying ``dt``) arrive as a ``[6, block, rb, 128]`` tile
+stream beside the forcing (instead of a resident ``[6, rb, 128]`` block), and the backward
+pass writes each step's six coefficient gradients as a stream of the same shape (instead of
+accumulating them). Their channel blocks are 8 rows (not 16), so the 6 + 6 extra streams
+stay within the VMEM budget.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flax_linoss.ops._scans._common import HOLD, RESET, coded_step, out_struct, varying_axes
+from flax_linoss.ops._scans._common import (
+    HOLD,
+    RESET,
+    coded_step,
+    named_kernel,
+    out_struct,
+    varying_axes,
+)
 
 LANES = 128
 # Two double-buffered [block, rb, 128] streams in and one out, plus two [block, rb, 128]
-# scratch buffers in the backward: about 10 MiB at block 128, rb 16; leave headroom.
+# scratch buffers in the backward: about 10 MiB at block 128, rb 16; per-step coefficients
+# add 6 streams each way (at rb 8: about 17 MiB). Leave headroom.
 _VMEM_LIMIT = 48 * 2**20
 # Unrolled time loops let Mosaic interleave steps; the interpreter gains nothing from it and
 # compiles far longer, so it runs them rolled.
@@ -38,11 +54,43 @@ def _unroll(n: int, interpret: bool) -> int:
     return 1 if interpret else min(n, _UNROLL)
 
 
-def _rows_per_block(rows: int) -> int:
-    for rb in (16, 8):
-        if rows % rb == 0:
-            return rb
-    return rows  # a full dimension is always a legal block (pallas.channels keeps it <= 8)
+class _Grid(NamedTuple):
+    """The sizes both passes share, computed once per call by :func:`_grid`.
+
+    Attributes:
+      length: ``L``.
+      rows: ``R`` rows of 128 lanes.
+      rb: rows per channel block.
+      blocks: time blocks, ``ceil(L / block)``.
+      block: steps per time block.
+      last: steps in the last time block.
+      varying: per-step coefficients.
+    """
+
+    length: int
+    rows: int
+    rb: int
+    blocks: int
+    block: int
+    last: int
+    varying: bool
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.rows // self.rb, self.blocks)
+
+
+def _grid(v, coeffs, block: int) -> _Grid:
+    length, channels = v.shape
+    rows = channels // LANES
+    varying = coeffs.ndim == 3
+    rb = rows  # a full dimension is always a legal block (pallas.channels keeps it <= 8)
+    for size in (8,) if varying else (16, 8):
+        if rows % size == 0:
+            rb = size
+            break
+    blocks = pl.cdiv(length, block)
+    return _Grid(length, rows, rb, blocks, block, length - (blocks - 1) * block, varying)
 
 
 def _flag_tiles(code, rows: int):
@@ -67,30 +115,49 @@ def _for_block_lengths(is_last, block: int, last: int, fn) -> None:
     pl.when(is_last)(lambda: fn(last))
 
 
-def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
-    """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`."""
-    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
-    length, channels = v.shape
-    rows = channels // LANES
-    rb = _rows_per_block(rows)
-    blocks = pl.cdiv(length, block)
-    last = length - (blocks - 1) * block
-    flagged = code is not None
-    tile = pl.BlockSpec((block, rb, LANES), lambda c, t: (t, c, 0))
-    args = [coeffs.reshape(6, rows, LANES), x0.reshape(2, rows, LANES), v.reshape(-1, rows, LANES)]
-    in_specs = [
-        pl.BlockSpec((6, rb, LANES), lambda c, t: (0, c, 0)),
-        pl.BlockSpec((2, rb, LANES), lambda c, t: (0, c, 0)),
-        tile,
-    ]
-    if flagged:
-        args.append(_flag_tiles(code, rows))
-        in_specs.append(tile)
+def _coefficient_spec(g: _Grid, time_block):
+    """The coefficients' block: resident ``[6, rb, 128]``, or a ``[6, block, rb, 128]`` tile
+    stream (``time_block(t)`` the block of grid step ``t``) when they vary per step."""
+    if g.varying:
+        return pl.BlockSpec((6, g.block, g.rb, LANES), lambda c, t: (0, time_block(t), c, 0))
+    return pl.BlockSpec((6, g.rb, LANES), lambda c, t: (0, c, 0))
 
-    def kernel(*refs):
-        c_ref, x0_ref, v_ref = refs[:3]
-        f_ref = refs[3] if flagged else None
-        ys_ref, ck_ref, zl_ref, carry = refs[3 + flagged :]
+
+def _coefficients(c_ref, varying: bool):
+    """``s -> (m11, m12, m21, m22, f1, f2)`` of step ``s`` of the block (loaded once when
+    time-invariant)."""
+    if varying:
+        return lambda s: tuple(c_ref[i, s] for i in range(6))
+    fixed = tuple(c_ref[i] for i in range(6))
+    return lambda s: fixed
+
+
+def _coefficient_array(coeffs, g: _Grid):
+    if g.varying:
+        return coeffs.reshape(6, g.length, g.rows, LANES)
+    return coeffs.reshape(6, g.rows, LANES)
+
+
+def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
+    """``(ys [L, C], z_L [C], checkpoints [ceil(L / block), 2, C])``; see :mod:`.pallas`.
+
+    ``coeffs``: ``[6, C]``, or per step ``[6, L, C]``.
+    """
+    axes = varying_axes(coeffs, v, x0, code)  # the outputs' type inside shard_map
+    g = _grid(v, coeffs, block)
+    tile = pl.BlockSpec((block, g.rb, LANES), lambda c, t: (t, c, 0))
+    inputs = {
+        "c_ref": (_coefficient_array(coeffs, g), _coefficient_spec(g, lambda t: t)),
+        "x0_ref": (
+            x0.reshape(2, g.rows, LANES),
+            pl.BlockSpec((2, g.rb, LANES), lambda c, t: (0, c, 0)),
+        ),
+        "v_ref": (v.reshape(-1, g.rows, LANES), tile),
+    }
+    if code is not None:
+        inputs["f_ref"] = (_flag_tiles(code, g.rows), tile)
+
+    def kernel(c_ref, x0_ref, v_ref, ys_ref, ck_ref, zl_ref, carry, f_ref=None):
         t = pl.program_id(1)
 
         @pl.when(t == 0)
@@ -98,12 +165,12 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
             carry[...] = x0_ref[...]
 
         ck_ref[0] = carry[...]
-        m = tuple(c_ref[i] for i in range(6))
+        coefficients = _coefficients(c_ref, g.varying)
 
         def steps(n):
             def body(s, zy):
-                code = None if f_ref is None else f_ref[s]
-                z, y = coded_step(m, zy[0], zy[1], v_ref[s], code)
+                flags = None if f_ref is None else f_ref[s]
+                z, y = coded_step(coefficients(s), zy[0], zy[1], v_ref[s], flags)
                 ys_ref[s] = y
                 return z, y
 
@@ -111,87 +178,79 @@ def forward(coeffs, v, x0, code, *, block: int, interpret: bool):
             carry[0] = z
             carry[1] = y
 
-            @pl.when(t == blocks - 1)
+            @pl.when(t == g.blocks - 1)
             def _():
                 zl_ref[...] = z
 
-        _for_block_lengths(t == blocks - 1, block, last, steps)
+        _for_block_lengths(t == g.blocks - 1, block, g.last, steps)
 
+    names = (*inputs, "ys_ref", "ck_ref", "zl_ref", "carry")
     ys, ck, z_l = pl.pallas_call(
-        kernel,
+        named_kernel(kernel, names),
         out_shape=(
-            out_struct((length, rows, LANES), v.dtype, axes),
-            out_struct((blocks, 2, rows, LANES), v.dtype, axes),
-            out_struct((rows, LANES), v.dtype, axes),
+            out_struct((g.length, g.rows, LANES), v.dtype, axes),
+            out_struct((g.blocks, 2, g.rows, LANES), v.dtype, axes),
+            out_struct((g.rows, LANES), v.dtype, axes),
         ),
-        grid=(rows // rb, blocks),
-        in_specs=in_specs,
+        grid=g.grid,
+        in_specs=[spec for _, spec in inputs.values()],
         out_specs=(
             tile,
-            pl.BlockSpec((1, 2, rb, LANES), lambda c, t: (t, 0, c, 0)),
-            pl.BlockSpec((rb, LANES), lambda c, t: (c, 0)),
+            pl.BlockSpec((1, 2, g.rb, LANES), lambda c, t: (t, 0, c, 0)),
+            pl.BlockSpec((g.rb, LANES), lambda c, t: (c, 0)),
         ),
-        scratch_shapes=[pltpu.VMEM((2, rb, LANES), v.dtype)],
+        scratch_shapes=[pltpu.VMEM((2, g.rb, LANES), v.dtype)],
         compiler_params=_params(),
         interpret=interpret,
         name="linoss_recurrence_fwd_tpu",
-    )(*args)
-    return ys.reshape(length, channels), z_l.reshape(channels), ck.reshape(blocks, 2, channels)
+    )(*(x for x, _ in inputs.values()))
+    channels = v.shape[1]
+    return ys.reshape(g.length, channels), z_l.reshape(channels), ck.reshape(g.blocks, 2, channels)
 
 
 def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: bool):
-    """``(g_coeffs [6, C], g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
+    """``(g_coeffs (coeffs' shape), g_v [L, C], g_x0 [2, C])``; see :mod:`.pallas`."""
     axes = varying_axes(coeffs, v, x0, code, ck, g_ys, g_zl)
     del x0, ys  # the checkpoints and recomputation replace them
-    length, channels = v.shape
-    rows = channels // LANES
-    rb = _rows_per_block(rows)
-    blocks = pl.cdiv(length, block)
-    last = length - (blocks - 1) * block
-    flagged = code is not None
+    g = _grid(v, coeffs, block)
     # Time blocks in reverse: grid step t works on block blocks - 1 - t.
-    tile = pl.BlockSpec((block, rb, LANES), lambda c, t: (blocks - 1 - t, c, 0))
-    lanes = pl.BlockSpec((rb, LANES), lambda c, t: (c, 0))
-    args = [
-        coeffs.reshape(6, rows, LANES),
-        ck.reshape(blocks, 2, rows, LANES),
-        g_zl.reshape(rows, LANES),
-        v.reshape(-1, rows, LANES),
-        g_ys.reshape(-1, rows, LANES),
-    ]
-    in_specs = [
-        pl.BlockSpec((6, rb, LANES), lambda c, t: (0, c, 0)),
-        pl.BlockSpec((1, 2, rb, LANES), lambda c, t: (blocks - 1 - t, 0, c, 0)),
-        lanes,
-        tile,
-        tile,
-    ]
-    if flagged:
-        args.append(_flag_tiles(code, rows))
-        in_specs.append(tile)
+    rev = lambda t: g.blocks - 1 - t
+    tile = pl.BlockSpec((block, g.rb, LANES), lambda c, t: (rev(t), c, 0))
+    lanes = pl.BlockSpec((g.rb, LANES), lambda c, t: (c, 0))
+    inputs = {
+        "c_ref": (_coefficient_array(coeffs, g), _coefficient_spec(g, rev)),
+        "ck_ref": (
+            ck.reshape(g.blocks, 2, g.rows, LANES),
+            pl.BlockSpec((1, 2, g.rb, LANES), lambda c, t: (rev(t), 0, c, 0)),
+        ),
+        "gzl_ref": (g_zl.reshape(g.rows, LANES), lanes),
+        "v_ref": (v.reshape(-1, g.rows, LANES), tile),
+        "g_ref": (g_ys.reshape(-1, g.rows, LANES), tile),
+    }
+    if code is not None:
+        inputs["f_ref"] = (_flag_tiles(code, g.rows), tile)
 
-    def kernel(*refs):
-        c_ref, ck_ref, gzl_ref, v_ref, g_ref = refs[:5]
-        f_ref = refs[5] if flagged else None
-        gv_ref, gc_ref, gx0_ref, rho, zbuf, ybuf = refs[5 + flagged :]
+    def kernel(
+        c_ref, ck_ref, gzl_ref, v_ref, g_ref, gv_ref, gc_ref, gx0_ref, rho, zbuf, ybuf, f_ref=None
+    ):
         t = pl.program_id(1)
 
         @pl.when(t == 0)
         def _():
             rho[0] = gzl_ref[...]
             rho[1] = jnp.zeros_like(rho[1])
-            gc_ref[...] = jnp.zeros_like(gc_ref)
+            if not g.varying:
+                gc_ref[...] = jnp.zeros_like(gc_ref)
 
-        m = tuple(c_ref[i] for i in range(6))
-        m11, m12, m21, m22, f1, f2 = m
+        coefficients = _coefficients(c_ref, g.varying)
 
         def steps(n):
             # The states before each step of the block, from its checkpoint.
             def recompute(s, zy):
                 zbuf[s] = zy[0]
                 ybuf[s] = zy[1]
-                code = None if f_ref is None else f_ref[s]
-                return coded_step(m, zy[0], zy[1], v_ref[s], code)
+                flags = None if f_ref is None else f_ref[s]
+                return coded_step(coefficients(s), zy[0], zy[1], v_ref[s], flags)
 
             jax.lax.fori_loop(
                 0, n, recompute, (ck_ref[0, 0], ck_ref[0, 1]), unroll=_unroll(n, interpret)
@@ -201,13 +260,14 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
             # is int64 in the jaxpr but i32 in Mosaic, and `n - 1 - i` failed verification.
             def adjoint(_, carry):
                 s, rz, ry, *acc = carry
+                m11, m12, m21, m22, f1, f2 = coefficients(s)
                 zp, yp = zbuf[s], ybuf[s]
                 lz = rz
                 ly = ry + g_ref[s]
                 if f_ref is not None:
-                    code = f_ref[s]
-                    keep = (code & RESET) == 0
-                    hold = (code & HOLD) != 0
+                    flags = f_ref[s]
+                    keep = (flags & RESET) == 0
+                    hold = (flags & HOLD) != 0
                     zp, yp = jnp.where(keep, zp, 0.0), jnp.where(keep, yp, 0.0)
                 gv = f1 * lz + f2 * ly
                 terms = (lz * zp, lz * yp, ly * zp, ly * yp, lz * v_ref[s], ly * v_ref[s])
@@ -219,45 +279,54 @@ def backward(coeffs, v, x0, code, ys, ck, g_ys, g_zl, *, block: int, interpret: 
                     rz, ry = jnp.where(hold, lz, rz), jnp.where(hold, ly, ry)
                     rz, ry = jnp.where(keep, rz, 0.0), jnp.where(keep, ry, 0.0)
                 gv_ref[s] = gv
+                if g.varying:  # each step's own coefficients: its terms are their gradient
+                    for k, x in enumerate(terms):
+                        gc_ref[k, s] = x
+                    return (s - 1, rz, ry)
                 return (s - 1, rz, ry, *(a + x for a, x in zip(acc, terms)))
 
             zero = jnp.zeros_like(rho[0])
-            init = (jnp.int32(n - 1), rho[0], rho[1], *(zero,) * 6)
+            init = (jnp.int32(n - 1), rho[0], rho[1]) + (() if g.varying else (zero,) * 6)
             _, rz, ry, *acc = jax.lax.fori_loop(0, n, adjoint, init, unroll=_unroll(n, interpret))
             rho[0] = rz
             rho[1] = ry
-            for i in range(6):
-                gc_ref[i] += acc[i]
+            for k, x in enumerate(acc):
+                gc_ref[k] += x
 
-            @pl.when(t == blocks - 1)
+            @pl.when(t == g.blocks - 1)
             def _():
                 gx0_ref[0] = rz
                 gx0_ref[1] = ry
 
-        _for_block_lengths(t == 0, block, last, steps)
+        _for_block_lengths(t == 0, block, g.last, steps)
 
+    if g.varying:
+        gc_shape = (6, g.length, g.rows, LANES)
+        gc_spec = _coefficient_spec(g, rev)
+    else:
+        gc_shape = (6, g.rows, LANES)
+        gc_spec = pl.BlockSpec((6, g.rb, LANES), lambda c, t: (0, c, 0))
+    names = (*inputs, "gv_ref", "gc_ref", "gx0_ref", "rho", "zbuf", "ybuf")
     g_v, g_c, g_x0 = pl.pallas_call(
-        kernel,
+        named_kernel(kernel, names),
         out_shape=(
-            out_struct((length, rows, LANES), v.dtype, axes),
-            out_struct((6, rows, LANES), v.dtype, axes),
-            out_struct((2, rows, LANES), v.dtype, axes),
+            out_struct((g.length, g.rows, LANES), v.dtype, axes),
+            out_struct(gc_shape, v.dtype, axes),
+            out_struct((2, g.rows, LANES), v.dtype, axes),
         ),
-        grid=(rows // rb, blocks),
-        in_specs=in_specs,
-        out_specs=(
-            tile,
-            pl.BlockSpec((6, rb, LANES), lambda c, t: (0, c, 0)),
-            pl.BlockSpec((2, rb, LANES), lambda c, t: (0, c, 0)),
-        ),
+        grid=g.grid,
+        in_specs=[spec for _, spec in inputs.values()],
+        out_specs=(tile, gc_spec, pl.BlockSpec((2, g.rb, LANES), lambda c, t: (0, c, 0))),
         scratch_shapes=[
-            pltpu.VMEM((2, rb, LANES), v.dtype),
-            pltpu.VMEM((block, rb, LANES), v.dtype),
-            pltpu.VMEM((block, rb, LANES), v.dtype),
+            pltpu.VMEM((2, g.rb, LANES), v.dtype),
+            pltpu.VMEM((block, g.rb, LANES), v.dtype),
+            pltpu.VMEM((block, g.rb, LANES), v.dtype),
         ],
-        input_output_aliases={4: 0},  # the input gradient overwrites the output cotangent
+        # The input gradient overwrites the output cotangent.
+        input_output_aliases={list(inputs).index("g_ref"): 0},
         compiler_params=_params(),
         interpret=interpret,
         name="linoss_recurrence_bwd_tpu",
-    )(*args)
-    return g_c.reshape(6, channels), g_v.reshape(length, channels), g_x0.reshape(2, channels)
+    )(*(x for x, _ in inputs.values()))
+    channels = v.shape[1]
+    return g_c.reshape(coeffs.shape), g_v.reshape(g.length, channels), g_x0.reshape(2, channels)
