@@ -3,6 +3,10 @@
 No Flax in here; the linen and nnx layers both call these functions.
 
 * :func:`linoss_apply` (a sequence), :func:`linoss_step` (one step), :class:`LinOSSState`;
+* :func:`outer_apply`, :func:`outer_step`, :class:`OuterState`: the outer-product form
+  (a ``key x value`` state of oscillators per head, read by queries; :mod:`.outer`);
+* :func:`causal_conv`, :func:`causal_conv_step`: the short causal depthwise convolution of
+  recurrent blocks, over valid steps, per segment, with a decoding buffer (:mod:`.conv`);
 * the scheme names (:data:`IM`, :data:`IMEX`, :data:`DAMPED`; their transitions,
   eigenvalues and validation are in :mod:`.schemes`);
 * the scan names and table (:class:`Scan`, :data:`SCAN_TABLE`, :data:`SCANS`; validation and
@@ -18,6 +22,8 @@ private. Legend used in shapes: ``B`` batch, ``L`` length, ``H`` features, ``P``
 
 from flax_linoss.ops._apply import linoss_apply, linoss_step
 from flax_linoss.ops._state import LinOSSState
+from flax_linoss.ops.conv import causal_conv, causal_conv_step, conv_state_zeros
+from flax_linoss.ops.outer import OuterState, outer_apply, outer_step
 from flax_linoss.ops.params import (
     CONSTRAINTS,
     complex_uniform_init,
@@ -67,10 +73,14 @@ __all__ = [
     "SCAN_TABLE",
     "SEQUENTIAL",
     "LinOSSState",
+    "OuterState",
     "Scan",
+    "causal_conv",
+    "causal_conv_step",
     "clamp_steps",
     "complex_uniform_init",
     "constrain",
+    "conv_state_zeros",
     "damped_constrain",
     "default_oscillator_init",
     "imex_stable_constrain",
@@ -78,6 +88,8 @@ __all__ = [
     "linoss_apply",
     "linoss_constrain",
     "linoss_step",
+    "outer_apply",
+    "outer_step",
     "ring_init",
     "stable_band",
     "step_limit",

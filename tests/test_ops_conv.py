@@ -1,0 +1,153 @@
+"""flax_linoss.ops.causal_conv / causal_conv_step against a float64 step-by-step reference.
+
+The reference keeps the buffer of the last ``W - 1`` valid inputs as a list and moves it
+step by step: a masked step does not enter it, a new segment empties it first.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_linoss import ops
+
+D = 3
+
+
+def rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    scale = np.linalg.norm(ref)
+    return float(np.linalg.norm(x - ref) / (scale if scale > 0 else 1.0))
+
+
+def reference(x, w, b, mask=None, seg=None, buf=None):
+    """``(y, final buffer)``; jnp float64 (differentiable), a Python loop over the steps."""
+    n, length, _ = x.shape
+    width = w.shape[0]
+    outs, finals = [], []
+    for r in range(n):
+        hist = [jnp.zeros(D, jnp.float64)] * (width - 1) if buf is None else list(buf[r])
+        row = []
+        for t in range(length):
+            if seg is not None and t > 0 and seg[r, t] != seg[r, t - 1]:
+                hist = [jnp.zeros(D, jnp.float64)] * (width - 1)
+            y = w[width - 1] * x[r, t] + b
+            for j in range(1, width):
+                y = y + w[width - 1 - j] * hist[-j]
+            row.append(y)
+            if (mask is None or mask[r, t]) and width > 1:
+                hist = [*hist, x[r, t]][1:]
+        outs.append(jnp.stack(row))
+        finals.append(jnp.stack(hist) if width > 1 else jnp.zeros((0, D)))
+    return jnp.stack(outs), jnp.stack(finals)
+
+
+def problem(seed, length, width):
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: np.asarray(a, np.float32)
+    x = f32(rng.normal(size=(2, length, D)))
+    w, b = f32(rng.normal(size=(width, D))), f32(rng.normal(size=D))
+    flags = {
+        "mask": rng.uniform(size=(2, length)) > 0.35,
+        "seg": np.cumsum(rng.uniform(size=(2, length)) > 0.8, axis=1),
+        "buf": f32(rng.normal(size=(2, width - 1, D))),
+    }
+    return x, w, b, flags
+
+
+@pytest.mark.parametrize("flagged", [False, True], ids=["plain", "mask+segments+buffer"])
+@pytest.mark.parametrize(("length", "width"), [(1, 4), (5, 2), (13, 4)])
+def test_values_and_gradients_match_reference(length, width, flagged):
+    x, w, b, fl = problem(length + width, length, width)
+    mask, seg = (fl["mask"], fl["seg"]) if flagged else (None, None)
+    rng = np.random.default_rng(1)
+    ct = rng.normal(size=x.shape).astype(np.float32)
+    ct_buf = rng.normal(size=(2, width - 1, D)).astype(np.float32)
+    start = fl["buf"]
+
+    with jax.enable_x64(True):
+
+        def ref_loss(x, w, b, start):
+            y, fin = reference(x, w, b, mask, seg, start if flagged else None)
+            return jnp.sum(ct * y) + jnp.sum(ct_buf * fin), (y, fin)
+
+        f64 = [jnp.asarray(a, jnp.float64) for a in (x, w, b, start)]
+        ref_grads, (ref_y, ref_fin) = jax.grad(ref_loss, argnums=(0, 1, 2, 3), has_aux=True)(*f64)
+
+    def loss(x, w, b, start):
+        y, fin = ops.causal_conv(
+            x,
+            w,
+            b,
+            mask=mask,
+            segment_ids=seg,
+            initial_state=start if flagged else None,
+            return_state=True,
+        )
+        return jnp.sum(ct * y) + jnp.sum(ct_buf * fin), (y, fin)
+
+    grads, (y, fin) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, w, b, start)
+    assert rel(y, ref_y) < 1e-6
+    assert fin.shape == (2, width - 1, D) and rel(fin, ref_fin) < 1e-6
+    for name, g, r in zip(("x", "w", "b", "initial_state"), grads, ref_grads):
+        if name == "initial_state" and not flagged:
+            continue
+        assert rel(g, r) < 1e-6, name
+
+
+def test_step_form_equals_sequence_form():
+    x, w, b, fl = problem(3, 9, 4)
+    y, fin = ops.causal_conv(x, w, b, mask=fl["mask"], initial_state=fl["buf"], return_state=True)
+    state, outs = jnp.asarray(fl["buf"]), []
+    for t in range(x.shape[1]):
+        state, y_t = ops.causal_conv_step(state, x[:, t], w, b, mask=fl["mask"][:, t])
+        outs.append(y_t)
+    assert rel(jnp.stack(outs, 1), y) < 1e-6
+    assert rel(state, fin) < 1e-6
+
+
+def test_padding_is_invisible_to_valid_steps():
+    # Left and interior padding: the valid steps get exactly the unpadded sequence's output.
+    x, w, b, _ = problem(4, 6, 4)
+    keep = np.array([0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1], bool)  # 6 valid of 11
+    padded = np.full((2, keep.size, D), 9.0, np.float32)
+    padded[:, keep] = x
+    y, fin = ops.causal_conv(x, w, b, return_state=True)
+    y_p, fin_p = ops.causal_conv(padded, w, b, mask=keep[None], return_state=True)
+    np.testing.assert_allclose(np.asarray(y_p)[:, keep], y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fin_p, fin, rtol=1e-6)
+
+
+def test_segments_do_not_see_each_other():
+    x, w, b, _ = problem(5, 10, 4)
+    seg = np.array([[0] * 3 + [1] * 5 + [2] * 2] * 2)
+    y = ops.causal_conv(x, w, b, segment_ids=seg)
+    for lo, hi in ((0, 3), (3, 8), (8, 10)):
+        np.testing.assert_allclose(
+            np.asarray(y)[:, lo:hi], ops.causal_conv(x[:, lo:hi], w, b), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_bfloat16_input():
+    x, w, _, fl = problem(6, 7, 4)
+    bx = jnp.asarray(x, jnp.bfloat16)
+    y, fin = ops.causal_conv(bx, w.astype(jnp.bfloat16), mask=fl["mask"], return_state=True)
+    assert y.dtype == jnp.bfloat16 and fin.dtype == jnp.bfloat16
+    ref = ops.causal_conv(np.asarray(bx, np.float32), w, mask=fl["mask"])
+    assert rel(y, ref) < 2e-2
+
+
+def test_bad_inputs_raise_one_clear_error():
+    x, w, b, _ = problem(7, 5, 4)
+    with pytest.raises(ValueError, match="channels"):
+        ops.causal_conv(x, w[:, :2])
+    with pytest.raises(ValueError, match="`w` of shape"):
+        ops.causal_conv(x, w[0])
+    with pytest.raises(ValueError, match=r"`b` must have shape \[channels\]"):
+        ops.causal_conv(x, w, b[:2])
+    with pytest.raises(ValueError, match="`mask` of shape"):
+        ops.causal_conv(x, w, mask=np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="`initial_state` of shape"):
+        ops.causal_conv(x, w, initial_state=np.zeros((2, 4, D), np.float32))
+    with pytest.raises(ValueError, match="`state` of shape"):
+        ops.causal_conv_step(np.zeros((2, 2, D), np.float32), x[:, 0], w)
