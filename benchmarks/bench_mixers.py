@@ -1,10 +1,13 @@
-"""Sequence mixers compared on the tasks the field uses: attention, LinOSS-IM, LinOSS-IMEX,
-D-LinOSS and a hybrid, inside the same small transformer, on MQAR, selective copying and
-induction heads at a short and a long sequence length.
+"""Sequence mixers compared on the tasks the field uses: attention, the LinOSS mixers' blocks
+(outer-product, the papers' plain block, the selective plain block), LinOSS-IMEX, D-LinOSS
+and a hybrid, inside the same small transformer, on MQAR, selective copying and induction
+heads at a short and a long sequence length.
 
-Every run uses ``configs/mixers.py:<task>`` with only the mixer, the length and the batch
-changed (the batch keeps the tokens per step fixed), equal width and depth, and the same
-step budget. Writes ``benchmarks/MIXERS.md`` (and ``mixers.jsonl`` in the work folder, a
+A mixer is a ``model.mixer`` value, optionally with ``:block`` (``model.mixer_block``:
+``outer``, ``plain`` or ``selective``), e.g. ``linoss-im:plain``. Every run uses
+``configs/mixers.py:<task>`` with only the mixer, the length, the batch (it keeps the tokens
+per step fixed) and the seed changed, equal width and depth, and the same step budget per
+length. Writes ``benchmarks/MIXERS.md`` (and ``mixers.jsonl`` in the work folder, a
 row per run as soon as it finishes; a rerun skips finished rows)::
 
     python benchmarks/bench_mixers.py                      # the table (under an hour, 2 CPUs)
@@ -27,7 +30,17 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MIXERS = ("attention", "linoss-im", "linoss-imex", "d-linoss", "linoss-im,attention")
+MIXERS = (
+    "attention",
+    "linoss-im",
+    "linoss-im:plain",
+    "linoss-im:selective",
+    "linoss-imex",
+    "d-linoss",
+    "linoss-im,attention",
+)
+#: The rows that choose the registered default block (run with every seed of ``--seeds``).
+DECIDING = ("linoss-im", "linoss-im:plain")
 TASKS = ("mqar", "selective_copy", "induction")
 TOKENS_PER_STEP = 2048
 
@@ -76,11 +89,18 @@ def _step_profile(s, state):
     return statistics.median(times[1:]), peak, params
 
 
-def run_one(task, mixer, length, steps, workdir):
+def split_mixer(mixer: str) -> tuple[str, str]:
+    """``"name[:block]"`` -> ``(model.mixer, model.mixer_block)`` (default ``outer``)."""
+    name, _, block = mixer.partition(":")
+    return name, block or "outer"
+
+
+def run_one(task, mixer, length, steps, workdir, seed=0):
     from flax_linoss.train import trainer
 
     config = _load_config(task)
-    config.model.mixer = mixer
+    config.seed = seed
+    config.model.mixer, config.model.mixer_block = split_mixer(mixer)
     config.data.options.seq_len = length
     config.data.batch_size = max(1, TOKENS_PER_STEP // length)
     config.data.eval_batch_size = 64
@@ -90,7 +110,8 @@ def run_one(task, mixer, length, steps, workdir):
     config.train.log_every = max(1, steps // 4)
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
     config.train.tensorboard = False
-    run_dir = os.path.join(workdir, f"{task}-L{length}-{mixer.replace(',', '+')}")
+    name = mixer.replace(",", "+").replace(":", "-")
+    run_dir = os.path.join(workdir, f"{task}-L{length}-{name}-s{seed}")
     res = trainer.train_and_evaluate(config, run_dir)
     s = trainer.setup(config)
     step_s, peak, params = _step_profile(s, trainer.create_train_state(s))
@@ -100,6 +121,7 @@ def run_one(task, mixer, length, steps, workdir):
         "task": task,
         "length": length,
         "mixer": mixer,
+        "seed": seed,
         "steps": steps,
         "batch": config.data.batch_size,
         "test_accuracy": final["accuracy"],
@@ -126,15 +148,19 @@ def decode_speed(mixer: str, context: int, *, width=64, layers=2, batch=1, token
 
     from flax_linoss.models import TransformerLM
 
+    name, block = split_mixer(mixer)
+    options = {"state_size": width, "block": "plain" if block == "selective" else block}
+    if block == "selective":
+        options["selective"] = True
     model = TransformerLM(
         256,
         layers,
         width,
-        mixer=mixer,
+        mixer=name,
         num_heads=4,
         positional="none",
         max_len=context + tokens,
-        mixer_options={"state_size": width},
+        mixer_options=options,
         rngs=nnx.Rngs(0),
     )
     model.init_cache(batch, context + tokens)
@@ -235,15 +261,21 @@ def write_markdown(rows, path, command, tasks, lengths, decode_rows=()):
             lines += [
                 f"## {task}, length {length} (batch {sel[0]['batch']}, {sel[0]['steps']} steps)",
                 "",
-                "| mixer | test accuracy | decode | parameters | step ms | peak MiB |",
+                "| mixer | test accuracy (per seed) | decode | parameters | step ms | peak MiB |",
                 "|---|---|---|---|---|---|",
             ]
-            for r in sel:
-                dec = "-" if r["decode_accuracy"] is None else f"{r['decode_accuracy']:.3f}"
+            for mixer in dict.fromkeys(r["mixer"] for r in sel):
+                runs = [r for r in sel if r["mixer"] == mixer]
+                acc = " / ".join(f"{r['test_accuracy']:.3f}" for r in runs)
+                dec = " / ".join(
+                    "-" if r["decode_accuracy"] is None else f"{r['decode_accuracy']:.3f}"
+                    for r in runs
+                )
+                r = runs[0]
                 peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
                 lines.append(
-                    f"| {r['mixer']} | {r['test_accuracy']:.3f} | {dec} | {r['params']:,} | "
-                    f"{r['step_ms']:.1f} | {peak} |"
+                    f"| {mixer} | {acc} | {dec} | {r['params']:,} | "
+                    f"{statistics.median(x['step_ms'] for x in runs):.1f} | {peak} |"
                 )
             lines.append("")
     lines += _decode_markdown(list(decode_rows))
@@ -254,15 +286,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 512])
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--steps", type=int, default=800, help="budget at the first length")
+    parser.add_argument("--long-steps", type=int, default=1200, help="budget at the other lengths")
+    parser.add_argument(
+        "--long-mixers",
+        nargs="+",
+        default=["attention", "linoss-im", "linoss-im:plain", "linoss-im,attention"],
+        help="the mixers run at the other lengths",
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the deciding rows"
+    )
     parser.add_argument("--workdir", default="runs/bench_mixers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "MIXERS.md"))
     parser.add_argument(
         "--decode-contexts",
         nargs="*",
         type=int,
-        default=[1024, 8192, 32768],
+        default=[1024, 8192],
         help="context lengths of the generation-cost table (none: skip it)",
     )
     args = parser.parse_args(argv)
@@ -272,27 +314,33 @@ def main(argv=None):
     if os.path.exists(log):
         for line in open(log):
             r = json.loads(line)
-            done[(r["task"], r["length"], r["mixer"], r["steps"])] = r
+            done[(r["task"], r["length"], r["mixer"], r["steps"], r.get("seed", 0))] = r
     rows = []
     for task in args.tasks:
-        for length in args.lengths:
-            for mixer in args.mixers:
-                key = (task, length, mixer, args.steps)
-                if key not in done:
-                    done[key] = run_one(task, mixer, length, args.steps, args.workdir)
-                    with open(log, "a") as f:
-                        f.write(json.dumps(done[key]) + "\n")
-                r = done[key]
-                rows.append(r)
-                print(
-                    f"{task:15s} L={length:<5d} {mixer:20s} test acc {r['test_accuracy']:.3f} "
-                    f"| {r['step_ms']:.1f} ms/step",
-                    flush=True,
-                )
+        for i, length in enumerate(args.lengths):
+            steps = args.steps if i == 0 else args.long_steps
+            for mixer in args.mixers if i == 0 else args.long_mixers:
+                seeds = args.seeds if (i == 0 and mixer in DECIDING) else args.seeds[:1]
+                for seed in seeds:
+                    key = (task, length, mixer, steps, seed)
+                    if key not in done:
+                        done[key] = run_one(task, mixer, length, steps, args.workdir, seed)
+                        with open(log, "a") as f:
+                            f.write(json.dumps(done[key]) + "\n")
+                    r = done[key]
+                    rows.append(r)
+                    print(
+                        f"{task:15s} L={length:<5d} {mixer:22s} seed {seed} test acc "
+                        f"{r['test_accuracy']:.3f} | {r['step_ms']:.1f} ms/step",
+                        flush=True,
+                    )
     command = "python benchmarks/bench_mixers.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    decode_rows = decode_table(args.mixers, args.decode_contexts)
+    decode_rows = decode_table(
+        [m for m in ("attention", "linoss-im", "linoss-im:plain") if m in args.mixers],
+        args.decode_contexts,
+    )
     write_markdown(rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows)
     print(f"wrote {args.out}")
 

@@ -2,6 +2,8 @@
 attention metadata and with logical axis rules; the linen mixer under logical axis rules.
 (2 of the 8 fake CPU devices.)"""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from flax_linoss import get_mixer
 from flax_linoss.mixers import base
 
-MIXERS = ["attention", "d-linoss"]
+MIXERS = ["attention", "d-linoss", "d-linoss:plain"]
 # nnx.MultiHeadAttention's kernel is [E, heads, head_dim]; the tutorials shard the heads.
 TUTORIAL = {
     "kernel_metadata": {"out_sharding": (None, "model", None)},
@@ -32,8 +34,10 @@ class _Net(nnx.Module):
 
     def __init__(self, mixer, metadata, rngs):
         self.embed = nnx.Linear(16, 16, rngs=rngs)
+        mixer, _, block = mixer.partition(":")  # "name:block" picks a LinOSS block
         cls = get_mixer(mixer, api="nnx")
-        self.mixers = nnx.List([cls(4, 16, decode=False, rngs=rngs, **metadata) for _ in range(2)])
+        kw = {**metadata, **({"block": block} if block else {})}
+        self.mixers = nnx.List([cls(4, 16, decode=False, rngs=rngs, **kw) for _ in range(2)])
         self.norms = nnx.List([nnx.LayerNorm(16, rngs=rngs) for _ in range(2)])
         self.head = nnx.Linear(16, 16, rngs=rngs)
         mesh = jax.sharding.get_abstract_mesh()
@@ -85,14 +89,21 @@ def test_nnx_trains_under_explicit_mesh_with_tutorial_metadata(mixer):
         # Our parameters follow the metadata meant for attention's shapes ...
         assert tuple(m.in_proj.kernel.get_metadata("out_sharding")) == (None, "model")
         assert tuple(m.out_proj.kernel.get_metadata("out_sharding")) == ("model", None)
-        assert tuple(m.linoss.b.get_metadata("out_sharding")) == (None, "model", None)
-        assert tuple(m.linoss.b[...].sharding.spec) == (None, "model", None)
+        if m.block == "plain":
+            assert tuple(m.linoss.b.get_metadata("out_sharding")) == (None, "model", None)
+            assert tuple(m.linoss.b[...].sharding.spec) == (None, "model", None)
+            osc, name = m.linoss.a_raw, "a_raw"
+        else:  # every input projection like attention's (E, H) kernel
+            for proj in (m.query, m.key, m.gate):
+                assert tuple(proj.kernel.get_metadata("out_sharding")) == (None, "model")
+                assert tuple(proj.kernel[...].sharding.spec) == (None, "model")
+            osc, name = m.heads.a_raw, "heads/a_raw"
         # ... and never logical names as mesh axes.
-        assert m.linoss.a_raw.get_metadata("out_sharding", None) is None
-        assert m.linoss.a_raw.get_metadata("logical_axes") == base.PARAM_AXES["a_raw"]
+        assert osc.get_metadata("out_sharding", None) is None
+        assert osc.get_metadata("logical_axes") == base.PARAM_AXES[name]
 
 
-@pytest.mark.parametrize("mixer", ["linoss-im", "d-linoss"])
+@pytest.mark.parametrize("mixer", ["linoss-im", "d-linoss", "linoss-im:plain"])
 def test_nnx_without_metadata_under_explicit_mesh_is_replicated(mixer):
     with jax.set_mesh(_mesh()):
         model = _Net(mixer, {}, nnx.Rngs(0))
@@ -102,7 +113,8 @@ def test_nnx_without_metadata_under_explicit_mesh_is_replicated(mixer):
         assert var.get_metadata("out_sharding", None) is None
 
 
-def test_nnx_with_logical_axis_rules():
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_nnx_with_logical_axis_rules(block):
     mesh = jax.make_mesh(
         (1, 2),
         ("batch", "model"),
@@ -110,12 +122,17 @@ def test_nnx_with_logical_axis_rules():
         devices=jax.devices()[:2],
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        model = _Net("d-linoss", {}, nnx.Rngs(0))
+        model = _Net(f"d-linoss:{block}", {}, nnx.Rngs(0))
         specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
         losses = _train(model, _tokens())
     spec = lambda v: tuple(v.get_value() if isinstance(v, nnx.Variable) else v)
     mixer = specs["mixers"][0]
-    assert spec(mixer["linoss"]["b"]) == (None, "model", None)
+    if block == "plain":
+        assert spec(mixer["linoss"]["b"]) == (None, "model", None)
+    else:  # "kv" -> model: the inner width of every stream; the heads' oscillators whole
+        assert spec(mixer["conv_kernel"]) == (None, None, "model")
+        assert spec(mixer["key"]["kernel"]) == (None, "model")
+        assert spec(mixer["heads"]["a_raw"]) == (None, None)
     assert spec(mixer["in_proj"]["kernel"]) == (None, "model")
     assert losses[-1] < losses[0]
 
@@ -134,8 +151,9 @@ def test_library_transformer_trains_under_an_explicit_mesh(mixer):
     assert losses[-1] < losses[0]
 
 
-def test_linen_mixer_under_logical_axis_rules():
-    mixer = get_mixer("d-linoss")(num_heads=2, qkv_features=16)
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_linen_mixer_under_logical_axis_rules(block):
+    mixer = get_mixer("d-linoss")(num_heads=2, qkv_features=16, block=block)
     x = jnp.ones((2, 8, 16))
     mesh = jax.make_mesh(
         (1, 2),
@@ -148,11 +166,13 @@ def test_linen_mixer_under_logical_axis_rules():
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
         init = jax.jit(mixer.init, out_shardings=shardings)
         variables = init(jax.random.key(0), x)
-    b = nn.unbox(variables)["params"]["linoss"]["b"]
-    assert tuple(b.sharding.spec) == (None, "model", None)
+    path = ("linoss", "b") if block == "plain" else ("conv_kernel",)
+    leaf = lambda tree: functools.reduce(lambda t, k: t[k], path, nn.unbox(tree)["params"])
+    want = (None, "model", None) if block == "plain" else (None, None, "model")
+    assert tuple(leaf(variables).sharding.spec) == want
 
     def loss(p):
         return jnp.mean(mixer.apply(p, x) ** 2)
 
     grads = jax.jit(jax.grad(loss))(variables)
-    assert np.isfinite(np.asarray(nn.unbox(grads)["params"]["linoss"]["b"])).all()
+    assert np.isfinite(np.asarray(leaf(grads))).all() and np.abs(leaf(grads)).max() > 0

@@ -34,7 +34,89 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "d": (KV,),
     "out_proj/kernel": (KV, EMBED),
     "out_proj/bias": (EMBED,),
+    # The outer-product block (block="outer"): the value projection is in_proj; queries,
+    # keys and the gate are projected like it; the short convolution's taps over the three
+    # streams [W, 3, H]; per head, oscillators [heads, K] and the output norm's scale.
+    "query/kernel": (EMBED, KV),
+    "query/bias": (KV,),
+    "key/kernel": (EMBED, KV),
+    "key/bias": (KV,),
+    "gate/kernel": (EMBED, KV),
+    "gate/bias": (KV,),
+    "conv_kernel": (None, None, KV),
+    "conv_bias": (None, KV),
+    "heads/a_raw": (None, None),
+    "heads/dt_raw": (None, None),
+    "heads/g_raw": (None, None),
+    "heads/scale": (None, None),
 }
+
+#: The mixer's blocks: ``"outer"`` (the default: projections to queries, keys, values and
+#: a gate, a short causal convolution, a multi-head outer-product oscillator memory read by
+#: the queries, a per-head norm, the gate, the output projection) and ``"plain"`` (the
+#: papers' ``in_proj -> LinOSS -> out_proj``). See ``benchmarks/MIXERS.md`` for the choice.
+OUTER = "outer"
+PLAIN = "plain"
+BLOCKS = (OUTER, PLAIN)
+#: Activations of the outer block's gate (``None``: no gate).
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "sigmoid": jax.nn.sigmoid}
+
+
+def resolve_block(block: str | None, bidirectional: bool) -> str:
+    """``block``, or its default: ``"outer"``, ``"plain"`` for a bidirectional mixer (the
+    outer block is causal)."""
+    if block is None:
+        return PLAIN if bidirectional else OUTER
+    return block
+
+
+def check_block(where: str, block: str, num_heads, qkv_features: int, conv_width, gate, options):
+    """Validates the block options once, at construction."""
+    if block not in BLOCKS:
+        raise ValueError(f"{where}: block must be one of {BLOCKS}, got {block!r}.")
+    if not isinstance(conv_width, int | np.integer) or conv_width < 0:
+        raise ValueError(f"{where}: conv_width must be an int >= 0 (0: none), got {conv_width!r}.")
+    if gate is not None and gate not in GATE_ACTIVATIONS:
+        raise ValueError(
+            f"{where}: gate_activation must be None or one of {sorted(GATE_ACTIVATIONS)}, got "
+            f"{gate!r}."
+        )
+    if block == OUTER:
+        check_size(where, "num_heads", num_heads)
+        if qkv_features % num_heads:
+            raise ValueError(
+                f"{where}(block='outer'): qkv_features={qkv_features} must be a multiple of "
+                f"num_heads={num_heads} (each head holds qkv_features / num_heads key and "
+                "value dims)."
+            )
+        given = [name for name, value in options.items() if value]
+        if given:
+            raise ValueError(
+                f"{where}(block='outer') does not take {', '.join(given)}: they are options "
+                "of block='plain'."
+            )
+
+
+def slow_oscillators(key, shape, discretization: str, dtype=jnp.float32):
+    """Raw ``(a, dt, g)`` of the outer block's oscillators (``[heads, K]``): ``dt`` in
+    ``(0.5, 0.73)`` and ``a dt^2`` log-uniform in ``[1e-4, 1]``, so the oscillators' periods
+    (and, damped, their memories) spread from a few steps to about 600; ``g`` starts at 0."""
+    ka, kd = jax.random.split(key)
+    dt_raw = jax.random.uniform(kd, shape, dtype)
+    dt = jax.nn.sigmoid(dt_raw)
+    x = jnp.exp(jax.random.uniform(ka, shape, dtype, minval=np.log(1e-4), maxval=0.0))
+    g_raw = jnp.zeros(shape, dtype) if discretization == ops.DAMPED else None
+    return x / dt**2, dt_raw, g_raw
+
+
+def conv_taps(key, width: int, features: int, dtype=jnp.float32):
+    """The outer block's convolution taps ``[W, 3, H]`` over (queries, keys, values): the
+    queries and values start passing the current step, the keys the previous one (so a
+    query meets the key of the token before a match: the induction pattern), plus noise."""
+    w = jnp.zeros((width, 3, features), dtype)
+    w = w.at[-1, 0].set(1.0).at[-1, 2].set(1.0)
+    w = w.at[-2 if width > 1 else -1, 1].set(1.0)
+    return w + 0.1 * jax.random.normal(key, w.shape, dtype) / np.sqrt(width)
 
 
 def linoss_param_axes(name: str) -> tuple[str | None, ...]:

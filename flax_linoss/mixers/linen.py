@@ -149,7 +149,8 @@ class _MixerSkin(NnxSkin):
         """Parameters carry logical axis names (a user's own box wins)."""
         if not isinstance(variable, nnx.Param):
             return value
-        key = "/".join(path[-2:]) if path[0] in ("in_proj", "out_proj") else path[-1]
+        nested = ("in_proj", "out_proj", "query", "key", "gate", "heads")
+        key = "/".join(path[-2:]) if path[0] in nested else path[-1]
         boxes = scratch.get("boxes", {})
         if key in boxes:
             return boxes[key].replace_boxed(value)
@@ -165,18 +166,23 @@ class _MixerSkin(NnxSkin):
         or inside ``init``/``apply``).
         """
         base.check_decode_options(type(self).__name__, self.bidirectional)
-        num_osc = self.state_size or self.qkv_features
-        if num_osc is None:
+        block = base.resolve_block(self.block, self.bidirectional)
+        width = self.qkv_features
+        if width is None and not (block == base.PLAIN and self.state_size):
             if self.scope is None:
                 raise ValueError(
-                    f"{type(self).__name__}.init_state: set state_size or qkv_features, or "
-                    "call it on a bound module (mixer.bind(variables).init_state(...)): the "
-                    "number of oscillators defaults to the input width."
+                    f"{type(self).__name__}.init_state: set qkv_features, or call it on a "
+                    "bound module (mixer.bind(variables).init_state(...)): the inner width "
+                    "defaults to the input width."
                 )
-            num_osc = self._in_features()
-        return state_lib.zero_state(
+            width = self._in_features()
+        return state_lib.block_state(
             batch_shape,
-            num_osc,
+            outer=block == base.OUTER,
+            width=width,
+            num_heads=self.num_heads,
+            state_size=self.state_size,
+            conv_width=self.conv_width,
             dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
             out_sharding=out_sharding,
         )
@@ -279,7 +285,7 @@ class _MixerSkin(NnxSkin):
         if fresh:
             module.init_cache(shape)
         else:
-            batch = self.variables["cache"]["state_z"].shape[:-2]
+            batch = self.variables["cache"]["last_index"].shape
             module.init_cache((*batch, 1, module.in_features))
 
 
@@ -291,9 +297,9 @@ attention's, in attention's order, then the LinOSS options; every one that the n
 constructor (same names, annotations and defaults).
 
 Attention arguments and what they mean here:
-  num_heads: accepted and **ignored** (default 1): the mixer is one group of ``P``
-    diagonal oscillators over all ``H`` channels; it has no heads and no per-head
-    constraint (``qkv_features`` need not divide by it).
+  num_heads: the heads of the outer block (default 1; ``qkv_features`` must be a multiple
+    of it, each head holding ``qkv_features / num_heads`` key and value dims); ignored by
+    the plain block (one group of ``P`` diagonal oscillators over all ``H`` channels).
   dtype, param_dtype, precision: as in Flax (``precision`` applies to the two
     projections; the recurrence always runs in float32 or wider).
   qkv_features: the inner width ``H`` (default: the input width ``E``).
@@ -311,6 +317,18 @@ Attention arguments and what they mean here:
     or key).
 
 LinOSS options:
+  block: ``"outer"``: queries, keys, values and a gate
+    projected from the input, a short causal convolution over the last ``conv_width``
+    valid steps, then per head a ``K x K`` memory of oscillators driven by ``k v^T`` and
+    read by ``q`` (:func:`flax_linoss.ops.outer_apply`), an RMS norm per head, the gate and
+    the output projection; it recalls in context (``benchmarks/MIXERS.md``). ``"plain"``:
+    the papers' ``in_proj -> LinOSS -> out_proj``. ``None`` (default): ``"outer"``, or
+    ``"plain"`` when ``bidirectional`` (the outer block is causal).
+  conv_width: taps of the outer block's convolution (0: none).
+  gate_activation: ``"silu"`` (default), ``"gelu"``, ``"sigmoid"`` or ``None`` (no gate).
+  chunk: the outer block's chunk length (default :data:`flax_linoss.ops.outer.DEFAULT_CHUNK`).
+  selective, selective_rank, time_scale: the plain block's input-dependent step sizes and
+    timestamps' unit (see :class:`flax_linoss.nnx.LinOSSLayer`).
   discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
     (D-LinOSS).
   state_size: oscillators ``P`` (default ``H``).

@@ -44,6 +44,7 @@ Decoding, two ways (the same computation):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -130,6 +131,120 @@ def _layer_metadata(h_axis, logical_sharding: bool) -> dict[str, dict[str, Any]]
     return out
 
 
+def _per_batch_shard(core, args, batch_ndim: int):
+    """``core(*args)`` under an explicit-axes mesh, per device on its rows of the batch:
+    arrays with the batch axes in front keep the batch sharding of the first activation
+    (``args[1]``), everything else (the features, the parameters) is gathered whole."""
+    P = jax.sharding.PartitionSpec
+    spec = tuple(jax.typeof(args[1]).sharding.spec) + (None,) * batch_ndim
+    lead = spec[:batch_ndim]
+    params, rest = args[0], args[1:]
+    row = lambda a: None if a is None else P(*lead, *([None] * (a.ndim - batch_ndim)))
+    in_specs = (
+        jax.tree.map(lambda _: P(), params),
+        *(jax.tree.map(row, a) if a is not None else None for a in rest),
+    )
+    args = jax.tree.map(jax.sharding.reshard, args, in_specs, is_leaf=lambda a: a is None)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    out_shape = jax.eval_shape(core, *plain)
+    out_specs = jax.tree.map(row, out_shape)
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(core, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def _zero_where(restart, s):
+    """``s [batch..., ...]`` with the rows where ``restart [batch...]`` set to zero."""
+    return jnp.where(restart.reshape(restart.shape + (1,) * (s.ndim - restart.ndim)), 0, s)
+
+
+class _OuterHeads(nnx.Module):
+    """The outer block's oscillators, ``[heads, K]`` (``a_raw``, ``dt_raw``, ``g_raw`` for
+    D-LinOSS), and the scale ``[heads, V]`` of its per-head output norm."""
+
+    def __init__(self, heads, head_dim, discretization, constraint, param_dtype, logical, rngs):
+        self.discretization = discretization
+        self.constraint = constraint
+        a, dt, g = base.slow_oscillators(
+            rngs.params(), (heads, head_dim), discretization, param_dtype
+        )
+        meta = lambda name: _with_axes({}, f"heads/{name}", logical)
+        self.a_raw = nnx.Param(a, **meta("a_raw"))
+        self.dt_raw = nnx.Param(dt, **meta("dt_raw"))
+        self.g_raw = None if g is None else nnx.Param(g, **meta("g_raw"))
+        self.scale = nnx.Param(jnp.ones((heads, head_dim), param_dtype), **meta("scale"))
+
+    def values(self) -> dict[str, jax.Array]:
+        return {
+            "a_raw": self.a_raw[...],
+            "dt_raw": self.dt_raw[...],
+            "g_raw": None if self.g_raw is None else self.g_raw[...],
+            "scale": self.scale[...],
+        }
+
+
+def _outer_core(
+    params, q, k, v, valid, seg, restart, conv_state, z, y, *, discretization, constraint, chunk
+):
+    """The outer block between its projections, a pure function (run per shard under an
+    explicit mesh): ``q, k, v [batch..., L, H]`` -> ``(o [batch..., L, H], final
+    OuterState or None, convolution buffers [batch..., W - 1, 3, H] or None)``.
+
+    The short causal convolution of each stream (over the valid steps, restarting at segment
+    starts; from ``conv_state`` when decoding), then per head the oscillator memory read by
+    the queries (their velocity, see :mod:`flax_linoss.ops.outer`) and an RMS norm.
+    ``restart [batch...]`` drops the state carried in (decoding), ``z, y`` the oscillator
+    state (``None``: a whole sequence from zero)."""
+    decoding = z is not None
+    buffers = None
+    if params["conv_kernel"] is not None:
+        streams, buffers = [], []
+        for i, t in enumerate((q, k, v)):
+            buf = None if not decoding else _zero_where(restart, conv_state[..., i, :])
+            out = ops.causal_conv(
+                t,
+                params["conv_kernel"][:, i],
+                params["conv_bias"][i],
+                mask=valid,
+                segment_ids=seg,
+                initial_state=buf,
+                return_state=decoding,
+            )
+            if decoding:
+                out, buf = out
+                buffers.append(buf)
+            streams.append(out.astype(t.dtype))
+        q, k, v = streams
+        buffers = jnp.stack(buffers, -2) if decoding else None
+    a, dt, g = ops.constrain(
+        discretization, params["a_raw"], params["dt_raw"], params["g_raw"], constraint=constraint
+    )
+    heads, dim = a.shape
+    split = lambda t: t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
+    readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0], a.dtype), (heads, dim, 2))
+    initial = None
+    if decoding:
+        initial = ops.OuterState(_zero_where(restart, z), _zero_where(restart, y))
+    o, final = ops.outer_apply(
+        split(q),
+        split(k) / jnp.sqrt(jnp.asarray(dim, k.dtype)),
+        split(v),
+        a,
+        dt,
+        g=g,
+        discretization=discretization,
+        readout=readout,
+        initial_state=initial,
+        return_state=True,
+        mask=valid,
+        segment_ids=seg,
+        chunk=chunk,
+        check="shapes",
+    )
+    of = o.astype(jnp.float32)
+    of = of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + 1e-6) * params["scale"]
+    return of.astype(o.dtype).reshape(q.shape), (final if decoding else None), buffers
+
+
 class LinOSSMixer(nnx.Module):
     """LinOSS / D-LinOSS self-mixer with the interface of ``nnx.MultiHeadAttention``.
 
@@ -202,6 +317,13 @@ class LinOSSMixer(nnx.Module):
         scan: str = ops.AUTO,
         oscillator_init: Callable | None = None,
         constraint: str = STABLE,
+        block: str | None = None,
+        conv_width: int = 4,
+        gate_activation: str | None = "silu",
+        chunk: int | None = None,
+        selective: bool = False,
+        selective_rank: int | None = None,
+        time_scale: float = 1.0,
     ):
         where = type(self).__name__
         del num_kv_heads, in_kv_features, attention_fn, normalize_qk, ln_promote_dtype
@@ -212,6 +334,24 @@ class LinOSSMixer(nnx.Module):
         base.check_mixer_arguments(
             where, in_features, qkv_features, out_features, dropout_rate, dtype, param_dtype
         )
+        block = base.resolve_block(block, bidirectional)
+        base.check_block(
+            where,
+            block,
+            num_heads,
+            qkv_features or in_features,
+            conv_width,
+            gate_activation,
+            {
+                "bidirectional": bidirectional,
+                "selective": selective,
+                "oscillator_init": oscillator_init,
+            },
+        )
+        self.block = block
+        self.conv_width = conv_width if block == base.OUTER else 0
+        self.gate_activation = gate_activation
+        self.chunk = chunk
         self.num_heads = num_heads
         self.in_features = in_features
         self.qkv_features = qkv_features or in_features
@@ -276,22 +416,57 @@ class LinOSSMixer(nnx.Module):
                 dtype=dtype,
                 param_dtype=param_dtype,
                 param_metadata=param_metadata,
+                selective=selective,
+                selective_rank=selective_rank,
+                time_scale=time_scale,
                 rngs=rngs,
             )
 
-        self.in_proj = linear(
-            in_features,
-            self.qkv_features,
-            kernel_init,
-            bias_init,
-            qkv_promote_dtype,
-            qkv_dot_general,
-            qkv_dot_general_cls,
-            kernel_metadata,
-            bias_metadata,
-        )
-        self.linoss = layer()
-        self.linoss_reverse = layer() if bidirectional else None
+        def projection(name):
+            # Each input projection is sharded like attention's (E, H) kernel; its logical
+            # names are those of `name` (the same axes as in_proj's).
+            return linear(
+                in_features,
+                self.qkv_features,
+                kernel_init,
+                bias_init,
+                qkv_promote_dtype,
+                qkv_dot_general,
+                qkv_dot_general_cls,
+                {**kernel_metadata, "logical_axes": base.PARAM_AXES[f"{name}/kernel"]},
+                {**bias_metadata, "logical_axes": base.PARAM_AXES[f"{name}/bias"]},
+            )
+
+        self.in_proj = projection("in_proj")
+        if block == base.OUTER:
+            self.query = projection("query")
+            self.key = projection("key")
+            # The keys start as the queries (q . k is then large where two tokens match).
+            self.key.kernel[...] = self.query.kernel[...]
+            self.gate = nnx.data(projection("gate") if gate_activation is not None else None)
+            self.heads = _OuterHeads(
+                num_heads,
+                self.qkv_features // num_heads,
+                discretization,
+                constraint,
+                param_dtype,
+                logical,
+                rngs,
+            )
+            self.linoss = self.linoss_reverse = None
+            self.conv_kernel = self.conv_bias = nnx.data(None)
+            if conv_width:
+                self.conv_kernel = nnx.Param(
+                    base.conv_taps(rngs.params(), conv_width, self.qkv_features, param_dtype),
+                    **_with_axes({}, "conv_kernel", logical),
+                )
+                self.conv_bias = nnx.Param(
+                    jnp.zeros((3, self.qkv_features), param_dtype),
+                    **_with_axes({}, "conv_bias", logical),
+                )
+        else:
+            self.linoss = layer()
+            self.linoss_reverse = layer() if bidirectional else None
         self.out_proj = linear(
             self.qkv_features,
             self.out_features,
@@ -374,8 +549,13 @@ class LinOSSMixer(nnx.Module):
         qkv_sharding, out_sharding = self._activation_shardings(
             inputs_q, qkv_sharding, out_sharding
         )
-        h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
-        y, new_state = self._mix(where, h, mask, segment_ids, state, write_index)
+        if self.block == base.OUTER:
+            y, new_state = self._mix_outer(
+                where, inputs_q, qkv_sharding, mask, segment_ids, state, write_index
+            )
+        else:
+            h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
+            y, new_state = self._mix(where, h, mask, segment_ids, state, write_index)
         if self.dropout_rate > 0.0:
             deterministic = self.deterministic if deterministic is None else deterministic
             if deterministic is None:
@@ -412,10 +592,10 @@ class LinOSSMixer(nnx.Module):
             out_sharding = P(*spec)
         return qkv_sharding, out_sharding
 
-    def _mix(self, where, h, mask, segment_ids, state, write_index):
-        """The recurrence on the inner activations ``h [batch..., L, H]``: ``(y, new_state)``
-        (``new_state`` is ``None`` without ``state``)."""
-        lead = h.shape[:-1]
+    def _steps(self, where, lead, mask, segment_ids, state, write_index):
+        """What the mask and segment ids say about the steps ``lead = (batch..., L)``:
+        ``(valid, segment ids for the recurrence, the user's segment ids, restart)``;
+        ``restart [batch...]`` (decoding only) says where the state carried in is dropped."""
         user_seg = masks.check_segment_ids(segment_ids, lead, where=where)
         if state is None:
             steps = masks.read_mask(mask, lead, where=where)
@@ -424,27 +604,69 @@ class LinOSSMixer(nnx.Module):
             steps = masks.read_mask(mask, lead, where=where, write_index=start, last=state.last)
         valid = steps.valid
         seg = masks.combine_segment_ids(steps.segment_ids, user_seg)
+        restart = None if state is None else masks.restarts(steps, user_seg, valid, state)
+        return steps, valid, seg, user_seg, restart
+
+    def _next_state(self, state, steps, user_seg, valid, length, **fields):
+        new_state = state.replace(
+            index=state.index + length,
+            last=steps.last,
+            segment=masks.last_segment(user_seg, valid, state.segment),
+            **fields,
+        )
+        return state_lib.like(new_state, state)
+
+    def _mix(self, where, h, mask, segment_ids, state, write_index):
+        """The recurrence on the inner activations ``h [batch..., L, H]``: ``(y, new_state)``
+        (``new_state`` is ``None`` without ``state``)."""
+        steps, valid, seg, user_seg, restart = self._steps(
+            where, h.shape[:-1], mask, segment_ids, state, write_index
+        )
         if state is None:
             y = self.linoss(h, mask=valid, segment_ids=seg)
             if self.linoss_reverse is not None:
                 y = y + self.linoss_reverse(h, reverse=True, mask=valid, segment_ids=seg)
             return y, None
-        restart = masks.restarts(steps, user_seg, valid, state)
-        initial = jax.tree.map(
-            lambda s: jnp.where(restart[..., None, None], jnp.zeros_like(s), s),
-            state.oscillators,
-        )
+        initial = jax.tree.map(lambda s: _zero_where(restart, s), state.oscillators)
         y, final = self.linoss(
             h, initial_state=initial, return_state=True, mask=valid, segment_ids=seg
         )
-        new_state = state.replace(
-            z=final.z,
-            y=final.y,
-            index=state.index + h.shape[-2],
-            last=steps.last,
-            segment=masks.last_segment(user_seg, valid, state.segment),
+        return y, self._next_state(state, steps, user_seg, valid, h.shape[-2], z=final.z, y=final.y)
+
+    def _mix_outer(self, where, x, qkv_sharding, mask, segment_ids, state, write_index):
+        """The outer block on ``x [batch..., L, E]``: ``(y [batch..., L, H], new_state)``."""
+        q, k, v = (m(x, out_sharding=qkv_sharding) for m in (self.query, self.key, self.in_proj))
+        lead = q.shape[:-1]
+        steps, valid, seg, user_seg, restart = self._steps(
+            where, lead, mask, segment_ids, state, write_index
         )
-        return y, state_lib.like(new_state, state)
+        params = {
+            **self.heads.values(),
+            "conv_kernel": None if self.conv_kernel is None else self.conv_kernel[...],
+            "conv_bias": None if self.conv_bias is None else self.conv_bias[...],
+        }
+        core = functools.partial(
+            _outer_core,
+            discretization=self.heads.discretization,
+            constraint=self.heads.constraint,
+            chunk=self.chunk,
+        )
+        carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
+        args = (params, q, k, v, valid, seg, restart, *carried)
+        if state_lib._explicit_mesh():
+            o, final, conv = _per_batch_shard(core, args, len(lead) - 1)
+            o = jax.sharding.reshard(o, jax.typeof(q).sharding.spec)
+        else:
+            o, final, conv = core(*args)
+        if self.gate is not None:
+            act = base.GATE_ACTIVATIONS[self.gate_activation]
+            o = o * act(self.gate(x, out_sharding=qkv_sharding))
+        if state is None:
+            return o, None
+        new = self._next_state(
+            state, steps, user_seg, valid, lead[-1], z=final.z, y=final.y, conv=conv
+        )
+        return o, new
 
     def init_state(
         self, batch_shape: tuple[int, ...] | int, *, dtype: Dtype | None = None, out_sharding=None
@@ -463,9 +685,13 @@ class LinOSSMixer(nnx.Module):
           oscillators.
         """
         base.check_decode_options(type(self).__name__, self.bidirectional)
-        return state_lib.zero_state(
+        return state_lib.block_state(
             batch_shape,
-            self.state_size,
+            outer=self.block == base.OUTER,
+            width=self.qkv_features,
+            num_heads=self.num_heads,
+            state_size=self.state_size,
+            conv_width=self.conv_width,
             dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
             out_sharding=out_sharding,
         )

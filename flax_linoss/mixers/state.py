@@ -43,17 +43,18 @@ class MixerState:
     """A mixer's decoding state (a pytree; every leaf has the batch axes in front).
 
     Attributes:
-      z, y: ``[batch..., 2, P]`` the oscillators' velocity and position as (re, im) pairs
-        (a :class:`flax_linoss.ops.LinOSSState`'s leaves), float32 (float64 with float64
-        parameters) whatever the activations' dtype.
+      z, y: the oscillators' velocity and position, float32 (float64 with float64
+        parameters) whatever the activations' dtype: ``[batch..., 2, P]`` (re, im) pairs
+        for the plain block (a :class:`flax_linoss.ops.LinOSSState`'s leaves),
+        ``[batch..., heads, K, V]`` for the outer block (an :class:`~flax_linoss.ops.OuterState`'s).
       index: ``[batch...]`` int32, the steps consumed so far: the next step's position (its
         cache slot, modulo the cache size, when masks are cache-sized).
       last: ``[batch...]`` int32, the absolute index of the last valid step (``-1``: none);
         an attention-style mask says through it whether a new step continues that one's
         sequence (packing).
       segment: ``[batch...]`` int32, the ``segment_ids`` entry of the last valid step.
-      conv: ``[batch..., W - 1, H]`` the last inputs of a short causal convolution, or
-        ``None`` for a block without one.
+      conv: ``[batch..., W - 1, 3, H]`` the last valid inputs of the outer block's short
+        causal convolution (queries, keys, values), or ``None`` for a block without one.
     """
 
     z: jax.Array
@@ -113,7 +114,8 @@ def zero_state(
     num_oscillators: int,
     *,
     dtype=jnp.float32,
-    conv_shape: tuple[int, int] | None = None,
+    oscillator_shape: tuple[int, ...] | None = None,
+    conv_shape: tuple[int, ...] | None = None,
     conv_dtype=None,
     out_sharding=None,
 ) -> MixerState:
@@ -123,7 +125,10 @@ def zero_state(
       batch_shape: the batch axes (an int for one).
       num_oscillators: ``P``.
       dtype: the oscillators' dtype (float32, or float64).
-      conv_shape: ``(W - 1, H)`` for a block with a short convolution, else ``None``.
+      oscillator_shape: the shape of ``z`` and ``y`` after the batch axes; default ``(2,
+        P)`` (the plain block's (re, im) pairs); the outer block's ``(heads, K, V)``.
+      conv_shape: ``(W - 1, ...)`` for a block with a short convolution (the outer block's
+        ``(W - 1, 3, H)``: queries, keys, values), else ``None``.
       conv_dtype: the convolution buffer's dtype (the activations'; default ``dtype``).
       out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
         the batch axes (e.g. ``P("fsdp")``); every leaf gets it on its batch axes.
@@ -138,13 +143,41 @@ def zero_state(
     conv = None
     if conv_shape is not None and conv_shape[0] > 0:
         conv = zeros(tuple(conv_shape), conv_dtype or dtype)
+    osc = (2, num_oscillators) if oscillator_shape is None else tuple(oscillator_shape)
     return MixerState(
-        z=zeros((2, num_oscillators), dtype),
-        y=zeros((2, num_oscillators), dtype),
+        z=zeros(osc, dtype),
+        y=zeros(osc, dtype),
         index=zeros((), jnp.int32),
         last=zeros((), jnp.int32, -1),
         segment=zeros((), jnp.int32),
         conv=conv,
+    )
+
+
+def block_state(
+    batch_shape: tuple[int, ...] | int,
+    *,
+    outer: bool,
+    width: int,
+    num_heads: int,
+    state_size: int | None,
+    conv_width: int,
+    dtype=jnp.float32,
+    out_sharding=None,
+) -> MixerState:
+    """A mixer's zero state: the plain block's ``[batch..., 2, P]`` oscillators (``P`` =
+    ``state_size or width``), or the outer block's ``[batch..., heads, K, K]`` (``K =
+    width / heads``) with its convolution buffer ``[batch..., W - 1, 3, width]``."""
+    if not outer:
+        return zero_state(batch_shape, state_size or width, dtype=dtype, out_sharding=out_sharding)
+    dim = width // num_heads
+    return zero_state(
+        batch_shape,
+        width,
+        dtype=dtype,
+        oscillator_shape=(num_heads, dim, dim),
+        conv_shape=(conv_width - 1, 3, width) if conv_width else None,
+        out_sharding=out_sharding,
     )
 
 

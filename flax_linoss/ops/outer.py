@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss.ops import _checks, schemes
-from flax_linoss.ops._scans._common import powers
+from flax_linoss.ops._scans._common import powers, vary, varying_axes
 
 __all__ = ["DEFAULT_CHUNK", "OuterState", "outer_apply", "outer_step", "outer_transition"]
 
@@ -272,6 +272,9 @@ def _apply(
     valid = per_step(mask)
     seg = per_step(segment_ids)
     ro = None if readout is None else tuple(jnp.moveaxis(readout.astype(rdt), -1, 0))
+    # Inside shard_map the chunk loop's carry must vary where the inputs do.
+    axes = varying_axes(qf, kf, vf, valid, seg)
+    z0, y0 = vary(z0, axes), vary(y0, axes)
     o, (z_l, y_l) = _chunked(qf, kf, vf, tr, ro, z0, y0, valid, seg, chunk)
     o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
     if not return_state:

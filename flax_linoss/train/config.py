@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.discretization": DISCRETIZATIONS,
     "model.norm": NORMS,
     "model.kind": ("paper", "transformer"),
+    "model.mixer_block": ("outer", "plain", "selective"),
     "model.constraint": CONSTRAINTS,
     "model.positional": ("none", "learned", "sinusoidal"),
     "model.scan": tuple(SCANS),
@@ -198,6 +199,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             mixer_pattern(got["model.mixer"], got["model.num_blocks"])
         except ValueError as e:
             raise ConfigError(f"model.mixer: {e}") from None
+        need(
+            got["model.mixer_block"] != "outer"
+            or got["model.hidden_size"] % got["model.num_heads"] == 0,
+            "model.mixer_block='outer' needs model.hidden_size to be a multiple of "
+            "model.num_heads.",
+        )
     need(0 <= got["model.dropout_rate"] < 1, "model.dropout_rate must be in [0, 1).")
     need(0 <= got["optimizer.end_lr_factor"] <= 1, "optimizer.end_lr_factor must be in [0, 1].")
     need(

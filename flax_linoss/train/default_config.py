@@ -64,7 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
     # "linoss-im", "linoss-imex", "d-linoss", or one you registered) or a comma-separated
     # pattern repeated block by block (hybrids), e.g. "linoss-im,linoss-im,attention".
     model.mixer = "linoss-im"
-    # Attention heads of the "transformer" model (LinOSS mixers ignore it).
+    # Block of the transformer's LinOSS mixers: "outer" (the default: a multi-head
+    # outer-product oscillator memory with a short convolution and a gate, which recalls in
+    # context), "plain" (the papers' in_proj -> LinOSS -> out_proj) or "selective" (the
+    # plain block with input-dependent step sizes); see benchmarks/MIXERS.md.
+    model.mixer_block = "outer"
+    # Heads of the "transformer" model's attention and outer LinOSS blocks (hidden_size
+    # must be a multiple of it for an outer block).
     model.num_heads = 4
     # MLP hidden width of the "transformer" model (0: 4 * hidden_size).
     model.mlp_dim = 0

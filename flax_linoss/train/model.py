@@ -102,7 +102,8 @@ class ModelSpec:
     vocab_size: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
     length: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
     mixer: str | None = _field(signature=(TRANSFORMER,), kind_only=True)
-    num_heads: int | None = _field(signature=(), kind_only=True)
+    mixer_block: str | None = _field(signature=(TRANSFORMER,), kind_only=True)
+    num_heads: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
     mlp_dim: int | None = _field(signature=(TRANSFORMER,), kind_only=True)
     positional: str | None = _field(signature=(TRANSFORMER,), kind_only=True)
     tie_embeddings: bool | None = _field(signature=(TRANSFORMER,), kind_only=True)
@@ -129,6 +130,7 @@ class ModelSpec:
                 vocab_size=shape["vocab_size"],
                 length=shape["length"],
                 mixer=m.mixer,
+                mixer_block=m.get("mixer_block", "outer"),
                 num_heads=m.num_heads,
                 mlp_dim=m.mlp_dim,
                 positional=m.positional,
@@ -160,6 +162,9 @@ class ModelSpec:
                 tie_embeddings=self.tie_embeddings,
                 dropout_rate=self.dropout_rate,
                 mixer_options={
+                    # "selective": the plain block with input-dependent step sizes.
+                    "block": "plain" if self.mixer_block == "selective" else self.mixer_block,
+                    "selective": self.mixer_block == "selective",
                     "state_size": self.state_size,
                     "scan": self.scan,
                     "constraint": self.constraint,

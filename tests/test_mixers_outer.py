@@ -1,0 +1,226 @@
+"""The mixers' outer-product block (block="outer", the default): against a float64
+step-by-step reference of the whole block, decoding (functional state and nnx.Cache),
+padding, packing, bfloat16, linen/nnx parity, the plain block one option away, and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from oscillator_reference import assert_rel_close
+
+from flax_linoss import ops
+from flax_linoss.mixers import linen as linen_mixers
+from flax_linoss.mixers.nnx import DLinOSSMixer, LinOSSIMEXMixer, LinOSSMixer
+
+CLASSES = {"im": LinOSSMixer, "imex": LinOSSIMEXMixer, "damped": DLinOSSMixer}
+
+
+def _mixer(disc="im", width=16, heads=4, **kw):
+    return CLASSES[disc](heads, width, rngs=nnx.Rngs(0), **kw)
+
+
+def _x(batch=2, length=11, width=16, seed=1):
+    return jax.random.normal(jax.random.key(seed), (batch, length, width))
+
+
+def _reference(m, x, valid=None):
+    """The block step by step in float64: projections, the causal convolution over the last
+    valid steps, one outer_step per step (velocity readout), the per-head RMS norm, the
+    SiLU gate and the output projection."""
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64), nnx.state(m, nnx.Param))
+    x = np.asarray(x, np.float64)
+    batch, length, _ = x.shape
+    valid = np.ones((batch, length), bool) if valid is None else valid
+    lin = lambda name, t: t @ params[name]["kernel"] + params[name]["bias"]
+    q, k, v = (lin(n, x) for n in ("query", "key", "in_proj"))
+    w, b = params["conv_kernel"], params["conv_bias"]  # [W, 3, H], [3, H]
+    width = w.shape[0]
+    heads, dim = params["heads"]["a_raw"].shape
+    with jax.enable_x64(True):
+        raw = params["heads"]
+        a, dt, g = ops.constrain(
+            m.heads.discretization,
+            jnp.asarray(raw["a_raw"]),
+            jnp.asarray(raw["dt_raw"]),
+            None if "g_raw" not in raw else jnp.asarray(raw["g_raw"]),
+            constraint=m.heads.constraint,
+        )
+        readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0]), (heads, dim, 2))
+        out = np.zeros((batch, length, q.shape[-1]))
+        for n in range(batch):
+            history = []  # the valid steps' (q, k, v), newest last
+            state = ops.OuterState(*(jnp.zeros((heads, dim, dim)),) * 2)
+            for t in range(length):
+                cur = np.stack([q[n, t], k[n, t], v[n, t]])  # [3, H]
+                past = history[-(width - 1) :] if width > 1 else []
+                conv = w[-1] * cur + b
+                for j, p in enumerate(reversed(past), start=1):
+                    conv = conv + w[-1 - j] * p
+                if valid[n, t]:
+                    history.append(cur)
+                qh, kh, vh = (c.reshape(heads, dim) for c in conv)
+                state, o = ops.outer_step(
+                    state,
+                    jnp.asarray(qh),
+                    jnp.asarray(kh / np.sqrt(dim)),
+                    jnp.asarray(vh),
+                    a,
+                    dt,
+                    g=g,
+                    discretization=m.heads.discretization,
+                    readout=readout,
+                    mask=jnp.asarray(valid[n, t]),
+                )
+                o = np.asarray(o)
+                o = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6) * raw["scale"]
+                out[n, t] = o.reshape(-1)
+    y = out * jax.nn.silu(lin("gate", x))
+    return np.asarray(y) @ params["out_proj"]["kernel"] + params["out_proj"]["bias"]
+
+
+@pytest.mark.parametrize("disc", ["im", "imex", "damped"])
+def test_block_equals_a_float64_step_by_step_reference(disc):
+    m = _mixer(disc)
+    x = _x()
+    valid = np.ones((2, 11), bool)
+    valid[1, 3:6] = False  # padded steps inside the sequence
+    assert_rel_close(m(x), _reference(m, x), 2e-5, "no mask")
+    got = m(x, mask=valid)
+    want = _reference(m, x, valid)
+    assert_rel_close(got[valid], want[valid], 2e-5, "masked")
+
+
+@pytest.mark.parametrize("disc", ["im", "damped"])
+def test_decoding_any_number_of_steps_per_call_equals_the_full_sequence(disc):
+    m = _mixer(disc, chunk=4)
+    x = _x(length=13)
+    full = m(x)
+    state = m.init_state((2,))
+    pieces = []
+    for lo, hi in ((0, 5), (5, 6), (6, 13)):
+        y, new = m(x[:, lo:hi], state=state)
+        # A valid loop carry: the same structure, shapes and dtypes as before the call.
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), new) == jax.tree.map(
+            lambda a: (a.shape, a.dtype), state
+        )
+        pieces.append(y)
+        state = new
+    assert_rel_close(jnp.concatenate(pieces, 1), full, 2e-5)
+    assert state.z.shape == (2, 4, 4, 4) and state.conv.shape == (2, 3, 3, 16)
+
+    # The Flax attention style (nnx.Cache variables) gives the same.
+    m.init_cache((2, 13, 16))
+    steps = [m(x[:, t : t + 1], decode=True) for t in range(13)]
+    assert_rel_close(jnp.concatenate(steps, 1), full, 2e-5)
+
+
+def test_decoding_under_scan_keeps_one_carry_type_and_masked_steps_hold():
+    m = _mixer()
+    x = _x(length=8)
+    graphdef, params = nnx.split(m)
+
+    def run(state, xs):
+        def body(state, inp):
+            x_t, valid_t = inp
+            mixer = nnx.merge(graphdef, params)
+            y, state = mixer(x_t[:, None], state=state, mask=valid_t[:, None])
+            return state, y[:, 0]
+
+        return jax.lax.scan(body, state, xs)
+
+    valid = np.ones((8, 2), bool)
+    valid[2:4, 0] = False
+    final, ys = jax.jit(run)(m.init_state((2,)), (jnp.swapaxes(x, 0, 1), jnp.asarray(valid)))
+    full = m(x, mask=valid.T)
+    keep = valid.T
+    assert_rel_close(jnp.swapaxes(ys, 0, 1)[keep], full[keep], 2e-5)
+    # Held steps change nothing: row 0 without its two masked steps ends in the same state.
+    short = jnp.concatenate([x[:1, :2], x[:1, 4:]], 1)
+    _, alone = m(short, state=m.init_state((1,)))
+    assert_rel_close(final.z[:1], alone.z, 2e-5)
+    assert_rel_close(final.conv[:1], alone.conv, 2e-5)
+
+
+def test_padding_and_packing_never_leak_between_sequences():
+    m = _mixer()
+    a, b = _x(1, 5, seed=2), _x(1, 6, seed=3)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.asarray([[0] * 5 + [1] * 6])
+    got = m(packed, segment_ids=seg)
+    assert_rel_close(got[:, :5], m(a), 2e-5, "first")
+    assert_rel_close(got[:, 5:], m(b), 2e-5, "second: the convolution restarts too")
+    # Right padding with garbage: the valid steps are those of the short sequence.
+    padded = jnp.concatenate([a, 100 * _x(1, 4, seed=4)], 1)
+    mask = jnp.asarray([[True] * 5 + [False] * 4])
+    assert_rel_close(m(padded, mask=mask)[:, :5], m(a), 2e-5, "padded")
+
+
+def test_bfloat16_activations_keep_a_float32_state():
+    m = _mixer(dtype=jnp.bfloat16)
+    x = _x(length=6).astype(jnp.bfloat16)
+    y, state = m(x, state=m.init_state((2,)))
+    assert y.dtype == jnp.bfloat16
+    assert state.z.dtype == jnp.float32 and state.y.dtype == jnp.float32
+    ref = _mixer()(x.astype(jnp.float32))
+    assert_rel_close(y.astype(jnp.float32), ref, 5e-2)
+
+
+def test_linen_and_nnx_share_parameters_and_outputs():
+    x = _x()
+    lm = linen_mixers.LinOSSMixer(num_heads=4, qkv_features=16)
+    variables = lm.init(jax.random.key(0), x)
+    nm = _mixer()
+    names = lambda tree: sorted(
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    )
+    params = nnx.state(nm, nnx.Param)
+    assert names(nnx.to_pure_dict(params)) == names(nn_unbox(variables["params"]))
+    nnx.replace_by_pure_dict(params, nn_unbox(variables["params"]))
+    nnx.update(nm, params)
+    assert_rel_close(nm(x), lm.apply(variables, x), 1e-6)
+    state = lm.init_state((2,))
+    y, _ = lm.apply(variables, x[:, :4], state=state)
+    assert_rel_close(y, nm(x)[:, :4], 2e-5)
+
+
+def nn_unbox(tree):
+    from flax.core import meta
+
+    return meta.unbox(tree)
+
+
+def test_the_plain_block_is_one_option_away():
+    plain = _mixer(block="plain")
+    assert plain.linoss is not None and not hasattr(plain, "query")
+    assert set(nnx.to_pure_dict(nnx.state(plain, nnx.Param))) == {"in_proj", "linoss", "out_proj"}
+    assert plain.init_state((2,)).z.shape == (2, 2, 16)
+    outer = _mixer()
+    assert outer.linoss is None and outer.block == "outer"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"block": "gated"}, "block must be one of"),
+        ({"heads": 3}, "multiple of num_heads"),
+        ({"bidirectional": True}, "does not take bidirectional"),
+        ({"conv_width": -1}, "conv_width must be an int"),
+        ({"gate_activation": "tanh"}, "gate_activation must be None or one of"),
+    ],
+)
+def test_bad_block_options_are_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _mixer(**kwargs)
+
+
+def test_no_gate_and_no_convolution_still_decode():
+    m = _mixer(conv_width=0, gate_activation=None)
+    assert m.conv_kernel is None and m.gate is None
+    x = _x(length=7)
+    state = m.init_state((2,))
+    assert state.conv is None
+    y1, state = m(x[:, :3], state=state)
+    y2, _ = m(x[:, 3:], state=state)
+    assert_rel_close(jnp.concatenate([y1, y2], 1), m(x), 2e-5)
