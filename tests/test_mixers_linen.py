@@ -144,13 +144,15 @@ def test_lm_with_mixer_from_config_and_swap_helper(mixer):
     model = _LM(config_mixer=mixer)
     params, cache = model.init()
     assert _mixer_params(params) == {f"{CLASS_NAME[mixer]}_0"}
+    # The test LM's 2 heads: the outer block's 2 heads of 16 x 16 oscillators.
     assert jax.tree.map(jnp.shape, cache["block_0"]) == {
         f"{CLASS_NAME[mixer]}_0": {
             "cache_index": (),
+            "conv_buffer": (BATCH, 3, 3, 32),
             "last_index": (BATCH,),
             "segment_id": (BATCH,),
-            "state_y": (BATCH, 2, 32),
-            "state_z": (BATCH, 2, 32),
+            "state_y": (BATCH, 2, 16, 16),
+            "state_z": (BATCH, 2, 16, 16),
         }
     }
     new_params = _check_trains_and_decodes(model, params, cache, prefill=5)
@@ -307,22 +309,23 @@ def _decode(mixer, params, x, prefill, mask=None):
         outs.append(out)
         t += n
     assert int(cache["cache_index"]) == x.shape[1]
-    width = mixer.state_size or mixer.qkv_features or x.shape[-1]
-    assert cache["state_z"].shape == (x.shape[0], 2, width)
+    bound = mixer.bind({"params": params})
+    assert cache["state_z"].shape == bound.init_state((x.shape[0],)).z.shape
     return jnp.concatenate(outs, axis=1)
 
 
 @pytest.mark.parametrize(
-    ("cls", "dtype", "atol"),
+    ("cls", "dtype", "atol", "block"),
     [
-        (LinOSSMixer, jnp.float32, 1e-5),
-        (DLinOSSMixer, jnp.float32, 1e-5),
-        (DLinOSSMixer, jnp.bfloat16, 3e-2),
+        (LinOSSMixer, jnp.float32, 1e-5, "outer"),
+        (DLinOSSMixer, jnp.float32, 1e-5, "outer"),
+        (DLinOSSMixer, jnp.float32, 1e-5, "plain"),
+        (DLinOSSMixer, jnp.bfloat16, 3e-2, "outer"),
     ],
 )
-def test_prefill_then_steps_equals_full_forward(cls, dtype, atol):
+def test_prefill_then_steps_equals_full_forward(cls, dtype, atol, block):
     x = _x(dtype=dtype)
-    full_mixer = cls(qkv_features=12, dtype=dtype)
+    full_mixer = cls(num_heads=3, qkv_features=12, dtype=dtype, block=block)
     params = full_mixer.init(jax.random.key(0), x)["params"]
     full = full_mixer.apply({"params": params}, x)
     decoded = _decode(full_mixer.clone(decode=True), params, x, prefill=4)
@@ -333,23 +336,25 @@ def test_prefill_then_steps_equals_full_forward(cls, dtype, atol):
     )
 
 
-def test_decode_with_padded_prompt():
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_decode_with_padded_prompt(block):
     """A left-padded prompt, prefilled with its padding mask, decodes like the full pass."""
     x = _x()
     valid = jnp.asarray(np.stack([PADDINGS["left"], PADDINGS["middle"], [1] * 10]), bool)
-    mixer = LinOSSMixer(state_size=5)
+    mixer = LinOSSMixer(state_size=5 if block == "plain" else None, block=block)
     params = mixer.init(jax.random.key(0), x)["params"]
     full = mixer.apply({"params": params}, x, mask=valid)
     decoded = _decode(mixer.clone(decode=True), params, x, prefill=6, mask=valid)
     assert_rel_close(decoded * valid[..., None], full * valid[..., None], 1e-5)
 
 
-def test_decode_cache_is_independent_of_length():
-    mixer = LinOSSMixer(state_size=7, decode=True)
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_decode_cache_is_independent_of_length(block):
+    mixer = LinOSSMixer(num_heads=2, state_size=7, decode=True, block=block)
     short = jax.eval_shape(mixer.init, jax.random.key(0), _x((2, 4, 8)))["cache"]
     long = jax.eval_shape(mixer.init, jax.random.key(0), _x((2, 64, 8)))["cache"]
     assert jax.tree.map(jnp.shape, short) == jax.tree.map(jnp.shape, long)
-    assert short["state_y"].shape == (2, 2, 7)
+    assert short["state_y"].shape == ((2, 2, 7) if block == "plain" else (2, 2, 4, 4))
 
 
 def test_dropout_follows_attention_conventions():
@@ -377,7 +382,7 @@ def test_accepts_attention_arguments():
     assert attn_fields <= set(LinOSSMixer.__dataclass_fields__)
     x = _x()
     mixer = LinOSSMixer(
-        num_heads=3,  # ignored: no divisibility constraint
+        num_heads=2,  # the outer block's heads (as for attention, qkv_features divides)
         qkv_features=10,
         out_features=6,
         use_bias=False,
@@ -389,6 +394,9 @@ def test_accepts_attention_arguments():
     y = mixer.apply(params, x, x, sow_weights=True)  # inputs_k = inputs_q is self-mixing
     assert y.shape == (3, 10, 6)
     assert "bias" not in params["params"]["in_proj"]
+    assert "bias" not in params["params"]["query"]
+    plain = LinOSSMixer(num_heads=3, qkv_features=10, block="plain")  # heads ignored
+    assert plain.apply(plain.init(jax.random.key(0), x), x).shape == (3, 10, 8)
 
 
 def test_self_attention_signature():

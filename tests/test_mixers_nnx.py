@@ -177,10 +177,10 @@ def test_accepts_multi_head_attention_arguments():
     assert theirs <= set(inspect.signature(LinOSSMixer.__call__).parameters)
     x = jnp.ones((2, 5, 8))
     mod = LinOSSMixer(
-        3, 8, 10, 6, num_kv_heads=1, use_bias=False, normalize_qk=True, rngs=nnx.Rngs(0)
+        2, 8, 10, 6, num_kv_heads=1, use_bias=False, normalize_qk=True, rngs=nnx.Rngs(0)
     )
     assert mod(x, x, x, is_causal=True, sow_weights=True).shape == (2, 5, 6)
-    assert mod.in_proj.bias is None
+    assert mod.in_proj.bias is None and mod.query.bias is None
 
 
 def test_dropout():
@@ -193,11 +193,20 @@ def test_dropout():
     np.testing.assert_allclose(nnx.view(mod, deterministic=True)(x), det)
 
 
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_every_parameter_records_its_logical_axes(block):
+    mod = DLinOSSMixer(in_features=8, bidirectional=block == "plain", rngs=nnx.Rngs(0))
+    assert mod.block == block  # a bidirectional mixer defaults to the plain block
+    for path, var in nnx.to_flat_state(nnx.state(mod, nnx.Param)):
+        layer = str(path[0]) in ("linoss", "linoss_reverse")
+        key = str(path[-1]) if layer else "/".join(str(p) for p in path)
+        assert var.get_metadata("logical_axes") == base.PARAM_AXES[key], path
+        assert var.get_metadata("logical_axes") is not None
+        assert len(var.get_metadata("logical_axes")) == var[...].ndim, path
+
+
 def test_sharding_metadata():
     mod = DLinOSSMixer(in_features=8, bidirectional=True, rngs=nnx.Rngs(0))
-    for path, var in nnx.to_flat_state(nnx.state(mod, nnx.Param)):
-        key = "/".join(str(p) for p in path[-2:]) if "proj" in str(path[0]) else str(path[-1])
-        assert var.get_metadata("logical_axes") == base.PARAM_AXES[key], path
     # Without a mesh no `out_sharding` (flax would demand a mesh for optimizer state) ...
     assert mod.linoss.b.get_metadata("out_sharding", None) is None
     nnx.Optimizer(mod, optax.adam(1e-3), wrt=nnx.Param)
@@ -205,7 +214,7 @@ def test_sharding_metadata():
     mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     rules = (("embed", None), ("kv", None), ("oscillator", "model"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        mod = DLinOSSMixer(in_features=8, rngs=nnx.Rngs(0))
+        mod = DLinOSSMixer(in_features=8, block="plain", rngs=nnx.Rngs(0))
         specs = nnx.get_partition_spec(nnx.state(mod, nnx.Param))
         spec = lambda v: tuple(v.get_value() if isinstance(v, nnx.Variable) else v)
         assert spec(specs["linoss"]["b"]) == ("model", None, None)

@@ -38,14 +38,18 @@ def _same_type(a, b):
     return jax.tree.map(lambda u, v: (u.shape, u.dtype) == (v.shape, v.dtype), a, b)
 
 
+@pytest.mark.parametrize("block", ["outer", "plain"])
 @pytest.mark.parametrize("cls", [LinOSSMixer, DLinOSSMixer])
-def test_state_decoding_equals_the_full_pass(cls):
-    mixer = cls(in_features=E, state_size=5, rngs=nnx.Rngs(0))
+def test_state_decoding_equals_the_full_pass(cls, block):
+    mixer = cls(2, E, state_size=5, block=block, rngs=nnx.Rngs(0))
     x = _x()
     full = mixer(x)
     state = mixer.init_state((B,))
-    assert state.z.shape == (B, 2, 5) and state.z.dtype == jnp.float32
-    assert state.index.shape == (B,) and state.conv is None
+    if block == "plain":
+        assert state.z.shape == (B, 2, 5) and state.conv is None
+    else:  # two heads of 3 x 3 oscillators, and the last 3 inputs of q, k, v
+        assert state.z.shape == (B, 2, 3, 3) and state.conv.shape == (B, 3, 3, E)
+    assert state.z.dtype == jnp.float32 and state.index.shape == (B,)
     first, state = mixer(x[:, :3], state=state)  # a prompt in one call
     outs = [first]
     for t in range(3, L):
@@ -170,37 +174,46 @@ def test_cache_style_is_the_same_computation():
     assert int(mixer.cache_index[...]) == L
 
 
-def test_linen_functional_state():
-    mixer = linen_mixers.LinOSSMixer(state_size=4)
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_linen_functional_state(block):
+    kw = {"state_size": 4} if block == "plain" else {"num_heads": 2, "qkv_features": 4}
+    mixer = linen_mixers.LinOSSMixer(block=block, **kw)
     x = _x()
     variables = mixer.init(jax.random.key(0), x)
     full = mixer.apply(variables, x)
-    state = mixer.init_state((B,))  # unbound: state_size is set
-    assert isinstance(state, MixerState) and state.z.shape == (B, 2, 4)
+    state = mixer.init_state((B,))  # unbound: state_size (plain) or qkv_features is set
+    want = (B, 2, 4) if block == "plain" else (B, 2, 2, 2)
+    assert isinstance(state, MixerState) and state.z.shape == want
     y1, state = mixer.apply(variables, x[:, :2], state=state)
     y2, state = mixer.apply(variables, x[:, 2:], state=state)
     assert _rel(jnp.concatenate([y1, y2], 1), full) < 1e-5
-    bare = linen_mixers.LinOSSMixer()
+    bare = linen_mixers.LinOSSMixer(block=block)
     with pytest.raises(ValueError, match="bound module"):
         bare.init_state((B,))
-    assert bare.bind(variables).init_state(3).z.shape == (3, 2, E)
+    variables = bare.init(jax.random.key(0), x)
+    want = (3, 2, E) if block == "plain" else (3, 1, E, E)
+    assert bare.bind(variables).init_state(3).z.shape == want
 
 
-def test_state_keeps_its_sharding_under_an_explicit_mesh():
+@pytest.mark.parametrize("block", ["outer", "plain"])
+def test_state_keeps_its_sharding_under_an_explicit_mesh(block):
     mesh = jax.make_mesh(
         (2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2
     )
     P = jax.sharding.PartitionSpec
     with jax.set_mesh(mesh):
         mixer = LinOSSMixer(
-            in_features=E,
+            2,
+            E,
             qkv_features=8,
             kernel_metadata={"out_sharding": (None, "model")},
+            block=block,
             rngs=nnx.Rngs(0),
         )
         x = jax.device_put(_x(), P("data"))
         state = mixer.init_state((B,), out_sharding=P("data"))
-        assert jax.typeof(state.z).sharding.spec == P("data", None, None)
+        rows = P("data", *([None] * (state.z.ndim - 1)))
+        assert jax.typeof(state.z).sharding.spec == rows
         graphdef, params = nnx.split(mixer)
 
         def body(carry):
@@ -209,7 +222,9 @@ def test_state_keeps_its_sharding_under_an_explicit_mesh():
             return i + 1, nnx.merge(graphdef, params)(x_t, state=state)[1]
 
         _, final = jax.jit(lambda s: jax.lax.while_loop(lambda c: c[0] < L, body, (0, s)))(state)
-        assert jax.typeof(final.z).sharding.spec == P("data", None, None)
+        assert jax.typeof(final.z).sharding.spec == rows
+        if block == "outer":
+            assert jax.typeof(final.conv).sharding.spec == P("data", None, None, None)
         assert jax.typeof(final.index).sharding.spec == P("data")
         # Without qkv_sharding: the inner activations follow the kernel's H axis.
         y = mixer(x)

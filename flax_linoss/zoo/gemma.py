@@ -11,10 +11,14 @@ The protocol::
 
 What the mixer takes from it:
 
-* widths: the inner width is ``num_heads * head_dim`` (what attention's query projection
-  makes) and the state has ``num_kv_heads * head_dim`` oscillators (as many numbers as one
-  token's keys; the swap's ``options={"state_size": ...}`` overrides it). The projections
-  have no biases, as Gemma's einsums.
+* widths: the outer block (the default) has ``num_kv_heads`` heads of ``head_dim`` key and
+  value dims (a ``head_dim x head_dim`` memory of oscillators per key/value head: its state
+  is the shape a key/value head fixes, which is all DeepMind gemma's class-method
+  ``init_cache`` is told), so its inner width is ``num_kv_heads * head_dim``. The plain
+  block (``options={"block": "plain"}``) has inner width ``num_heads * head_dim`` (what
+  attention's query projection makes) and ``num_kv_heads * head_dim`` oscillators (as many
+  numbers as one token's keys; ``options={"state_size": ...}`` overrides it). The
+  projections have no biases, as Gemma's einsums.
 * ``attn_mask [B, L, L']`` (no heads axis): padding and packing, as for any mixer; while
   decoding, ``L'`` is the cache size and step ``i`` is read at column ``end_index + i``.
 * the cache: ``{"state": MixerState, "end_index": int32 [B]}`` whatever ``cache_size`` is
@@ -48,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_linoss.mixers import base
 from flax_linoss.zoo.adapters import LinenAdapter, NnxAdapter
 
 __all__ = ["GemmaLinen", "GemmaNnx"]
@@ -97,6 +102,17 @@ def _shardings(config, shared_kv: bool) -> dict[str, Any]:
     return out
 
 
+def _widths(num_heads: int, num_kv_heads: int, head_dim: int, options) -> dict[str, int]:
+    """The mixer's heads and widths for Gemma's attention sizes (see the module doc)."""
+    if base.resolve_block(options.get("block"), options.get("bidirectional", False)) == base.OUTER:
+        return dict(num_heads=num_kv_heads, qkv_features=num_kv_heads * head_dim)
+    return dict(
+        num_heads=num_heads,
+        qkv_features=num_heads * head_dim,
+        state_size=num_kv_heads * head_dim,
+    )
+
+
 def _decode(mix, x, cache, attn_mask, **kwargs):
     """One call with Gemma's cache: ``(new_cache, out)``."""
     if cache is None:
@@ -140,11 +156,9 @@ class GemmaNnx(NnxAdapter):
         del attn_logits_soft_cap, sliding_window_size, use_qk_norm, sow_config
         shardings = _shardings(shd_config, num_heads == num_kv_heads)
         self.init_mixer(
-            num_heads=num_heads,
+            **_widths(num_heads, num_kv_heads, head_dim, self._mixer_options),
             in_features=features,
-            qkv_features=num_heads * head_dim,
             out_features=features,
-            state_size=num_kv_heads * head_dim,
             dtype=dtype,
             param_dtype=weight_dtype,
             dropout_rate=dropout_rate,
@@ -199,10 +213,8 @@ class GemmaLinen(LinenAdapter):
 
     def mixer_kwargs(self) -> dict[str, Any]:
         return dict(
-            num_heads=self.num_heads,
-            qkv_features=self.num_heads * self.head_dim,
+            **_widths(self.num_heads, self.num_kv_heads, self.head_dim, self._mixer_options),
             out_features=self.features,
-            state_size=self.num_kv_heads * self.head_dim,
             use_bias=False,
         )
 
@@ -224,11 +236,15 @@ class GemmaLinen(LinenAdapter):
     ):
         """``Attention.init_cache(cache_size, num_heads, head_dim, batch_size, dtype)``
         (DeepMind gemma's class method); Gemma passes the key/value heads as
-        ``num_heads``, so the state has ``num_heads * head_dim`` oscillators, as the layers
-        built by this adapter."""
+        ``num_heads``, which fixes the state of the layers this adapter builds (the outer
+        block's ``num_kv_heads`` heads of ``head_dim x head_dim``, or the plain block's
+        ``num_kv_heads * head_dim`` oscillators)."""
         del cache_size, dtype
         size = num_heads * head_dim
-        mixer = cls.mixer_from(num_heads=num_heads, qkv_features=size, state_size=size)
+        kw = dict(num_heads=num_heads, qkv_features=size)
+        if base.resolve_block(cls._mixer_options.get("block"), False) != base.OUTER:
+            kw["state_size"] = size
+        mixer = cls.mixer_from(**kw)
         return _cache(mixer.init_state((batch_size,)), batch_size, None)
 
     #: The O(1) decoding state (``cache_size`` and ``dtype`` do not change it), called on a
