@@ -134,6 +134,46 @@ def run_one(task, mixer, length, steps, workdir, seed=0):
     }
 
 
+def step_cost(mixer: str, length: int, task: str = "mqar") -> dict:
+    """The compiled train step of ``mixer`` at ``length`` (same tokens per step, no
+    training): median milliseconds over a few calls and XLA's peak MiB."""
+    from flax_linoss.train import trainer
+
+    config = _load_config(task)
+    config.model.mixer, config.model.mixer_block = split_mixer(mixer)
+    config.data.options.seq_len = length
+    config.data.batch_size = max(1, TOKENS_PER_STEP // length)
+    config.data.options.num_train = 4 * config.data.batch_size
+    s = trainer.setup(config)
+    seconds, peak, params = _step_profile(s, trainer.create_train_state(s))
+    row = {"mixer": mixer, "length": length, "step_ms": 1000 * seconds, "params": params}
+    row["peak_mib"] = None if peak is None else peak / 2**20
+    print(f"cost {mixer:22s} L={length}: {row['step_ms']:.1f} ms/step", flush=True)
+    return row
+
+
+def _cost_markdown(rows) -> list[str]:
+    if not rows:
+        return []
+    plain = {r["length"]: r["step_ms"] for r in rows if r["mixer"] == "linoss-im:plain"}
+    lines = [
+        f"## Train-step cost at length {rows[0]['length']}",
+        "",
+        "The compiled train step alone (same model, batch and tokens per step as the tables "
+        "above; median of 5 calls after one warm-up, on the machine to itself), and its cost "
+        "relative to the papers' plain block.",
+        "",
+        "| mixer | step ms | x plain | peak MiB | parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rel = plain.get(r["length"])
+        ratio = "-" if not rel else f"{r['step_ms'] / rel:.2f}"
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['mixer']} | {r['step_ms']:.1f} | {ratio} | {peak} | {r['params']:,} |")
+    return [*lines, ""]
+
+
 def decode_speed(mixer: str, context: int, *, width=64, layers=2, batch=1, tokens=32):
     """Generation cost of ``mixer`` in the benchmark's transformer (random weights) with
     ``context`` tokens already in the caches: median seconds per generated token through the
@@ -234,7 +274,7 @@ def _decode_markdown(rows) -> list[str]:
     return [*lines, ""]
 
 
-def write_markdown(rows, path, command, tasks, lengths, decode_rows=()):
+def write_markdown(rows, path, command, tasks, lengths, decode_rows=(), cost_rows=()):
     lines = [
         "# Sequence mixers compared",
         "",
@@ -278,6 +318,7 @@ def write_markdown(rows, path, command, tasks, lengths, decode_rows=()):
                     f"{statistics.median(x['step_ms'] for x in runs):.1f} | {peak} |"
                 )
             lines.append("")
+    lines += _cost_markdown(list(cost_rows))
     lines += _decode_markdown(list(decode_rows))
     pathlib.Path(path).write_text("\n".join(lines))
 
@@ -306,6 +347,12 @@ def main(argv=None):
         type=int,
         default=[1024, 8192],
         help="context lengths of the generation-cost table (none: skip it)",
+    )
+    parser.add_argument(
+        "--cost-length",
+        type=int,
+        default=512,
+        help="length of the train-step cost table (0: skip it)",
     )
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -341,7 +388,13 @@ def main(argv=None):
         [m for m in ("attention", "linoss-im", "linoss-im:plain") if m in args.mixers],
         args.decode_contexts,
     )
-    write_markdown(rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows)
+    cost_rows = []
+    if args.cost_length:
+        blocks = ("attention", "linoss-im:plain", "linoss-im", "linoss-im:selective")
+        cost_rows = [step_cost(m, args.cost_length) for m in blocks]
+    write_markdown(
+        rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows, cost_rows
+    )
     print(f"wrote {args.out}")
 
 

@@ -193,10 +193,13 @@ def test_dropout():
     np.testing.assert_allclose(nnx.view(mod, deterministic=True)(x), det)
 
 
-@pytest.mark.parametrize("block", ["outer", "plain"])
+@pytest.mark.parametrize("block", ["outer", "plain", "selective"])
 def test_every_parameter_records_its_logical_axes(block):
-    mod = DLinOSSMixer(in_features=8, bidirectional=block == "plain", rngs=nnx.Rngs(0))
-    assert mod.block == block  # a bidirectional mixer defaults to the plain block
+    if block == "selective":  # the plain block with its step-size gate
+        mod = DLinOSSMixer(in_features=8, block="plain", selective=True, rngs=nnx.Rngs(0))
+    else:
+        mod = DLinOSSMixer(in_features=8, bidirectional=block == "plain", rngs=nnx.Rngs(0))
+        assert mod.block == block  # a bidirectional mixer defaults to the plain block
     for path, var in nnx.to_flat_state(nnx.state(mod, nnx.Param)):
         layer = str(path[0]) in ("linoss", "linoss_reverse")
         key = str(path[-1]) if layer else "/".join(str(p) for p in path)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from oscillator_reference import assert_rel_close
+from oscillator_reference import assert_rel_close, rel_err
 
 from flax_linoss import ops
 from flax_linoss.mixers import linen as linen_mixers
@@ -224,3 +224,25 @@ def test_no_gate_and_no_convolution_still_decode():
     y1, state = m(x[:, :3], state=state)
     y2, _ = m(x[:, 3:], state=state)
     assert_rel_close(jnp.concatenate([y1, y2], 1), m(x), 2e-5)
+
+
+def test_timestamps_and_selective_steps_reach_the_plain_blocks_layer():
+    """The plain block passes timestamps (irregular sampling) and the selective step sizes
+    to its LinOSS layer: the mixer equals in_proj -> layer(..., timestamps) -> out_proj."""
+    x = _x(length=6)
+    times = jnp.asarray([[0.0, 0.5, 2.0, 2.1, 5.0, 9.0]] * 2)
+    for kw in ({}, {"selective": True}):
+        m = _mixer(block="plain", **kw)
+        assert m.linoss.selective == bool(kw)
+        want = m.out_proj(m.linoss(m.in_proj(x), timestamps=times))
+        assert_rel_close(m(x, timestamps=times), want, 1e-6)
+        # The gaps matter: evenly spaced times give another output.
+        assert rel_err(m(x, timestamps=times), m(x)) > 1e-3
+    lm = linen_mixers.LinOSSMixer(num_heads=4, qkv_features=16, block="plain", selective=True)
+    variables = lm.init(jax.random.key(0), x)
+    assert "dt_bias" in str(jax.tree_util.tree_structure(variables))
+    assert lm.apply(variables, x, timestamps=times).shape == x.shape
+    with pytest.raises(ValueError, match="option of block='plain'"):
+        _mixer()(x, timestamps=times)
+    with pytest.raises(ValueError, match="not while decoding"):
+        m(x, timestamps=times, state=m.init_state((2,)))

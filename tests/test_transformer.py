@@ -1,6 +1,7 @@
 """The transformer LM with any registered mixer: linen == nnx, hybrids, decoding through the
 caches, packing, a user-registered mixer, and training from the CLI on a token task."""
 
+import json
 import os
 import re
 import subprocess
@@ -208,11 +209,19 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
-    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention", "--lengths", "16"]
-    args += ["--steps", "4", "--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
+    args = ["--tasks", "induction", "--mixers", "linoss-im", "linoss-im:plain", "attention"]
+    args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
+    args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     bench.main([*args, "--out", str(out)])
     text = out.read_text()
     assert "## induction, length 16" in text and "Generation cost" in text
+    assert "## Train-step cost at length 32" in text
+    # The deciding rows ran with both seeds, the others with the first.
+    runs = [json.loads(x) for x in open(tmp_path / "w" / "mixers.jsonl")]
+    seeds = {
+        m: sorted(r["seed"] for r in runs if r["mixer"] == m) for m in ("linoss-im", "attention")
+    }
+    assert seeds == {"linoss-im": [0, 1], "attention": [0]}
     rows = bench.decode_table(["linoss-im", "attention"], [16, 64])
     cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in rows}
     assert cache[("linoss-im", 16)] == cache[("linoss-im", 64)]

@@ -32,6 +32,11 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "b": (OSCILLATOR, KV, None),
     "c": (KV, OSCILLATOR, None),
     "d": (KV,),
+    # The plain block's selective step sizes (selective=True): full or low rank.
+    "dt_kernel": (KV, OSCILLATOR),
+    "dt_down": (KV, None),
+    "dt_up": (None, OSCILLATOR),
+    "dt_bias": (OSCILLATOR,),
     "out_proj/kernel": (KV, EMBED),
     "out_proj/bias": (EMBED,),
     # The outer-product block (block="outer"): the value projection is in_proj; queries,

@@ -202,6 +202,7 @@ class _MixerSkin(NnxSkin):
         segment_ids: jax.Array | None = None,
         state: MixerState | None = None,
         write_index: jax.Array | None = None,
+        timestamps: jax.Array | None = None,
     ):
         """Mixes ``inputs_q`` along its length axis.
 
@@ -223,6 +224,8 @@ class _MixerSkin(NnxSkin):
           state: a :class:`~flax_linoss.mixers.state.MixerState` (:meth:`init_state`) to
             continue from (functional decoding); the call returns ``(y, new_state)``.
           write_index: see the nnx mixer (default ``state.index``).
+          timestamps: ``[batch..., L]`` observation times (the plain block; whole
+            sequences), see the nnx mixer.
 
         Returns:
           ``[batch..., L, O]``, or ``(output, new_state)`` with ``state``.
@@ -243,6 +246,7 @@ class _MixerSkin(NnxSkin):
             segment_ids=segment_ids,
             state=state,
             write_index=write_index,
+            timestamps=timestamps,
         )
         if self.dropout_rate > 0.0:
             det = nn.merge_param("deterministic", self.deterministic, deterministic)

@@ -123,9 +123,16 @@ def _with_axes(metadata: Mapping[str, Any], key: str, logical_sharding: bool) ->
 
 def _layer_metadata(h_axis, logical_sharding: bool) -> dict[str, dict[str, Any]]:
     """Metadata of a LinOSS layer's parameters whose ``H`` axis has mesh axis ``h_axis``."""
-    by_h = {"b": (None, h_axis, None), "c": (h_axis, None, None), "d": (h_axis,)}
+    by_h = {
+        "b": (None, h_axis, None),
+        "c": (h_axis, None, None),
+        "d": (h_axis,),
+        "dt_kernel": (h_axis, None),
+        "dt_down": (h_axis, None),
+    }
     out = {}
-    for name in ("a_raw", "dt_raw", "g_raw", "b", "c", "d"):
+    names = ("a_raw", "dt_raw", "g_raw", "b", "c", "d", "dt_kernel", "dt_down", "dt_up", "dt_bias")
+    for name in names:
         meta = {"out_sharding": by_h[name]} if h_axis is not None and name in by_h else {}
         out[name] = _with_axes(meta, name, logical_sharding)
     return out
@@ -499,6 +506,7 @@ class LinOSSMixer(nnx.Module):
         segment_ids: jax.Array | None = None,
         state: MixerState | None = None,
         write_index: jax.Array | None = None,
+        timestamps: jax.Array | None = None,
     ):
         """Mixes ``inputs_q [batch..., L, E]`` along its length axis -> ``[batch..., L, O]``.
 
@@ -523,6 +531,11 @@ class LinOSSMixer(nnx.Module):
             Masked steps leave the state unchanged.
           write_index: ``[batch...]`` int, the position of the first new step (the cache
             slot a cache-sized mask describes); default: ``state.index``.
+          timestamps: ``[batch..., L]`` observation times of an irregularly sampled
+            sequence (the plain block: each step's size is the learned ``dt`` times the gap
+            to the previous valid observation, in units of ``time_scale``; see
+            :class:`flax_linoss.nnx.LinOSSLayer`). Whole sequences only (not with ``state``
+            or ``decode``).
 
         Returns:
           ``[batch..., L, O]``; with ``state``, ``(output, new_state)``.
@@ -540,6 +553,17 @@ class LinOSSMixer(nnx.Module):
             raise ValueError(f"{where}: is_causal=True contradicts bidirectional=True.")
         decode = self.decode if decode is None else decode
         cached = state is None and bool(decode)
+        if timestamps is not None:
+            if self.block != base.PLAIN:
+                raise ValueError(
+                    f"{where}(block={self.block!r}) does not take timestamps: they are an "
+                    "option of block='plain' (per-step sizes of its oscillators)."
+                )
+            if state is not None or cached:
+                raise ValueError(
+                    f"{where}: timestamps are taken for whole sequences, not while decoding "
+                    "(state= or decode=True)."
+                )
         if state is not None or cached:
             base.check_decode_options(where, self.bidirectional)
         if cached:
@@ -555,7 +579,7 @@ class LinOSSMixer(nnx.Module):
             )
         else:
             h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
-            y, new_state = self._mix(where, h, mask, segment_ids, state, write_index)
+            y, new_state = self._mix(where, h, mask, segment_ids, state, write_index, timestamps)
         if self.dropout_rate > 0.0:
             deterministic = self.deterministic if deterministic is None else deterministic
             if deterministic is None:
@@ -616,16 +640,17 @@ class LinOSSMixer(nnx.Module):
         )
         return state_lib.like(new_state, state)
 
-    def _mix(self, where, h, mask, segment_ids, state, write_index):
+    def _mix(self, where, h, mask, segment_ids, state, write_index, timestamps=None):
         """The recurrence on the inner activations ``h [batch..., L, H]``: ``(y, new_state)``
         (``new_state`` is ``None`` without ``state``)."""
         steps, valid, seg, user_seg, restart = self._steps(
             where, h.shape[:-1], mask, segment_ids, state, write_index
         )
         if state is None:
-            y = self.linoss(h, mask=valid, segment_ids=seg)
+            kw = dict(mask=valid, segment_ids=seg, timestamps=timestamps)
+            y = self.linoss(h, **kw)
             if self.linoss_reverse is not None:
-                y = y + self.linoss_reverse(h, reverse=True, mask=valid, segment_ids=seg)
+                y = y + self.linoss_reverse(h, reverse=True, **kw)
             return y, None
         initial = jax.tree.map(lambda s: _zero_where(restart, s), state.oscillators)
         y, final = self.linoss(
