@@ -120,8 +120,61 @@ def test_sequence_axis_errors_are_clear():
     u, a, dt, b, c, d, _ = random_problem(0, 1, 16, 2, 3, "im")
     with pytest.raises(ValueError, match="not a mesh axis here"):
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq")
-    with pytest.raises(ValueError, match="sequence_axis with `mask`"):
-        ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq", mask=np.ones((1, 16), bool))
+    seg = np.zeros((1, 16), int)
+    with pytest.raises(ValueError, match="sequence_axis with `segment_ids`"):
+        ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq", segment_ids=seg)
+
+
+# A padding mask under sequence parallelism: held steps (runs of them crossing shard
+# boundaries, a whole shard held) against the float64 reference, values and gradients,
+# forward and reversed, on a loop path and the native kernel.
+@pytest.mark.parametrize(
+    ("scan", "disc", "reverse"),
+    [("auto", "damped", False), ("adjoint", "imex", True), ("sequential", "im", False)],
+)
+def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(scan, disc, reverse):
+    shard = 5
+    length = 8 * shard
+    u, a, dt, b, c, d, g = random_problem(7, 2, length, 3, 4, disc)
+    rng = np.random.default_rng(7)
+    valid = rng.uniform(size=(2, length)) > 0.3
+    valid[0, 3:12] = False  # across a boundary
+    valid[1, 2 * shard : 3 * shard] = False  # a whole shard
+    ct = rng.normal(size=u.shape).astype(np.float32)
+    ct_z = rng.normal(size=(2, 2, 4)).astype(np.float32)
+    nargs = 7 if disc == "damped" else 6
+    args = (u, a, dt, b, c, d, g)[:nargs]
+    flip = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)
+
+    def sharded(*p):
+        def local(u, mask, *params):
+            return ops.linoss_apply(
+                u,
+                *params[:5],
+                g=params[5] if disc == "damped" else None,
+                discretization=disc,
+                scan=scan,
+                mask=mask,
+                return_state=True,
+                reverse=reverse,
+                sequence_axis="seq",
+            )
+
+        specs = (P(None, "seq"), P(None, "seq")) + (P(),) * (len(p) - 1)
+        fn = jax.shard_map(local, mesh=_mesh(), in_specs=specs, out_specs=(P(None, "seq"), P()))
+        return fn(p[0], valid, *p[1:])
+
+    def reference(*p):
+        out, z_l, _ = reference_apply(
+            flip(p[0]),
+            *p[1:6],
+            p[6] if disc == "damped" else None,
+            discretization=disc,
+            valid=flip(valid),
+        )
+        return flip(out), jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
+
+    _assert_equals_reference(sharded, reference, args, ct, ct_z)
 
 
 # Oscillators split over "osc" (each device runs its own, the output projection is summed

@@ -34,9 +34,10 @@ def _paper():
     return config
 
 
-def _lm():
-    """A tiny LinOSS + attention hybrid on MQAR."""
+def _lm(block="plain"):
+    """A tiny LinOSS + attention hybrid on MQAR (the LinOSS mixer's ``block``)."""
     config = _mixers_config()
+    config.model.mixer_block = block
     config.data.options.update(
         vocab_size=32, seq_len=16, num_kv_pairs=2, num_train=64, num_val=32, num_test=32
     )
@@ -111,6 +112,10 @@ def lm_single():
     return _run(_lm, parallel__num_devices=1)
 
 
+def _outer_lm():
+    return _lm("outer")
+
+
 def _assert_same(got, ref, moved_from=None):
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)  # losses
     # Parameters, batch-norm statistics (of the global batch), optimiser state, step. Not
@@ -163,8 +168,9 @@ def test_paper_model_matches_single_device(impl, framework, over, paper_single, 
 def test_transformer_matches_single_device(framework, over, lm_single, recurrence_axes):
     got = _run(_lm, framework, **over)
     _assert_same(got, lm_single)
-    # The oscillators split over `model`; the mixers' recurrence is masked (causal, padding),
-    # so its length stays whole (attention and the rest of the block run split).
+    # The oscillators split over `model`. The mixers read segment ids from the attention
+    # mask (packing), so under `seq` their recurrence keeps its length whole (attention and
+    # the rest of the block run split); a padding mask alone splits (test_ops_seqpar).
     assert (None, "model") in recurrence_axes <= {(None, "model"), (None, None)}
     if framework == "nnx":
         mixer = got[4].params["blocks"][0]["mixer"]
@@ -172,6 +178,17 @@ def test_transformer_matches_single_device(framework, over, lm_single, recurrenc
         assert tuple(_leaf(mixer["in_proj"]["kernel"]).sharding.spec) == ("fsdp", "model")
         query = _leaf(got[4].params["blocks"][1]["mixer"]["query"]["kernel"])
         assert tuple(query.sharding.spec) == ("fsdp", "model", None)
+
+
+def test_outer_block_transformer_matches_single_device():
+    # The default (outer) block under fsdp x model: its projections and convolution shard
+    # like attention's; the oscillator memory runs where XLA puts it.
+    single = _run(_outer_lm, "nnx", parallel__num_devices=1)
+    got = _run(_outer_lm, "nnx", parallel__fsdp_axis_size=2, parallel__model_axis_size=2)
+    _assert_same(got, single)
+    mixer = got[4].params["blocks"][0]["mixer"]
+    assert tuple(_leaf(mixer["key"]["kernel"]).sharding.spec) == ("fsdp", "model")
+    assert tuple(_leaf(mixer["conv_kernel"]).sharding.spec)[2] is not None  # H split
 
 
 def test_state_is_created_sharded_and_rules_are_overridable():

@@ -136,7 +136,10 @@ def linoss_apply(
         prefix over the shards with ``M^(L_shard)``, and each shard adds its incoming
         state's response in closed form. ``initial_state`` is the state before the whole
         sequence (the same on every shard); the returned state is the whole sequence's
-        final state (the same on every shard). No ``mask`` / ``segment_ids`` with it.
+        final state (the same on every shard). With a ``mask`` (or a per-step ``dt``) each
+        shard reduces its steps to one affine map instead (held steps are the identity),
+        the maps are chained over the shards and each shard scans from its incoming state.
+        No ``segment_ids`` with it.
       check: ``True`` validates shapes and, when not traced, the values of ``a``, ``dt``,
         ``g`` (a host copy); ``"shapes"`` validates shapes only; ``False`` nothing.
 
@@ -152,10 +155,10 @@ def linoss_apply(
             _checks.check_state(initial_state, np.shape(a)[0], lead, name="initial_state")
         _checks.check_mask_values(mask)
     flagged = mask is not None or segment_ids is not None
-    if sequence_axis is not None and flagged:
+    if sequence_axis is not None and segment_ids is not None:
         raise ValueError(
-            "sequence_axis with `mask` or `segment_ids` is not supported: the shards' "
-            "closed-form combination needs a time-invariant transition."
+            "sequence_axis with `segment_ids` (packed sequences) is not supported; a padding "
+            "`mask` is."
         )
     if oscillator_axis is not None:
         _checks.check_mesh_axis("oscillator_axis", oscillator_axis)
@@ -294,7 +297,7 @@ def _apply(
         None if seg is None else resets_from_segments(seg),
     )
     if sequence_axis is not None:
-        ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse)
+        ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse, flags)
     else:
         # Inside shard_map a replicated initial state starts loops whose carries vary with
         # the input: type it like the input (an exact no-op) so the loop types match.

@@ -13,7 +13,9 @@ With per-step coefficients (a time-varying ``dt``) there is no power or closed f
 shard reduces its steps to their affine map ``x_end = T_k x_start + e_k`` (``T_k`` the
 product of the shard's transitions, by a tree of pairwise products), the maps are shared
 and chained over the shards, ``h_{k+1} = T_k h_k + e_k``, and each shard runs its scan
-path once, from its incoming state ``h_k``.
+path once, from its incoming state ``h_k``. A padding ``mask`` (held steps) is a per-step
+transition too (the identity, with no forcing), handled the same way; packed sequences
+(``segment_ids``) are not split.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flax_linoss.ops import schemes
 from flax_linoss.ops._project import LNQ
 from flax_linoss.ops._scans import chunked
 from flax_linoss.ops._scans._common import (
@@ -43,7 +46,7 @@ def _axis_size(axis) -> int:
         ) from e
 
 
-def run(entry, tr, v, z0, y0, axis, reverse: bool):
+def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     """``(ys, z_L, y_L)`` for this shard's ``v`` (in ``entry.layout``) of a sharded sequence.
 
     Args:
@@ -53,6 +56,9 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
       z0, y0: ``[N, Q]``, the state before the whole sequence.
       axis: the mesh axis the sequence is split over.
       reverse: the sequence runs from the last shard to the first.
+      flags: optional :class:`~flax_linoss.ops._scans._common.Flags` with ``hold`` only
+        (masked steps): each shard's map then has per-step transitions (a held step's is
+        the identity with no forcing), as for a time-varying ``dt``.
 
     Returns:
       This shard's positions (``v``'s layout) and the whole sequence's final state.
@@ -62,8 +68,10 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool):
     if reverse:
         position = shards - 1 - position
     time_major = entry.layout == LNQ
-    if is_time_varying(tr):
-        return _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major)
+    if is_time_varying(tr) or flags is not None:
+        return _run_varying(
+            entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags
+        )
     length = v.shape[0 if time_major else 1]
     # The local scan starts from zero typed like this shard's input (varying over the axis):
     # the loop paths' carries must keep one type.
@@ -91,9 +99,28 @@ def _share(mine, axis, shards: int, reverse: bool):
     return every[::-1] if reverse else every
 
 
-def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major):
-    """:func:`run` for per-step coefficients (see the module docstring)."""
-    transfer, end = affine_reduce(tr, v, 0 if time_major else 1)
+def _held(tr, v, hold, time_major: bool) -> schemes.Transition:
+    """Per-step coefficients shaped like ``v`` in which a held step (``hold [N, L]``) is the
+    identity with no forcing."""
+    h = (hold.T if time_major else hold)[..., None]
+    fields = [jnp.broadcast_to(x, v.shape) for x in tr]
+    fills = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    return schemes.Transition(
+        *(jnp.where(h, jnp.asarray(f, x.dtype), x) for x, f in zip(fields, fills))
+    )
+
+
+def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags=None):
+    """:func:`run` for per-step coefficients or held steps (see the module docstring)."""
+    steps = tr
+    if flags is not None:
+        if flags.reset is not None:
+            raise ValueError(
+                "sequence_axis with `segment_ids` (packed sequences) is not supported; a "
+                "padding `mask` is."
+            )
+        steps = _held(tr, v, flags.hold, time_major)
+    transfer, end = affine_reduce(steps, v, 0 if time_major else 1)
     maps = _share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
 
     def chain(h, k_map):
@@ -104,5 +131,5 @@ def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_maj
     (z_l, y_l), before = jax.lax.scan(chain, (z0, y0), maps)  # before: the state into shard k
     h_z = jax.lax.dynamic_index_in_dim(before[0], position, 0, keepdims=False)
     h_y = jax.lax.dynamic_index_in_dim(before[1], position, 0, keepdims=False)
-    ys, _, _ = entry.run(tr, v, h_z, h_y, None)
+    ys, _, _ = entry.run(tr, v, h_z, h_y, flags)
     return ys, z_l, y_l
