@@ -284,7 +284,10 @@ def write_markdown(rows, path, command, tasks, lengths, decode_rows=(), cost_row
         f"{__import__('jax').__version__} on CPU.",
         "",
         "Model: `configs/mixers.py` (a pre-norm decoder-only transformer, width 64, 2 blocks, "
-        "MLP 256, learned positions, tied embeddings; LinOSS mixers with P = 64 oscillators; "
+        "MLP 256, learned positions, tied embeddings; LinOSS mixers: `name` is the outer "
+        "block (4 heads of 16 x 16 oscillators, convolution width 4, SiLU gate), `:plain` "
+        "the papers' block and `:selective` the plain block with input-dependent step sizes, "
+        "each with P = 64 oscillators; "
         f"AdamW, warmup and cosine decay); every run the same number of steps and "
         f"{TOKENS_PER_STEP} tokens per step (batch = {TOKENS_PER_STEP} / length). Accuracy is "
         "on the scored positions of the test split (chance: MQAR 1/128 of the values, "
