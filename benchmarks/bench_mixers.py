@@ -394,7 +394,7 @@ def main(argv=None):
     cost_rows = []
     if args.cost_length:
         blocks = ("attention", "linoss-im:plain", "linoss-im", "linoss-im:selective")
-        cost_rows = [step_cost(m, args.cost_length) for m in blocks]
+        cost_rows = [step_cost(m, args.cost_length) for m in blocks if m in args.mixers]
     write_markdown(
         rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows, cost_rows
     )

@@ -205,7 +205,7 @@ def test_the_plain_block_is_one_option_away():
     [
         ({"block": "gated"}, "block must be one of"),
         ({"heads": 3}, "multiple of num_heads"),
-        ({"bidirectional": True}, "does not take bidirectional"),
+        ({"bidirectional": True, "block": "outer"}, "does not take bidirectional"),
         ({"conv_width": -1}, "conv_width must be an int"),
         ({"gate_activation": "tanh"}, "gate_activation must be None or one of"),
     ],

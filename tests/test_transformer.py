@@ -209,7 +209,7 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
-    args = ["--tasks", "induction", "--mixers", "linoss-im", "linoss-im:plain", "attention"]
+    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention"]
     args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     bench.main([*args, "--out", str(out)])
