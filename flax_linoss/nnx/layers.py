@@ -37,6 +37,7 @@ from flax_linoss.common import (
     renamed_arguments,
     running_batch_norm,
 )
+from flax_linoss.ops._checks import check_per_step
 from flax_linoss.ops.params import (
     STABLE,
     check_constraint,
@@ -268,7 +269,7 @@ class LinOSSLayer(nnx.Module):
         gate.update(zip(names, weights))
         a, dt, g = self.constrained()
         if timestamps is not None:
-            _check_per_step("timestamps", timestamps, x.shape[:-1])
+            check_per_step("timestamps", timestamps, x.shape[:-1])
 
         def core(
             x,
@@ -334,19 +335,6 @@ class LinOSSLayer(nnx.Module):
             {"a": a, "dt": dt, "b": b, "c": c, "d": d, "g": g, **gate},
             get_logical_axis_rules(),
             per_row={"initial_timestamp": initial_timestamp},
-        )
-
-
-def _check_per_step(name: str, x, lead: tuple[int, ...]) -> None:
-    """``x`` must broadcast to the input's ``[..., length]``."""
-    try:
-        ok = jnp.broadcast_shapes(jnp.shape(x), lead) == tuple(lead)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"`{name}` of shape {jnp.shape(x)} does not match the input's [..., length] = "
-            f"{list(lead)}."
         )
 
 

@@ -48,6 +48,7 @@ def linoss_apply(
     mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     sequence_axis: str | None = None,
+    oscillator_axis: str | None = None,
     check: bool | str = True,
 ) -> jax.Array: ...
 
@@ -70,6 +71,7 @@ def linoss_apply(
     mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     sequence_axis: str | None = None,
+    oscillator_axis: str | None = None,
     check: bool | str = True,
 ) -> tuple[jax.Array, LinOSSState]: ...
 

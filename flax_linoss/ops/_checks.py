@@ -249,3 +249,18 @@ def check_mask_values(mask) -> None:
             f"`mask` has {int(bad.sum())} NaN value(s) (the first at index {where}); a NaN "
             "would count as a valid step. Use a boolean mask (True = valid) or 0/1 floats."
         )
+
+
+def check_per_step(name: str, x, shape: tuple[int, ...], where: str = "") -> None:
+    """A per-step array ``x`` (a mask, segment ids, timestamps) must broadcast to the input's
+    ``[..., length]`` = ``shape`` without enlarging it; else one ``ValueError``."""
+    try:
+        ok = np.broadcast_shapes(np.shape(x), tuple(shape)) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(
+            f"{prefix}`{name}` of shape {np.shape(x)} does not match the input's [..., length] "
+            f"= {list(shape)}."
+        )

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_linoss.ops import _checks
+
 __all__ = ["causal_conv", "causal_conv_step", "conv_state_zeros"]
 
 
@@ -112,13 +114,7 @@ def causal_conv(
         _check_buffer(initial_state, (*lead, width - 1, channels), "initial_state", where)
     for name, f in (("mask", mask), ("segment_ids", segment_ids)):
         if f is not None:
-            try:
-                np.broadcast_shapes(np.shape(f), (*lead, length))
-            except ValueError:
-                raise ValueError(
-                    f"{where}: `{name}` of shape {np.shape(f)} does not match the input's "
-                    f"[..., length] = {[*lead, length]}."
-                ) from None
+            _checks.check_per_step(name, f, (*lead, length), where)
     return _conv(x, w, b, mask, segment_ids, initial_state, return_state=return_state)
 
 

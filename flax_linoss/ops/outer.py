@@ -202,13 +202,7 @@ def outer_apply(
         _check_state(initial_state, (*lead, heads, key_dim, value_dim))
     for name, x in (("mask", mask), ("segment_ids", segment_ids)):
         if x is not None:
-            try:
-                np.broadcast_shapes(np.shape(x), (*lead, length))
-            except ValueError:
-                raise ValueError(
-                    f"`{name}` of shape {np.shape(x)} does not match the input's "
-                    f"[..., length] = {[*lead, length]}."
-                ) from None
+            _checks.check_per_step(name, x, (*lead, length))
     if chunk is None:
         chunk = DEFAULT_CHUNK
     if not isinstance(chunk, int | np.integer) or chunk < 1:
