@@ -244,5 +244,74 @@ def test_timestamps_and_selective_steps_reach_the_plain_blocks_layer():
     assert lm.apply(variables, x, timestamps=times).shape == x.shape
     with pytest.raises(ValueError, match="option of block='plain'"):
         _mixer()(x, timestamps=times)
-    with pytest.raises(ValueError, match="not while decoding"):
+    with pytest.raises(ValueError, match=r"init_state\(batch_shape, timestamps=True\)"):
         m(x, timestamps=times, state=m.init_state((2,)))
+    with pytest.raises(ValueError, match="pass the new steps' `timestamps`"):
+        m(x, state=m.init_state((2,), timestamps=True))
+    with pytest.raises(ValueError, match="outer block does not take timestamps"):
+        _mixer().init_state((2,), timestamps=True)
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_decoding_with_timestamps_continues_the_whole_sequence(selective):
+    """An irregularly sampled sequence decoded in pieces (a prompt, single steps, a padded
+    step, then a packed restart) equals the whole-sequence call: the state carries the last
+    valid step's time, so each piece's first gap is to it, and a restart forgets it."""
+    m = _mixer(block="plain", selective=selective)
+    x = _x(length=9)
+    times = jnp.asarray([[0.0, 0.5, 2.0, 2.1, 5.0, 9.0, 9.5, 11.0, 14.0]] * 2) + jnp.asarray(
+        [[0.0], [3.0]]
+    )
+    valid = np.ones((2, 9), bool)
+    valid[1, 5] = False  # padding inside row 1: its gap after it is to step 4
+    whole = m(x, timestamps=times, mask=jnp.asarray(valid))
+    state = m.init_state((2,), timestamps=True)
+    assert np.isnan(np.asarray(state.time)).all()
+    pieces = []
+    for lo, hi in ((0, 4), (4, 5), (5, 6), (6, 9)):
+        y, state = m(
+            x[:, lo:hi], timestamps=times[:, lo:hi], mask=jnp.asarray(valid[:, lo:hi]), state=state
+        )
+        pieces.append(y)
+    got = jnp.concatenate(pieces, 1)
+    assert_rel_close(got[valid], whole[valid], 1e-5)
+    np.testing.assert_allclose(state.time, times[:, -1])
+    # Without the carried time the first gap of a piece would be one unit: another output.
+    cold = m(x[:, 4:], timestamps=times[:, 4:], state=m.init_state((2,), timestamps=True))[0]
+    assert rel_err(cold[:, :1], whole[:, 4:5]) > 1e-3
+    # A packed restart (a new segment id) starts over: as a fresh sequence.
+    seg = jnp.ones((2, 3), jnp.int32)
+    again, _ = m(x[:, 6:], timestamps=times[:, 6:], segment_ids=seg, state=state)
+    fresh = m(x[:, 6:], timestamps=times[:, 6:])
+    assert_rel_close(again, fresh, 1e-5)
+
+
+def test_decoding_with_timestamps_in_the_cache_style():
+    """nnx ``init_cache(..., timestamps=True)`` and linen ``init`` with timestamps make a
+    cache that carries the last step's time; step-by-step decoding equals the whole call."""
+    x = _x(length=6)
+    times = jnp.asarray([[0.0, 0.5, 2.0, 2.1, 5.0, 9.0]] * 2)
+    m = _mixer(block="plain")
+    whole = m(x, timestamps=times)
+    m.init_cache(x.shape, timestamps=True)
+    steps = [m(x[:, i : i + 1], timestamps=times[:, i : i + 1], decode=True) for i in range(6)]
+    assert_rel_close(jnp.concatenate(steps, 1), whole, 1e-5)
+
+    lm = linen_mixers.LinOSSMixer(num_heads=4, qkv_features=16, block="plain", decode=True)
+    variables = lm.init(jax.random.key(0), x, timestamps=times)
+    assert "last_time" in variables["cache"]
+    full = lm.clone(decode=False).apply({"params": variables["params"]}, x, timestamps=times)
+    cache, outs = variables["cache"], []
+    for i in range(6):
+        y, upd = lm.apply(
+            {"params": variables["params"], "cache": cache},
+            x[:, i : i + 1],
+            timestamps=times[:, i : i + 1],
+            mutable=["cache"],
+        )
+        cache = upd["cache"]
+        outs.append(y)
+    assert_rel_close(jnp.concatenate(outs, 1), full, 1e-5)
+    untimed = lm.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"init_cache\(input_shape, timestamps=True\)"):
+        lm.apply(untimed, x[:, :1], timestamps=times[:, :1], mutable=["cache"])

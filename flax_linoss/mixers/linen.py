@@ -157,7 +157,12 @@ class _MixerSkin(NnxSkin):
         return nn.LogicallyPartitioned(value, base.PARAM_AXES[key])
 
     def init_state(
-        self, batch_shape: tuple[int, ...] | int, *, dtype: Dtype | None = None, out_sharding=None
+        self,
+        batch_shape: tuple[int, ...] | int,
+        *,
+        dtype: Dtype | None = None,
+        out_sharding=None,
+        timestamps: bool = False,
     ) -> MixerState:
         """The decoding state before the first step (see the nnx mixer's ``init_state``).
 
@@ -184,6 +189,7 @@ class _MixerSkin(NnxSkin):
             state_size=self.state_size,
             conv_width=self.conv_width,
             dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
+            timestamps=timestamps,
             out_sharding=out_sharding,
         )
 
@@ -224,8 +230,10 @@ class _MixerSkin(NnxSkin):
           state: a :class:`~flax_linoss.mixers.state.MixerState` (:meth:`init_state`) to
             continue from (functional decoding); the call returns ``(y, new_state)``.
           write_index: see the nnx mixer (default ``state.index``).
-          timestamps: ``[batch..., L]`` observation times (the plain block; whole
-            sequences), see the nnx mixer.
+          timestamps: ``[batch..., L]`` observation times (the plain block), see the nnx
+            mixer. To decode with them, make the state with ``init_state(...,
+            timestamps=True)``, or (``decode=True``) pass ``timestamps`` to ``init``: the
+            cache then carries the last step's time.
 
         Returns:
           ``[batch..., L, O]``, or ``(output, new_state)`` with ``state``.
@@ -262,7 +270,7 @@ class _MixerSkin(NnxSkin):
         return self.run(
             inputs_q,
             lambda m: m(inputs_q, decode=decoding, **call),
-            prepare=(lambda m, fresh: self._prepare_cache(m, fresh, inputs_q.shape))
+            prepare=(lambda m, fresh: self._prepare_cache(m, fresh, inputs_q.shape, timestamps))
             if cached
             else None,
         )
@@ -283,14 +291,19 @@ class _MixerSkin(NnxSkin):
                 "pass `mutable=['cache']` to `apply`."
             )
 
-    def _prepare_cache(self, module: nnx_mixers.LinOSSMixer, fresh: bool, shape) -> None:
+    def _prepare_cache(
+        self, module: nnx_mixers.LinOSSMixer, fresh: bool, shape, timestamps
+    ) -> None:
         # flax convention: init creates a zero cache for the input's batch shape and runs
-        # the ordinary forward pass; apply continues from the stored cache.
+        # the ordinary forward pass (one with timestamps makes a cache that carries the
+        # last step's time); apply continues from the stored cache.
         if fresh:
-            module.init_cache(shape)
+            module.init_cache(shape, timestamps=timestamps is not None)
         else:
-            batch = self.variables["cache"]["last_index"].shape
-            module.init_cache((*batch, 1, module.in_features))
+            cache = self.variables["cache"]
+            batch = cache["last_index"].shape
+            timed = state_lib.CACHE_NAMES["time"] in cache
+            module.init_cache((*batch, 1, module.in_features), timestamps=timed)
 
 
 _DOC = """LinOSS / D-LinOSS self-mixer with the interface of ``nn.MultiHeadDotProductAttention``.

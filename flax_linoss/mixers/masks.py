@@ -207,14 +207,18 @@ def restarts(steps: Steps, segment_ids, valid, state) -> jax.Array:
     return restart
 
 
+def last_value(values, valid, previous) -> jax.Array:
+    """``[batch...]``: the entry of ``values [batch..., L]`` at the last valid step (else
+    ``previous``)."""
+    v = jnp.ones(values.shape, bool) if valid is None else valid
+    final = _last_valid(v)[..., -1]
+    value = jnp.take_along_axis(values, jnp.maximum(final, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(final >= 0, value.astype(previous.dtype), previous)
+
+
 def last_segment(segment_ids, valid, previous) -> jax.Array:
     """``[batch...]``: the ``segment_ids`` entry of the last valid step (else ``previous``)."""
-    if segment_ids is None:
-        return previous
-    v = jnp.ones(segment_ids.shape, bool) if valid is None else valid
-    final = _last_valid(v)[..., -1]
-    seg = jnp.take_along_axis(segment_ids, jnp.maximum(final, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(final >= 0, seg.astype(previous.dtype), previous)
+    return previous if segment_ids is None else last_value(segment_ids, valid, previous)
 
 
 def combine_segment_ids(*ids: jax.Array | None) -> jax.Array | None:

@@ -164,6 +164,26 @@ def _zero_where(restart, s):
     return jnp.where(restart.reshape(restart.shape + (1,) * (s.ndim - restart.ndim)), 0, s)
 
 
+def _check_state_times(where: str, state: MixerState, timestamps, cached: bool) -> None:
+    """Decoding with ``timestamps`` needs a state that carries the last step's time, and a
+    state that carries it needs them."""
+    made = (
+        "init_cache(input_shape, timestamps=True)"
+        if cached
+        else ("init_state(batch_shape, timestamps=True)")
+    )
+    if timestamps is not None and state.time is None:
+        raise ValueError(
+            f"{where}: decoding with timestamps needs a state that carries the last step's "
+            f"time: make it with `{made}`."
+        )
+    if timestamps is None and state.time is not None:
+        raise ValueError(
+            f"{where}: this decoding state was made for timestamps ({made}); pass the new "
+            "steps' `timestamps` with every call."
+        )
+
+
 class _OuterHeads(nnx.Module):
     """The outer block's oscillators, ``[heads, K]`` (``a_raw``, ``dt_raw``, ``g_raw`` for
     D-LinOSS), and the scale ``[heads, V]`` of its per-head output norm."""
@@ -534,8 +554,9 @@ class LinOSSMixer(nnx.Module):
           timestamps: ``[batch..., L]`` observation times of an irregularly sampled
             sequence (the plain block: each step's size is the learned ``dt`` times the gap
             to the previous valid observation, in units of ``time_scale``; see
-            :class:`flax_linoss.nnx.LinOSSLayer`). Whole sequences only (not with ``state``
-            or ``decode``).
+            :class:`flax_linoss.nnx.LinOSSLayer`). Decoding with them needs a state made
+            with ``timestamps=True`` (:meth:`init_state`, :meth:`init_cache`): the first
+            new step's gap is then to the last step the state saw.
 
         Returns:
           ``[batch..., L, O]``; with ``state``, ``(output, new_state)``.
@@ -559,17 +580,13 @@ class LinOSSMixer(nnx.Module):
                     f"{where}(block={self.block!r}) does not take timestamps: they are an "
                     "option of block='plain' (per-step sizes of its oscillators)."
                 )
-            if state is not None or cached:
-                raise ValueError(
-                    f"{where}: timestamps are taken for whole sequences, not while decoding "
-                    "(state= or decode=True)."
-                )
         if state is not None or cached:
             base.check_decode_options(where, self.bidirectional)
         if cached:
             state = self._cached_state(where)
         if state is not None:
             base.check_cache_batch(where, state.batch_shape, inputs_q.shape[:-2])
+            _check_state_times(where, state, timestamps, cached)
         qkv_sharding, out_sharding = self._activation_shardings(
             inputs_q, qkv_sharding, out_sharding
         )
@@ -653,10 +670,21 @@ class LinOSSMixer(nnx.Module):
                 y = y + self.linoss_reverse(h, reverse=True, **kw)
             return y, None
         initial = jax.tree.map(lambda s: _zero_where(restart, s), state.oscillators)
+        times = {}
+        if timestamps is not None:  # the gap of the first step is to the state's last one
+            none = restart | (state.last < 0)
+            times = dict(
+                timestamps=timestamps,
+                initial_timestamp=jnp.where(none, jnp.nan, state.time),
+            )
         y, final = self.linoss(
-            h, initial_state=initial, return_state=True, mask=valid, segment_ids=seg
+            h, initial_state=initial, return_state=True, mask=valid, segment_ids=seg, **times
         )
-        return y, self._next_state(state, steps, user_seg, valid, h.shape[-2], z=final.z, y=final.y)
+        if timestamps is not None:
+            times = dict(time=masks.last_value(timestamps, valid, state.time))
+        return y, self._next_state(
+            state, steps, user_seg, valid, h.shape[-2], z=final.z, y=final.y, **times
+        )
 
     def _mix_outer(self, where, x, qkv_sharding, mask, segment_ids, state, write_index):
         """The outer block on ``x [batch..., L, E]``: ``(y [batch..., L, H], new_state)``."""
@@ -694,7 +722,12 @@ class LinOSSMixer(nnx.Module):
         return o, new
 
     def init_state(
-        self, batch_shape: tuple[int, ...] | int, *, dtype: Dtype | None = None, out_sharding=None
+        self,
+        batch_shape: tuple[int, ...] | int,
+        *,
+        dtype: Dtype | None = None,
+        out_sharding=None,
+        timestamps: bool = False,
     ) -> MixerState:
         """The decoding state before the first step, for inputs ``[*batch_shape, L, E]``.
 
@@ -702,6 +735,8 @@ class LinOSSMixer(nnx.Module):
           batch_shape: the batch axes (an int for one).
           dtype: the oscillators' dtype; default float32 (float64 with float64 parameters),
             whatever the activations' dtype.
+          timestamps: decode an irregularly sampled sequence (the plain block): the state
+            carries the last valid step's time, and every call then takes ``timestamps``.
           out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
             the batch axes; every leaf is created with it (a loop carry of one type).
 
@@ -718,6 +753,7 @@ class LinOSSMixer(nnx.Module):
             state_size=self.state_size,
             conv_width=self.conv_width,
             dtype=base.state_dtype(self.param_dtype) if dtype is None else dtype,
+            timestamps=timestamps,
             out_sharding=out_sharding,
         )
 
@@ -736,14 +772,16 @@ class LinOSSMixer(nnx.Module):
             }
         )
 
-    def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
+    def init_cache(
+        self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32, *, timestamps: bool = False
+    ) -> None:
         """Creates a zero decoding state as ``nnx.Cache`` variables, for ``decode=True``
         calls on inputs of shape ``[batch..., length, E]`` (the Flax attention style; see
         :meth:`init_state` for the functional one).
 
         Only the batch shape matters (the state does not grow with the length); ``dtype``
         is accepted for compatibility: the state is kept in the recurrence dtype (float32,
-        or float64 with float64 parameters).
+        or float64 with float64 parameters). ``timestamps``: as in :meth:`init_state`.
         """
         del dtype
         if len(input_shape) < 2:
@@ -751,10 +789,11 @@ class LinOSSMixer(nnx.Module):
                 f"init_cache expects an input shape [batch..., length, features], got "
                 f"{tuple(input_shape)}."
             )
-        self._make_cache(tuple(input_shape[:-2]))
+        self._make_cache(tuple(input_shape[:-2]), timestamps)
 
-    def _make_cache(self, batch: tuple[int, ...]) -> None:
-        for name, value in self.init_state(batch).cache_variables().items():
+    def _make_cache(self, batch: tuple[int, ...], timestamps: bool = False) -> None:
+        state = self.init_state(batch, timestamps=timestamps)
+        for name, value in state.cache_variables().items():
             setattr(self, name, nnx.Cache(value))
 
     def set_view(

@@ -34,6 +34,7 @@ CACHE_NAMES = {
     "last": "last_index",
     "segment": "segment_id",
     "conv": "conv_buffer",
+    "time": "last_time",
 }
 
 
@@ -55,6 +56,9 @@ class MixerState:
       segment: ``[batch...]`` int32, the ``segment_ids`` entry of the last valid step.
       conv: ``[batch..., W - 1, 3, H]`` the last valid inputs of the outer block's short
         causal convolution (queries, keys, values), or ``None`` for a block without one.
+      time: ``[batch...]`` the timestamp of the last valid step (``NaN``: none since the
+        sequence began), for decoding an irregularly sampled sequence (a state made with
+        ``timestamps=True``); ``None`` for regularly sampled decoding.
     """
 
     z: jax.Array
@@ -63,6 +67,7 @@ class MixerState:
     last: jax.Array
     segment: jax.Array
     conv: jax.Array | None = None
+    time: jax.Array | None = None
 
     @property
     def oscillators(self) -> LinOSSState:
@@ -117,6 +122,7 @@ def zero_state(
     oscillator_shape: tuple[int, ...] | None = None,
     conv_shape: tuple[int, ...] | None = None,
     conv_dtype=None,
+    timestamps: bool = False,
     out_sharding=None,
 ) -> MixerState:
     """The state before the first step: zero oscillators, no step seen.
@@ -130,6 +136,8 @@ def zero_state(
       conv_shape: ``(W - 1, ...)`` for a block with a short convolution (the outer block's
         ``(W - 1, 3, H)``: queries, keys, values), else ``None``.
       conv_dtype: the convolution buffer's dtype (the activations'; default ``dtype``).
+      timestamps: carry the last valid step's timestamp (``time``, ``NaN`` at first) in
+        ``dtype``, for decoding with ``timestamps``.
       out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
         the batch axes (e.g. ``P("fsdp")``); every leaf gets it on its batch axes.
     """
@@ -151,6 +159,7 @@ def zero_state(
         last=zeros((), jnp.int32, -1),
         segment=zeros((), jnp.int32),
         conv=conv,
+        time=zeros((), dtype, jnp.nan) if timestamps else None,
     )
 
 
@@ -163,13 +172,26 @@ def block_state(
     state_size: int | None,
     conv_width: int,
     dtype=jnp.float32,
+    timestamps: bool = False,
     out_sharding=None,
 ) -> MixerState:
     """A mixer's zero state: the plain block's ``[batch..., 2, P]`` oscillators (``P`` =
-    ``state_size or width``), or the outer block's ``[batch..., heads, K, K]`` (``K =
-    width / heads``) with its convolution buffer ``[batch..., W - 1, 3, width]``."""
+    ``state_size or width``; with ``timestamps``, the last step's time too), or the outer
+    block's ``[batch..., heads, K, K]`` (``K = width / heads``) with its convolution buffer
+    ``[batch..., W - 1, 3, width]``."""
     if not outer:
-        return zero_state(batch_shape, state_size or width, dtype=dtype, out_sharding=out_sharding)
+        return zero_state(
+            batch_shape,
+            state_size or width,
+            dtype=dtype,
+            timestamps=timestamps,
+            out_sharding=out_sharding,
+        )
+    if timestamps:
+        raise ValueError(
+            "timestamps=True: the outer block does not take timestamps (an option of "
+            "block='plain')."
+        )
     dim = width // num_heads
     return zero_state(
         batch_shape,

@@ -85,7 +85,8 @@ def timestamp_gaps(
       segment_ids: optional ``[..., L]`` int; the state restarts where the id changes.
       reverse: gaps for a recurrence run from the last step to the first.
       initial_timestamp: optional ``[...]`` time of the observation before the first
-        processed step (the last processed one with ``reverse``).
+        processed step (the last processed one with ``reverse``); ``NaN`` in a row that has
+        none (its first step then has gap 1, as without it).
       time_scale: the time unit: a gap of ``time_scale`` is one step of the learned ``dt``.
 
     Returns:
@@ -126,7 +127,7 @@ def timestamp_gaps(
         t0 = jnp.broadcast_to(-t0 if reverse else t0, shape[:-1]).reshape(-1, 1)
         # Steps of the first segment before (and at) its first valid step.
         in_first = jnp.cumsum(starts, axis=1) == 0
-        gaps = jnp.where(in_first & ~prev_has, flat - t0, gaps)
+        gaps = jnp.where(in_first & ~prev_has & ~jnp.isnan(t0), flat - t0, gaps)
     gaps = jnp.where(valid, gaps, time_scale) / time_scale
     _check_increasing(_concrete(gaps), _concrete(valid), reverse)
     return (gaps[:, ::-1] if reverse else gaps).reshape(shape)
