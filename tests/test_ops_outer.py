@@ -29,8 +29,9 @@ def rel(x, ref):
 def reference(
     q, k, v, a, dt, g=None, *, disc="im", readout=None, z0=None, y0=None, mask=None, seg=None
 ):
-    """``(o, z_L, y_L)`` step by step in float64: every entry ``(i, j)`` an oscillator of the
-    scheme's equations (``oscillator_reference.reference_step``, forcing ``k_t[i] v_t[j]``),
+    """``(o, z_L, y_L)`` step by step in float64 (``dt [H, K]``, or per step ``[N, L, H,
+    K]``): every entry ``(i, j)`` an oscillator of the scheme's equations
+    (``oscillator_reference.reference_step``, forcing ``k_t[i] v_t[j]``),
     read as ``c_z z + c_y y`` (the position without ``readout``). Call under
     ``jax.enable_x64(True)``."""
     f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
@@ -42,22 +43,30 @@ def reference(
     mask = jnp.ones((n, length), bool) if mask is None else jnp.asarray(mask, bool)
     seg = jnp.zeros((n, length), int) if seg is None else jnp.asarray(seg)
     restart = jnp.concatenate([jnp.zeros((n, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
-    per_entry = lambda x: None if x is None else x[:, :, None]  # [H, K] -> [H, K, 1]
+    per_entry = lambda x: None if x is None else x[..., None]  # [.., H, K] -> [.., H, K, 1]
 
-    def body(carry, inp):
+    def body(carry, inp, dt_t):
         z, y = carry
         q_t, k_t, v_t, ok, new = inp
         z = jnp.where(new[:, None, None, None], 0.0, z)
         y = jnp.where(new[:, None, None, None], 0.0, y)
         force = k_t[..., :, None] * v_t[..., None, :]  # [N, H, K, V]
-        z_new, y_new = reference_step(z, y, force, per_entry(a), per_entry(dt), per_entry(g), disc)
+        z_new, y_new = reference_step(z, y, force, per_entry(a), dt_t, per_entry(g), disc)
         z = jnp.where(ok[:, None, None, None], z_new, z)
         y = jnp.where(ok[:, None, None, None], y_new, y)
         read = y if readout is None else readout[..., 0:1] * z + readout[..., 1:2] * y
         return (z, y), jnp.einsum("nhk,nhkv->nhv", q_t, read)
 
-    steps = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, mask, restart))
-    (z_l, y_l), o = jax.lax.scan(body, (z0, y0), steps)
+    per_step = dt.ndim > 2  # [N, L, H, K]: this step's sizes
+    fixed = None if per_step else per_entry(dt)
+
+    def body_dt(carry, inp):
+        *inp, dt_t = inp
+        return body(carry, inp, per_entry(dt_t) if per_step else fixed)
+
+    dts = jnp.broadcast_to(dt, (n, length, H, K)) if per_step else jnp.zeros((n, length))
+    steps = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, mask, restart, dts))
+    (z_l, y_l), o = jax.lax.scan(body_dt, (z0, y0), steps)
     return jnp.swapaxes(o, 0, 1), z_l, y_l
 
 
@@ -136,6 +145,94 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
         if name in ("z0", "y0", "readout") and not flagged:
             continue
         assert rel(gr, ref) < 1e-4, name
+
+
+def _per_step_dt(disc, a, dt, g, n, length, seed):
+    """Per-step sizes ``[n, length, H, K]``: ``dt`` times a random factor in (0.3, 3),
+    clamped into the scheme's stable range."""
+    rng = np.random.default_rng(seed)
+    steps = dt * rng.uniform(0.3, 3.0, size=(n, length, H, K)).astype(np.float32)
+    return np.asarray(ops.clamp_steps(disc, a, steps, g), np.float32)
+
+
+# Per-step dt: lengths around the chunk, every scheme, with and without the flags.
+STEP_CASES = [(1, "im", True), (13, "im", True), (37, "imex", True), (37, "damped", True)]
+STEP_CASES += [(21, "im", False), (21, "damped", False)]
+
+
+@pytest.mark.parametrize(("length", "disc", "flagged"), STEP_CASES)
+def test_per_step_dt_values_and_gradients_match_float64_reference(length, disc, flagged):
+    """``dt [N, L, H, K]`` (a selective gate's or timestamps' sizes): the per-step form
+    against the float64 reference, values and gradients with respect to every input,
+    every ``dt[t]`` included."""
+    (q, k, v, a, dt, g), fl = problem(length + 50, 2, length, disc)
+    steps = _per_step_dt(disc, a, dt, g, 2, length, length)
+    kw = dict(mask=fl["mask"], seg=fl["seg"], z0=fl["z0"], y0=fl["y0"]) if flagged else {}
+    ct = np.random.default_rng(9).normal(size=(2, length, H, V)).astype(np.float32)
+    ct_s = np.random.default_rng(10).normal(size=(2, 2, H, K, V)).astype(np.float32)
+
+    def loss(o, z_l, y_l, cast):
+        return jnp.sum(cast(ct) * o) + jnp.sum(cast(ct_s[0]) * z_l) + jnp.sum(cast(ct_s[1]) * y_l)
+
+    with jax.enable_x64(True):
+
+        def ref_loss(q, k, v, a, steps, z0, y0, c):
+            extra = {**kw, "z0": z0, "y0": y0} if flagged else {}
+            out = reference(q, k, v, a, steps, g, disc=disc, readout=c, **extra)
+            return loss(*out, lambda x: jnp.asarray(x, jnp.float64)), out
+
+        args = (q, k, v, a, steps, fl["z0"], fl["y0"], fl["readout"])
+        f64 = [jnp.asarray(x, jnp.float64) for x in args]
+        ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True)(*f64)
+
+    def fast_loss(q, k, v, a, steps, z0, y0, c):
+        o, st = ops.outer_apply(
+            q,
+            k,
+            v,
+            a,
+            steps,
+            g=g,
+            discretization=disc,
+            readout=c,
+            initial_state=ops.OuterState(z0, y0) if flagged else None,
+            mask=kw.get("mask"),
+            segment_ids=kw.get("seg"),
+            return_state=True,
+            chunk=CHUNK,
+        )
+        return loss(o, st.z, st.y, jnp.asarray), (o, st)
+
+    grads, (out, st) = jax.jit(jax.grad(fast_loss, argnums=tuple(range(8)), has_aux=True))(*args)
+    assert rel(out, ref_out[0]) < 1e-5
+    assert rel(st.z, ref_out[1]) < 1e-5 and rel(st.y, ref_out[2]) < 1e-5
+    names = ("q", "k", "v", "a", "dt", "z0", "y0", "readout")
+    for name, gr, ref in zip(names, grads, ref_grads):
+        if name in ("z0", "y0") and not flagged:
+            continue
+        assert rel(gr, ref) < 1e-4, name
+
+
+def test_per_step_dt_constant_over_time_is_the_time_invariant_form():
+    (q, k, v, a, dt, _), fl = problem(11, 2, 29)
+    kw = dict(mask=fl["mask"], segment_ids=fl["seg"], readout=fl["readout"], chunk=CHUNK)
+    fixed = ops.outer_apply(q, k, v, a, dt, **kw)
+    steps = np.broadcast_to(dt, (2, 29, H, K))
+    assert rel(ops.outer_apply(q, k, v, a, steps, **kw), fixed) < 1e-6
+    # Broadcast over the batch: [L, H, K].
+    assert rel(ops.outer_apply(q, k, v, a, steps[0], **kw), fixed) < 1e-6
+    # The step form takes this step's sizes.
+    state = ops.OuterState.zeros((2,), H, K, V)
+    outs = []
+    for t in range(29):
+        state, o_t = ops.outer_step(
+            state, q[:, t], k[:, t], v[:, t], a, steps[:, t], readout=fl["readout"]
+        )
+        outs.append(o_t)
+    want = ops.outer_apply(q, k, v, a, steps, readout=fl["readout"], chunk=CHUNK)
+    assert rel(jnp.stack(outs, 1), want) < 1e-5
+    with pytest.raises(ValueError, match=r"`dt` must have shape \[heads, key_dim\]"):
+        ops.outer_apply(q, k, v, a, steps[:, :5])
 
 
 @pytest.mark.parametrize("disc", ["imex", "damped"])

@@ -27,6 +27,12 @@ Two forms, equal up to rounding:
   float64 parameters); the inputs may be bfloat16.
 * :func:`outer_step`, the decoding form: one step, state in, state out.
 
+Time-varying step sizes (``dt [..., L, H, K]``: a selective gate, or the gaps of
+irregularly sampled timestamps) take a third form of the training path: the per-step
+transitions ``M_{i,t}`` (a masked step the identity, a segment start zero) and, inside each
+chunk, the products ``M_t ... M_{s+1} f_s`` built step by step (``T`` batched 2x2
+products), with the same chunk-to-chunk carry.
+
 Masks and packing as in :func:`flax_linoss.ops.linoss_apply`: a masked step leaves the
 state unchanged (its output is read from the held state), which the training form gets
 exactly by running each chunk on the clock of its valid steps (the lag between steps ``s``
@@ -95,7 +101,16 @@ def outer_transition(a, dt, g=None, discretization: str = schemes.IM) -> schemes
 # Checks at the boundary.
 
 
-def _check(q, k, v, a, dt, g, readout, discretization, check):
+def _broadcasts(shape, target) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
+def _check(q, k, v, a, dt, g, readout, discretization, check, per_step=None):
+    """``per_step``: the shape a per-step ``dt`` must broadcast to (``None``: ``[H, K]``
+    only)."""
     shapes, values = _checks.check_levels(check)
     if not shapes:
         return
@@ -117,10 +132,14 @@ def _check(q, k, v, a, dt, g, readout, discretization, check):
             f"position weights), got {np.shape(readout)}."
         )
     for name, x in (("a", a), ("dt", dt), ("g", g)):
-        if x is not None and np.shape(x) != hk:
-            raise ValueError(
-                f"`{name}` must have shape [heads, key_dim] = {list(hk)}, got {np.shape(x)}."
-            )
+        if x is None or np.shape(x) == hk:
+            continue
+        if name == "dt" and per_step is not None and _broadcasts(np.shape(x), per_step):
+            continue
+        steps = "" if per_step is None else f", or per step broadcasting to {list(per_step)}"
+        raise ValueError(
+            f"`{name}` must have shape [heads, key_dim] = {list(hk)}{steps}, got {np.shape(x)}."
+        )
     if discretization == schemes.DAMPED and g is None:
         raise ValueError("discretization='damped' (D-LinOSS) needs the damping `g`.")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -128,6 +147,11 @@ def _check(q, k, v, a, dt, g, readout, discretization, check):
             raise TypeError(f"`{name}` must be floating, got {jnp.result_type(x)}.")
     if values:
         _checks._check_values(a, dt, g)
+
+
+def _per_step(dt, q_shape):
+    """The shape a per-step ``dt`` broadcasts to: ``q``'s leading axes, ``[H, K]``."""
+    return None if np.shape(dt) == tuple(q_shape[-2:]) else tuple(q_shape)
 
 
 def _check_state(state, shape, name="initial_state"):
@@ -172,7 +196,9 @@ def outer_apply(
       q, k: ``[..., L, H, K]`` queries and keys.
       v: ``[..., L, H, V]`` values.
       a: ``[H, K]`` stiffness, ``>= 0`` (constrained: see :func:`flax_linoss.ops.constrain`).
-      dt: ``[H, K]`` time steps in ``(0, 1]``.
+      dt: ``[H, K]`` time steps in ``(0, 1]``, or per step ``[..., L, H, K]`` (broadcast
+        over the batch; each step's inside the scheme's stable range, see
+        :func:`flax_linoss.ops.clamp_steps`).
       g: ``[H, K]`` damping ``>= 0``, for ``discretization="damped"`` only.
       discretization: ``"im"``, ``"imex"`` or ``"damped"``.
       readout: ``[H, K, 2]`` weights ``(c_z, c_y)`` of the velocity and the position that
@@ -192,7 +218,7 @@ def outer_apply(
       :class:`OuterState` (``[..., H, K, V]``, in the recurrence dtype: float32, or float64
       with float64 parameters).
     """
-    _check(q, k, v, a, dt, g, readout, discretization, check)
+    _check(q, k, v, a, dt, g, readout, discretization, check, _per_step(dt, np.shape(q)))
     *lead, length, heads, key_dim = np.shape(q)
     value_dim = np.shape(v)[-1]
     if length < 1:
@@ -266,10 +292,17 @@ def _apply(
     valid = per_step(mask)
     seg = per_step(segment_ids)
     ro = None if readout is None else tuple(jnp.moveaxis(readout.astype(rdt), -1, 0))
+    if np.ndim(dt) > 2:  # per step: [N, L, H, K] transitions, masks and restarts folded in
+        full = (*lead, length, heads, key_dim)
+        tr = tuple(jnp.broadcast_to(x, full).reshape(n, length, heads, key_dim) for x in tr)
+        tr = _fold_steps(tr, valid, seg)
     # Inside shard_map the chunk loop's carry must vary where the inputs do.
-    axes = varying_axes(qf, kf, vf, valid, seg)
+    axes = varying_axes(qf, kf, vf, valid, seg, *(tr if np.ndim(dt) > 2 else ()))
     z0, y0 = vary(z0, axes), vary(y0, axes)
-    o, (z_l, y_l) = _chunked(qf, kf, vf, tr, ro, z0, y0, valid, seg, chunk)
+    if np.ndim(dt) > 2:
+        o, (z_l, y_l) = _chunked_steps(qf, kf, vf, tr, ro, z0, y0, chunk)
+    else:
+        o, (z_l, y_l) = _chunked(qf, kf, vf, tr, ro, z0, y0, valid, seg, chunk)
     o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
     if not return_state:
         return o
@@ -363,16 +396,7 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
         keep = (run[..., -1] == run_before).astype(rdt)[:, None, :, None, None]
     dmat = [jnp.broadcast_to(x * keep, (n, heads, c, 1, key_dim))[:, :, :, 0] for x in dmat]
 
-    def carry(state, xs):
-        sz, sy = state  # [N, H, K, V]
-        e11, e12, e21, e22, wk = xs
-        nz = e11[..., None] * sz + e12[..., None] * sy + wk[..., :key_dim, :]
-        ny = e21[..., None] * sz + e22[..., None] * sy + wk[..., key_dim:, :]
-        return (nz, ny), jnp.concatenate([sz, sy], axis=-2)
-
-    move = lambda x: jnp.moveaxis(x, 2, 0)
-    (z_l, y_l), before = jax.lax.scan(carry, (z0, y0), tuple(map(move, (*dmat, w_end))))
-    before = jnp.moveaxis(before, 0, 2)  # the state before each chunk, [N, H, C, 2K, V]
+    (z_l, y_l), before = _carry(z0, y0, dmat, w_end)  # before: [N, H, C, 2K, V]
 
     # Every step reads the carried state advanced by its clock: e_read^T M^count S.
     r21, r22 = lookup(count, *rows)  # [., H, C, T, K]
@@ -382,6 +406,97 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
     o = o + jnp.matmul(read, before)
     o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
     return o, (z_l, y_l)
+
+
+def _fold_steps(tr, valid, seg):
+    """Per-step coefficients ``[N, L, H, K]`` with the flags folded in: a masked step is
+    the identity (the state held, nothing forced), a segment start drops what came before
+    (``M = 0``)."""
+    m11, m12, m21, m22, f1, f2 = tr
+    if valid is not None:
+        hold = ~valid.astype(bool)[..., None, None]
+        m11, m22 = (jnp.where(hold, 1, m) for m in (m11, m22))
+        m12, m21, f1, f2 = (jnp.where(hold, 0, m) for m in (m12, m21, f1, f2))
+    if seg is not None:
+        start = jnp.concatenate(
+            [jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
+        )[..., None, None]
+        m11, m12, m21, m22 = (jnp.where(start, 0, m) for m in (m11, m12, m21, m22))
+    return m11, m12, m21, m22, f1, f2
+
+
+def _chunked_steps(q, k, v, tr, readout, z0, y0, chunk):
+    """:func:`_chunked` for per-step coefficients ``tr`` (six ``[N, L, H, K]``, flags
+    folded in): ``(o [N, L, H, V], (z_L, y_L))``.
+
+    Inside a chunk, ``G[t, s] = M_t ... M_{s+1} f_s`` (``G[s, s] = f_s``, zero for ``s >
+    t``) and ``P_t = M_t ... M_0`` are built step by step; the scores are ``A[t, s] = sum_i
+    q_t[i] c_i^T G[t, s, i] k_s[i]``, a chunk's end state from zero ``sum_s G[T-1, s] k_s
+    v_s^T``, its decay ``P_{T-1}``, and step ``t`` reads the carried state through
+    ``c^T P_t``.
+    """
+    n, length, heads, _ = q.shape
+    t = chunk
+    c = -(-length // t)
+    pad = c * t - length
+
+    def chunks(x, fill=0):  # [N, L, H, D] -> [N, H, C, T, D], padded with `fill`
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=fill)
+        return jnp.transpose(x.reshape(n, c, t, heads, x.shape[-1]), (0, 3, 1, 2, 4))
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    # Padding steps are the identity: the state after the last step is carried unchanged.
+    m = [chunks(x, fill) for x, fill in zip(tr[:4], (1, 0, 0, 1))]
+    f1, f2 = chunks(tr[4]), chunks(tr[5])
+    cz, cy = (0, 1) if readout is None else (x[:, None, None, :] for x in readout)  # [H,1,1,K]
+    cz, cy = (jnp.asarray(x, q.dtype) for x in (cz, cy))
+    first = jnp.arange(t)[:, None]  # s, against the step j being added
+    gz = gy = jnp.zeros_like(kc)  # G[j, s] over s: [N, H, C, T(s), K]
+    p = (1, 0, 0, 1)  # P_{j-1}: from the chunk's start
+    kern, read = [], []
+    for j in range(t):
+        e11, e12, e21, e22 = (x[..., j : j + 1, :] for x in m)  # [N, H, C, 1, K]
+        gz, gy = e11 * gz + e12 * gy, e21 * gz + e22 * gy
+        gz = jnp.where(first == j, f1[..., j : j + 1, :], gz)
+        gy = jnp.where(first == j, f2[..., j : j + 1, :], gy)
+        kern.append(cz * gz + cy * gy)
+        p = (
+            e11 * p[0] + e12 * p[2],
+            e11 * p[1] + e12 * p[3],
+            e21 * p[0] + e22 * p[2],
+            e21 * p[1] + e22 * p[3],
+        )
+        read.append(jnp.concatenate([cz * p[0] + cy * p[2], cz * p[1] + cy * p[3]], -1))
+    kern = jnp.stack(kern, 3)  # [N, H, C, T(t), T(s), K]
+    scores = jnp.sum(qc[..., :, None, :] * kern * kc[..., None, :, :], -1)  # [N, H, C, T, T]
+    o = jnp.matmul(scores, vc)
+    # Each chunk's end state from zero (G of its last step) and its decay P_{T-1}.
+    kend = jnp.concatenate([gz * kc, gy * kc], -1)  # [N, H, C, T, 2K]
+    w_end = jnp.matmul(jnp.swapaxes(kend, -1, -2), vc)  # [N, H, C, 2K, V]
+    decay = [jnp.broadcast_to(x, kc[..., :1, :].shape)[..., 0, :] for x in p]  # [N, H, C, K]
+    (z_l, y_l), before = _carry(z0, y0, decay, w_end)
+    read = jnp.concatenate(read, -2) * jnp.concatenate([qc, qc], -1)  # [N, H, C, T, 2K]
+    o = o + jnp.matmul(read, before)
+    o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
+    return o, (z_l, y_l)
+
+
+def _carry(z0, y0, decay, w_end):
+    """The state from chunk to chunk: ``S_c = D_c S_{c-1} + W_c`` for each chunk's decay
+    ``D_c`` (four ``[N, H, C, K]``) and end state from zero ``W_c [N, H, C, 2K, V]``.
+    Returns ``((z_L, y_L), the state before each chunk [N, H, C, 2K, V])``."""
+    key_dim = z0.shape[-2]
+
+    def step(state, xs):
+        sz, sy = state  # [N, H, K, V]
+        e11, e12, e21, e22, wk = xs
+        nz = e11[..., None] * sz + e12[..., None] * sy + wk[..., :key_dim, :]
+        ny = e21[..., None] * sz + e22[..., None] * sy + wk[..., key_dim:, :]
+        return (nz, ny), jnp.concatenate([sz, sy], axis=-2)
+
+    move = lambda x: jnp.moveaxis(x, 2, 0)
+    final, before = jax.lax.scan(step, (z0, y0), tuple(map(move, (*decay, w_end))))
+    return final, jnp.moveaxis(before, 0, 2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -408,7 +523,8 @@ def outer_step(
       state: :class:`OuterState` with ``[..., H, K, V]`` leaves (float32; see
         :meth:`OuterState.zeros`).
       q_t, k_t: ``[..., H, K]``; ``v_t``: ``[..., H, V]``.
-      a, dt, g, discretization, readout: as in :func:`outer_apply`.
+      a, dt, g, discretization, readout: as in :func:`outer_apply` (a per-step ``dt``:
+        this step's, ``[..., H, K]``).
       mask: ``[...]`` bool; ``False`` leaves the state unchanged (the output is read from
         it).
       check: as in :func:`outer_apply`.
@@ -417,7 +533,7 @@ def outer_step(
       ``(next_state, o_t)`` with ``o_t [..., H, V]`` in ``q_t``'s dtype and the state in the
       recurrence dtype.
     """
-    _check(q_t, k_t, v_t, a, dt, g, readout, discretization, check)
+    _check(q_t, k_t, v_t, a, dt, g, readout, discretization, check, _per_step(dt, np.shape(q_t)))
     shape = (*np.shape(q_t), np.shape(v_t)[-1])
     if _checks.check_levels(check)[0]:
         _check_state(state, shape, "state")
