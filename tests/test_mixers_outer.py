@@ -24,10 +24,12 @@ def _x(batch=2, length=11, width=16, seed=1):
     return jax.random.normal(jax.random.key(seed), (batch, length, width))
 
 
-def _reference(m, x, valid=None):
+def _reference(m, x, valid=None, times=None):
     """The block step by step in float64: projections, the causal convolution over the last
-    valid steps, one outer_step per step (velocity readout), the per-head RMS norm, the
-    SiLU gate and the output projection."""
+    valid steps, one outer_step per step (velocity readout) with this step's ``dt`` (times
+    the selective gate ``softplus(x W + b)`` and the gap to the previous valid timestamp,
+    clamped into the stable range), the per-head RMS norm, the SiLU gate and the output
+    projection."""
     params = jax.tree.map(lambda p: np.asarray(p, np.float64), nnx.state(m, nnx.Param))
     x = np.asarray(x, np.float64)
     batch, length, _ = x.shape
@@ -48,8 +50,12 @@ def _reference(m, x, valid=None):
         )
         readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0]), (heads, dim, 2))
         out = np.zeros((batch, length, q.shape[-1]))
+        gate = np.ones((batch, length, heads * dim))
+        if "dt_proj" in params:
+            gate = np.asarray(jax.nn.softplus(jnp.asarray(lin("dt_proj", x))))
         for n in range(batch):
             history = []  # the valid steps' (q, k, v), newest last
+            before = None  # the last valid step's time
             state = ops.OuterState(*(jnp.zeros((heads, dim, dim)),) * 2)
             for t in range(length):
                 cur = np.stack([q[n, t], k[n, t], v[n, t]])  # [3, H]
@@ -60,13 +66,19 @@ def _reference(m, x, valid=None):
                 if valid[n, t]:
                     history.append(cur)
                 qh, kh, vh = (c.reshape(heads, dim) for c in conv)
+                gap = 1.0
+                if times is not None and valid[n, t]:
+                    gap = 1.0 if before is None else float(times[n, t] - before)
+                    before = times[n, t]
+                steps = dt * jnp.asarray(gate[n, t].reshape(heads, dim) * gap)
+                steps = ops.clamp_steps(m.heads.discretization, a, steps, g)
                 state, o = ops.outer_step(
                     state,
                     jnp.asarray(qh),
                     jnp.asarray(kh / np.sqrt(dim)),
                     jnp.asarray(vh),
                     a,
-                    dt,
+                    steps,
                     g=g,
                     discretization=m.heads.discretization,
                     readout=readout,
@@ -89,6 +101,36 @@ def test_block_equals_a_float64_step_by_step_reference(disc):
     got = m(x, mask=valid)
     want = _reference(m, x, valid)
     assert_rel_close(got[valid], want[valid], 2e-5, "masked")
+
+
+@pytest.mark.parametrize("disc", ["im", "imex", "damped"])
+def test_selective_block_with_timestamps_equals_the_float64_reference(disc):
+    """``selective=True`` (a per-key-dim gate on ``dt`` from the input) and ``timestamps``
+    (``dt`` times the gap to the previous valid observation) on the outer block: per-step
+    sizes through the same memory, against the step-by-step reference."""
+    m = _mixer(disc, selective=True)
+    # A gate that is not 1 everywhere (it starts at exactly 1).
+    m.dt_proj.kernel[...] = 0.5 * jax.random.normal(jax.random.key(3), m.dt_proj.kernel.shape)
+    x = _x()
+    valid = np.ones((2, 11), bool)
+    valid[1, 3:6] = False
+    times = np.cumsum(np.random.default_rng(0).uniform(0.2, 3.0, (2, 11)), 1)
+    assert_rel_close(m(x), _reference(m, x), 2e-5, "selective")
+    got = m(x, mask=valid, timestamps=times)
+    want = _reference(m, x, valid, times)
+    assert_rel_close(got[valid], want[valid], 2e-5, "selective, timestamps, mask")
+    # Decoding with timestamps in pieces continues the whole sequence.
+    state, pieces = m.init_state((2,), timestamps=True), []
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):
+        y, state = m(x[:, lo:hi], mask=valid[:, lo:hi], timestamps=times[:, lo:hi], state=state)
+        pieces.append(y)
+    assert_rel_close(jnp.concatenate(pieces, 1)[valid], want[valid], 2e-5, "decoding")
+    # Without the gate: timestamps alone.
+    plain_gate = _mixer(disc)
+    want = _reference(plain_gate, x, None, times)
+    assert_rel_close(plain_gate(x, timestamps=times), want, 2e-5, "timestamps")
+    with pytest.raises(ValueError, match="selective_rank"):
+        _mixer(disc, selective=True, selective_rank=2)
 
 
 @pytest.mark.parametrize("disc", ["im", "damped"])
@@ -242,14 +284,10 @@ def test_timestamps_and_selective_steps_reach_the_plain_blocks_layer():
     variables = lm.init(jax.random.key(0), x)
     assert "dt_bias" in str(jax.tree_util.tree_structure(variables))
     assert lm.apply(variables, x, timestamps=times).shape == x.shape
-    with pytest.raises(ValueError, match="option of block='plain'"):
-        _mixer()(x, timestamps=times)
     with pytest.raises(ValueError, match=r"init_state\(batch_shape, timestamps=True\)"):
         m(x, timestamps=times, state=m.init_state((2,)))
     with pytest.raises(ValueError, match="pass the new steps' `timestamps`"):
         m(x, state=m.init_state((2,), timestamps=True))
-    with pytest.raises(ValueError, match="outer block does not take timestamps"):
-        _mixer().init_state((2,), timestamps=True)
 
 
 @pytest.mark.parametrize("selective", [False, True])

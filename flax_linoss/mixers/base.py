@@ -54,6 +54,9 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "heads/dt_raw": (None, None),
     "heads/g_raw": (None, None),
     "heads/scale": (None, None),
+    # The outer block's selective step sizes (selective=True): a gate per key dim, from x.
+    "dt_proj/kernel": (EMBED, KV),
+    "dt_proj/bias": (KV,),
 }
 
 #: The mixer's blocks: ``"outer"`` (the default: projections to queries, keys, values and

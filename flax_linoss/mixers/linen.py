@@ -149,7 +149,7 @@ class _MixerSkin(NnxSkin):
         """Parameters carry logical axis names (a user's own box wins)."""
         if not isinstance(variable, nnx.Param):
             return value
-        nested = ("in_proj", "out_proj", "query", "key", "gate", "heads")
+        nested = ("in_proj", "out_proj", "query", "key", "gate", "dt_proj", "heads")
         key = "/".join(path[-2:]) if path[0] in nested else path[-1]
         boxes = scratch.get("boxes", {})
         if key in boxes:

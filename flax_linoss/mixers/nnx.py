@@ -60,7 +60,8 @@ from flax_linoss import ops
 from flax_linoss.mixers import base, masks
 from flax_linoss.mixers import state as state_lib
 from flax_linoss.mixers.state import MixerState
-from flax_linoss.nnx.layers import LinOSSLayer
+from flax_linoss.nnx.layers import SOFTPLUS_INV_ONE, LinOSSLayer
+from flax_linoss.ops._checks import check_per_step
 from flax_linoss.ops.params import STABLE
 
 Dtype = Any
@@ -184,6 +185,19 @@ def _check_state_times(where: str, state: MixerState, timestamps, cached: bool) 
         )
 
 
+def _time_before(state: MixerState, restart) -> jax.Array:
+    """``[batch...]`` the time of the step before a decoding call's first (``NaN`` where
+    there is none: nothing seen yet, or a restart)."""
+    return jnp.where(restart | (state.last < 0), jnp.nan, state.time)
+
+
+def _time_after(state: MixerState | None, timestamps, valid) -> dict[str, jax.Array]:
+    """The ``time`` field of the state after a call with ``timestamps`` (else nothing)."""
+    if state is None or timestamps is None:
+        return {}
+    return {"time": masks.last_value(jnp.asarray(timestamps), valid, state.time)}
+
+
 class _OuterHeads(nnx.Module):
     """The outer block's oscillators, ``[heads, K]`` (``a_raw``, ``dt_raw``, ``g_raw`` for
     D-LinOSS), and the scale ``[heads, V]`` of its per-head output norm."""
@@ -210,7 +224,21 @@ class _OuterHeads(nnx.Module):
 
 
 def _outer_core(
-    params, q, k, v, valid, seg, restart, conv_state, z, y, *, discretization, constraint, chunk
+    params,
+    q,
+    k,
+    v,
+    valid,
+    seg,
+    restart,
+    conv_state,
+    z,
+    y,
+    scale=None,
+    *,
+    discretization,
+    constraint,
+    chunk,
 ):
     """The outer block between its projections, a pure function (run per shard under an
     explicit mesh): ``q, k, v [batch..., L, H]`` -> ``(o [batch..., L, H], final
@@ -220,7 +248,9 @@ def _outer_core(
     starts; from ``conv_state`` when decoding), then per head the oscillator memory read by
     the queries (their velocity, see :mod:`flax_linoss.ops.outer`) and an RMS norm.
     ``restart [batch...]`` drops the state carried in (decoding), ``z, y`` the oscillator
-    state (``None``: a whole sequence from zero)."""
+    state (``None``: a whole sequence from zero); ``scale [batch..., L, H]`` (or ``None``)
+    multiplies each step's ``dt`` (the selective gate, the timestamps' gaps), clamped into
+    the scheme's stable range."""
     decoding = z is not None
     buffers = None
     if params["conv_kernel"] is not None:
@@ -247,6 +277,8 @@ def _outer_core(
     )
     heads, dim = a.shape
     split = lambda t: t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
+    if scale is not None:  # per step: [batch..., L, heads, K]
+        dt = ops.clamp_steps(discretization, a, dt * split(scale), g, constraint=constraint)
     readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0], a.dtype), (heads, dim, 2))
     initial = None
     if decoding:
@@ -371,7 +403,7 @@ class LinOSSMixer(nnx.Module):
             gate_activation,
             {
                 "bidirectional": bidirectional,
-                "selective": selective,
+                "selective_rank": selective_rank is not None,
                 "oscillator_init": oscillator_init,
             },
         )
@@ -379,6 +411,7 @@ class LinOSSMixer(nnx.Module):
         self.conv_width = conv_width if block == base.OUTER else 0
         self.gate_activation = gate_activation
         self.chunk = chunk
+        self.time_scale = time_scale
         self.num_heads = num_heads
         self.in_features = in_features
         self.qkv_features = qkv_features or in_features
@@ -471,6 +504,13 @@ class LinOSSMixer(nnx.Module):
             # The keys start as the queries (q . k is then large where two tokens match).
             self.key.kernel[...] = self.query.kernel[...]
             self.gate = nnx.data(projection("gate") if gate_activation is not None else None)
+            # Selective: per-step sizes dt * softplus(x W + b), starting at exactly dt.
+            self.dt_proj = nnx.data(None)
+            if selective:
+                self.dt_proj = projection("dt_proj")
+                self.dt_proj.kernel[...] = jnp.zeros_like(self.dt_proj.kernel[...])
+                if self.dt_proj.bias is not None:
+                    self.dt_proj.bias[...] = jnp.full_like(self.dt_proj.bias[...], SOFTPLUS_INV_ONE)
             self.heads = _OuterHeads(
                 num_heads,
                 self.qkv_features // num_heads,
@@ -574,12 +614,6 @@ class LinOSSMixer(nnx.Module):
             raise ValueError(f"{where}: is_causal=True contradicts bidirectional=True.")
         decode = self.decode if decode is None else decode
         cached = state is None and bool(decode)
-        if timestamps is not None:
-            if self.block != base.PLAIN:
-                raise ValueError(
-                    f"{where}(block={self.block!r}) does not take timestamps: they are an "
-                    "option of block='plain' (per-step sizes of its oscillators)."
-                )
         if state is not None or cached:
             base.check_decode_options(where, self.bidirectional)
         if cached:
@@ -592,7 +626,7 @@ class LinOSSMixer(nnx.Module):
         )
         if self.block == base.OUTER:
             y, new_state = self._mix_outer(
-                where, inputs_q, qkv_sharding, mask, segment_ids, state, write_index
+                where, inputs_q, qkv_sharding, mask, segment_ids, state, write_index, timestamps
             )
         else:
             h = self.in_proj(inputs_q, out_sharding=qkv_sharding)
@@ -671,28 +705,46 @@ class LinOSSMixer(nnx.Module):
             return y, None
         initial = jax.tree.map(lambda s: _zero_where(restart, s), state.oscillators)
         times = {}
-        if timestamps is not None:  # the gap of the first step is to the state's last one
-            none = restart | (state.last < 0)
-            times = dict(
-                timestamps=timestamps,
-                initial_timestamp=jnp.where(none, jnp.nan, state.time),
-            )
+        if timestamps is not None:
+            times = dict(timestamps=timestamps, initial_timestamp=_time_before(state, restart))
         y, final = self.linoss(
             h, initial_state=initial, return_state=True, mask=valid, segment_ids=seg, **times
         )
-        if timestamps is not None:
-            times = dict(time=masks.last_value(timestamps, valid, state.time))
         return y, self._next_state(
-            state, steps, user_seg, valid, h.shape[-2], z=final.z, y=final.y, **times
+            state,
+            steps,
+            user_seg,
+            valid,
+            h.shape[-2],
+            z=final.z,
+            y=final.y,
+            **_time_after(state, timestamps, valid),
         )
 
-    def _mix_outer(self, where, x, qkv_sharding, mask, segment_ids, state, write_index):
+    def _mix_outer(
+        self, where, x, qkv_sharding, mask, segment_ids, state, write_index, timestamps=None
+    ):
         """The outer block on ``x [batch..., L, E]``: ``(y [batch..., L, H], new_state)``."""
         q, k, v = (m(x, out_sharding=qkv_sharding) for m in (self.query, self.key, self.in_proj))
         lead = q.shape[:-1]
         steps, valid, seg, user_seg, restart = self._steps(
             where, lead, mask, segment_ids, state, write_index
         )
+        # Per-step sizes: dt times the selective gate and the timestamps' gaps.
+        scale = None
+        if self.dt_proj is not None:
+            pre = self.dt_proj(x, out_sharding=qkv_sharding)
+            scale = jax.nn.softplus(pre.astype(jnp.promote_types(jnp.float32, pre.dtype)))
+        if timestamps is not None:
+            check_per_step("timestamps", timestamps, lead)
+            gaps = ops.timestamp_gaps(
+                timestamps,
+                mask=valid,
+                segment_ids=seg,
+                initial_timestamp=None if state is None else _time_before(state, restart),
+                time_scale=self.time_scale,
+            )[..., None]
+            scale = gaps if scale is None else scale * gaps.astype(scale.dtype)
         params = {
             **self.heads.values(),
             "conv_kernel": None if self.conv_kernel is None else self.conv_kernel[...],
@@ -705,7 +757,9 @@ class LinOSSMixer(nnx.Module):
             chunk=self.chunk,
         )
         carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
-        args = (params, q, k, v, valid, seg, restart, *carried)
+        if scale is not None:
+            scale = jnp.broadcast_to(scale, (*lead, q.shape[-1]))
+        args = (params, q, k, v, valid, seg, restart, *carried, scale)
         if state_lib._explicit_mesh():
             o, final, conv = _per_batch_shard(core, args, len(lead) - 1)
             o = jax.sharding.reshard(o, jax.typeof(q).sharding.spec)
@@ -717,7 +771,15 @@ class LinOSSMixer(nnx.Module):
         if state is None:
             return o, None
         new = self._next_state(
-            state, steps, user_seg, valid, lead[-1], z=final.z, y=final.y, conv=conv
+            state,
+            steps,
+            user_seg,
+            valid,
+            lead[-1],
+            z=final.z,
+            y=final.y,
+            conv=conv,
+            **_time_after(state, timestamps, valid),
         )
         return o, new
 

@@ -176,9 +176,9 @@ def block_state(
     out_sharding=None,
 ) -> MixerState:
     """A mixer's zero state: the plain block's ``[batch..., 2, P]`` oscillators (``P`` =
-    ``state_size or width``; with ``timestamps``, the last step's time too), or the outer
-    block's ``[batch..., heads, K, K]`` (``K = width / heads``) with its convolution buffer
-    ``[batch..., W - 1, 3, width]``."""
+    ``state_size or width``), or the outer block's ``[batch..., heads, K, K]`` (``K = width
+    / heads``) with its convolution buffer ``[batch..., W - 1, 3, width]``; with
+    ``timestamps``, the last step's time too."""
     if not outer:
         return zero_state(
             batch_shape,
@@ -187,11 +187,6 @@ def block_state(
             timestamps=timestamps,
             out_sharding=out_sharding,
         )
-    if timestamps:
-        raise ValueError(
-            "timestamps=True: the outer block does not take timestamps (an option of "
-            "block='plain')."
-        )
     dim = width // num_heads
     return zero_state(
         batch_shape,
@@ -199,6 +194,7 @@ def block_state(
         dtype=dtype,
         oscillator_shape=(num_heads, dim, dim),
         conv_shape=(conv_width - 1, 3, width) if conv_width else None,
+        timestamps=timestamps,
         out_sharding=out_sharding,
     )
 
