@@ -186,12 +186,11 @@ def decode_speed(mixer: str, context: int, *, width=64, layers=2, batch=1, token
     import numpy as np
     from flax import nnx
 
+    from flax_linoss.mixers.base import BLOCK_CHOICES
     from flax_linoss.models import TransformerLM
 
     name, block = split_mixer(mixer)
-    options = {"state_size": width, "block": "plain" if block == "selective" else block}
-    if block == "selective":
-        options["selective"] = True
+    options = {"state_size": width, **BLOCK_CHOICES[block]}
     model = TransformerLM(
         256,
         layers,

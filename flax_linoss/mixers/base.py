@@ -6,6 +6,8 @@ width (``qkv_features``), ``O`` output width (``out_features``), ``P`` oscillato
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +68,14 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 OUTER = "outer"
 PLAIN = "plain"
 BLOCKS = (OUTER, PLAIN)
+#: The trainer's ``model.mixer_block`` names -> the mixer's ``block`` and ``selective``
+#: options ("selective": input-dependent step sizes).
+BLOCK_CHOICES: dict[str, dict[str, Any]] = {
+    "outer": {"block": OUTER, "selective": False},
+    "plain": {"block": PLAIN, "selective": False},
+    "selective": {"block": PLAIN, "selective": True},
+    "outer_selective": {"block": OUTER, "selective": True},
+}
 #: Activations of the outer block's gate (``None``: no gate).
 GATE_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "sigmoid": jax.nn.sigmoid}
 

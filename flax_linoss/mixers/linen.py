@@ -344,8 +344,11 @@ LinOSS options:
   conv_width: taps of the outer block's convolution (0: none).
   gate_activation: ``"silu"`` (default), ``"gelu"``, ``"sigmoid"`` or ``None`` (no gate).
   chunk: the outer block's chunk length (default :data:`flax_linoss.ops.outer.DEFAULT_CHUNK`).
-  selective, selective_rank, time_scale: the plain block's input-dependent step sizes and
-    timestamps' unit (see :class:`flax_linoss.nnx.LinOSSLayer`).
+  selective: input-dependent step sizes ``dt_t = dt * softplus(x_t W + b)``: in the plain
+    block per oscillator (see :class:`flax_linoss.nnx.LinOSSLayer`), in the outer block per
+    key dim of each head (``dt_proj``, ``[E, H]``, starting at exactly ``dt``).
+  selective_rank: the plain block's low-rank gate (see the layer).
+  time_scale: the unit of ``timestamps`` (both blocks).
   discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
     (D-LinOSS).
   state_size: oscillators ``P`` (default ``H``).

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from flax_linoss.common import NORMS
+from flax_linoss.mixers.base import BLOCK_CHOICES
 from flax_linoss.ops import CONSTRAINTS, DISCRETIZATIONS, SCANS
 from flax_linoss.train import default_config, sharding
 
@@ -39,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.discretization": DISCRETIZATIONS,
     "model.norm": NORMS,
     "model.kind": ("paper", "transformer"),
-    "model.mixer_block": ("outer", "plain", "selective"),
+    "model.mixer_block": tuple(BLOCK_CHOICES),
     "model.constraint": CONSTRAINTS,
     "model.positional": ("none", "learned", "sinusoidal"),
     "model.scan": tuple(SCANS),
@@ -200,10 +201,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         except ValueError as e:
             raise ConfigError(f"model.mixer: {e}") from None
         need(
-            got["model.mixer_block"] != "outer"
+            BLOCK_CHOICES[got["model.mixer_block"]]["block"] != "outer"
             or got["model.hidden_size"] % got["model.num_heads"] == 0,
-            "model.mixer_block='outer' needs model.hidden_size to be a multiple of "
-            "model.num_heads.",
+            f"model.mixer_block={got['model.mixer_block']!r} (an outer block) needs "
+            "model.hidden_size to be a multiple of model.num_heads.",
         )
     need(0 <= got["model.dropout_rate"] < 1, "model.dropout_rate must be in [0, 1).")
     need(0 <= got["optimizer.end_lr_factor"] <= 1, "optimizer.end_lr_factor must be in [0, 1].")

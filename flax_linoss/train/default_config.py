@@ -66,8 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.mixer = "linoss-im"
     # Block of the transformer's LinOSS mixers: "outer" (the default: a multi-head
     # outer-product oscillator memory with a short convolution and a gate, which recalls in
-    # context), "plain" (the papers' in_proj -> LinOSS -> out_proj) or "selective" (the
-    # plain block with input-dependent step sizes); see benchmarks/MIXERS.md.
+    # context), "plain" (the papers' in_proj -> LinOSS -> out_proj), "selective" (the
+    # plain block with input-dependent step sizes) or "outer_selective" (the outer block
+    # with input-dependent step sizes); see benchmarks/MIXERS.md.
     model.mixer_block = "outer"
     # Heads of the "transformer" model's attention and outer LinOSS blocks (hidden_size
     # must be a multiple of it for an outer block).

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flax_linoss.mixers.base import BLOCK_CHOICES
 from flax_linoss.train import config as config_lib
 
 __all__ = [
@@ -162,9 +163,7 @@ class ModelSpec:
                 tie_embeddings=self.tie_embeddings,
                 dropout_rate=self.dropout_rate,
                 mixer_options={
-                    # "selective": the plain block with input-dependent step sizes.
-                    "block": "plain" if self.mixer_block == "selective" else self.mixer_block,
-                    "selective": self.mixer_block == "selective",
+                    **BLOCK_CHOICES[self.mixer_block],  # block and selective
                     "state_size": self.state_size,
                     "scan": self.scan,
                     "constraint": self.constraint,
