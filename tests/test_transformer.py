@@ -226,3 +226,33 @@ def test_bench_mixers_runs_small(tmp_path):
     cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in rows}
     assert cache[("linoss-im", 16)] == cache[("linoss-im", 64)]
     assert cache[("attention", 64)] > 1.5 * cache[("attention", 16)]  # (64 + 32) / (16 + 32)
+
+
+@pytest.mark.parametrize(
+    ("block", "kind", "selective"),
+    [
+        ("outer", "outer", False),
+        ("plain", "plain", False),
+        ("selective", "plain", True),
+        ("outer_selective", "outer", True),
+    ],
+)
+def test_mixer_block_config_builds_that_block(block, kind, selective):
+    """``model.mixer_block`` picks the LinOSS mixers' block and selectivity (the
+    parameters show it: the outer block's ``heads``, a selective gate's ``dt_*``)."""
+    from flax_linoss.train import default_config
+    from flax_linoss.train.model import make_model
+
+    config = default_config.get_tiny_config()
+    config.model.kind = "transformer"
+    config.model.update(hidden_size=16, state_size=8, num_blocks=1, mixer="linoss-im")
+    config.model.mixer_block = block
+    fns = make_model(config, {"task": "lm", "vocab_size": 16, "length": 12})
+    names = {
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(
+            fns.init(jax.random.key(0), _tokens())["params"]
+        )[0]
+    }
+    assert any("heads/a_raw" in n for n in names) == (kind == "outer")
+    assert any("dt_proj" in n or "dt_kernel" in n for n in names) == selective
