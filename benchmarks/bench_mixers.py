@@ -35,12 +35,13 @@ MIXERS = (
     "linoss-im",
     "linoss-im:plain",
     "linoss-im:selective",
+    "linoss-im:outer_selective",
     "linoss-imex",
     "d-linoss",
     "linoss-im,attention",
 )
 #: The rows that choose the registered default block (run with every seed of ``--seeds``).
-DECIDING = ("linoss-im", "linoss-im:plain")
+DECIDING = ("linoss-im", "linoss-im:plain", "linoss-im:outer_selective")
 TASKS = ("mqar", "selective_copy", "induction")
 TOKENS_PER_STEP = 2048
 
@@ -335,7 +336,13 @@ def main(argv=None):
     parser.add_argument(
         "--long-mixers",
         nargs="+",
-        default=["attention", "linoss-im", "linoss-im:plain", "linoss-im,attention"],
+        default=[
+            "attention",
+            "linoss-im",
+            "linoss-im:plain",
+            "linoss-im:outer_selective",
+            "linoss-im,attention",
+        ],
         help="the mixers run at the other lengths",
     )
     parser.add_argument(
@@ -392,7 +399,13 @@ def main(argv=None):
     )
     cost_rows = []
     if args.cost_length:
-        blocks = ("attention", "linoss-im:plain", "linoss-im", "linoss-im:selective")
+        blocks = (
+            "attention",
+            "linoss-im:plain",
+            "linoss-im",
+            "linoss-im:selective",
+            "linoss-im:outer_selective",
+        )
         cost_rows = [step_cost(m, args.cost_length) for m in blocks if m in args.mixers]
     write_markdown(
         rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows, cost_rows
