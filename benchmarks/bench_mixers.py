@@ -411,6 +411,7 @@ def main(argv=None):
         rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows, cost_rows
     )
     print(f"wrote {args.out}")
+    return {"rows": rows, "decode": decode_rows, "cost": cost_rows}
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def test_bench_mixers_runs_small(tmp_path):
     args = ["--tasks", "induction", "--mixers", "linoss-im", "attention"]
     args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
-    bench.main([*args, "--out", str(out)])
+    result = bench.main([*args, "--out", str(out)])
     text = out.read_text()
     assert "## induction, length 16" in text and "Generation cost" in text
     assert "## Train-step cost at length 32" in text
@@ -222,8 +222,7 @@ def test_bench_mixers_runs_small(tmp_path):
         m: sorted(r["seed"] for r in runs if r["mixer"] == m) for m in ("linoss-im", "attention")
     }
     assert seeds == {"linoss-im": [0, 1], "attention": [0]}
-    rows = bench.decode_table(["linoss-im", "attention"], [16, 64])
-    cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in rows}
+    cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in result["decode"]}
     assert cache[("linoss-im", 16)] == cache[("linoss-im", 64)]
     assert cache[("attention", 64)] > 1.5 * cache[("attention", 16)]  # (64 + 32) / (16 + 32)
 
