@@ -451,31 +451,41 @@ def _chunked_steps(q, k, v, tr, readout, z0, y0, chunk):
     cz, cy = (0, 1) if readout is None else (x[:, None, None, :] for x in readout)  # [H,1,1,K]
     cz, cy = (jnp.asarray(x, q.dtype) for x in (cz, cy))
     first = jnp.arange(t)[:, None]  # s, against the step j being added
-    gz = gy = jnp.zeros_like(kc)  # G[j, s] over s: [N, H, C, T(s), K]
-    p = (1, 0, 0, 1)  # P_{j-1}: from the chunk's start
-    kern, read = [], []
-    for j in range(t):
-        e11, e12, e21, e22 = (x[..., j : j + 1, :] for x in m)  # [N, H, C, 1, K]
-        gz, gy = e11 * gz + e12 * gy, e21 * gz + e22 * gy
-        gz = jnp.where(first == j, f1[..., j : j + 1, :], gz)
-        gy = jnp.where(first == j, f2[..., j : j + 1, :], gy)
-        kern.append(cz * gz + cy * gy)
+    step_axis = lambda x: jnp.moveaxis(x, 3, 0)  # [N, H, C, T, D] -> [T, N, H, C, D]
+
+    def add_step(carry, xs):
+        """Step ``j`` of every chunk: ``G[j, s] = M_j G[j-1, s]`` (``f_j`` at ``s = j``),
+        ``P_j = M_j P_{j-1}``; emits row ``j`` of the scores and what ``q_j`` reads."""
+        (gz, gy), p = carry  # G over s: [N, H, C, T(s), K]; P: four [N, H, C, K]
+        j, e11, e12, e21, e22, g1, g2, q_j = xs  # [N, H, C, K] each (j a scalar)
+        b = lambda x: x[..., None, :]
+        gz, gy = b(e11) * gz + b(e12) * gy, b(e21) * gz + b(e22) * gy
+        gz = jnp.where(first == j, b(g1), gz)
+        gy = jnp.where(first == j, b(g2), gy)
+        row = jnp.sum(b(q_j) * (cz * gz + cy * gy) * kc, -1)  # [N, H, C, T(s)]
         p = (
             e11 * p[0] + e12 * p[2],
             e11 * p[1] + e12 * p[3],
             e21 * p[0] + e22 * p[2],
             e21 * p[1] + e22 * p[3],
         )
-        read.append(jnp.concatenate([cz * p[0] + cy * p[2], cz * p[1] + cy * p[3]], -1))
-    kern = jnp.stack(kern, 3)  # [N, H, C, T(t), T(s), K]
-    scores = jnp.sum(qc[..., :, None, :] * kern * kc[..., None, :, :], -1)  # [N, H, C, T, T]
+        c0 = lambda x: x[..., 0, :] if jnp.ndim(x) else x  # [H, 1, 1, K] -> [H, 1, K]
+        read = jnp.concatenate([c0(cz) * p[0] + c0(cy) * p[2], c0(cz) * p[1] + c0(cy) * p[3]], -1)
+        return ((gz, gy), p), (row, read)
+
+    ones = jnp.ones_like(kc[..., 0, :])
+    zeros = jnp.zeros_like(ones)
+    xs = (jnp.arange(t), *map(step_axis, (*m, f1, f2, qc)))
+    ((gz, gy), p), (scores, read) = jax.lax.scan(
+        add_step, ((jnp.zeros_like(kc), jnp.zeros_like(kc)), (ones, zeros, zeros, ones)), xs
+    )
+    scores = jnp.moveaxis(scores, 0, 3)  # [N, H, C, T(t), T(s)]
     o = jnp.matmul(scores, vc)
     # Each chunk's end state from zero (G of its last step) and its decay P_{T-1}.
     kend = jnp.concatenate([gz * kc, gy * kc], -1)  # [N, H, C, T, 2K]
     w_end = jnp.matmul(jnp.swapaxes(kend, -1, -2), vc)  # [N, H, C, 2K, V]
-    decay = [jnp.broadcast_to(x, kc[..., :1, :].shape)[..., 0, :] for x in p]  # [N, H, C, K]
-    (z_l, y_l), before = _carry(z0, y0, decay, w_end)
-    read = jnp.concatenate(read, -2) * jnp.concatenate([qc, qc], -1)  # [N, H, C, T, 2K]
+    (z_l, y_l), before = _carry(z0, y0, p, w_end)  # decay over the chunk: P_{T-1}
+    read = jnp.moveaxis(read, 0, 3) * jnp.concatenate([qc, qc], -1)  # [N, H, C, T, 2K]
     o = o + jnp.matmul(read, before)
     o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
     return o, (z_l, y_l)
