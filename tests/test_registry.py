@@ -20,7 +20,7 @@ from flax_linoss import available_mixers, get_mixer, register_mixer, swap_attent
 from flax_linoss.mixers import linen as linen_mixers
 from flax_linoss.mixers import nnx as nnx_mixers
 
-BUILTIN = ["attention", "d-linoss", "linoss-im", "linoss-imex"]
+BUILTIN = ["attention", "d-linoss", "linoss-im", "linoss-im-selective", "linoss-imex"]
 
 
 def test_import_is_light():
@@ -40,7 +40,19 @@ def test_builtins():
     assert get_mixer("linoss-imex").discretization == "imex"
     assert get_mixer("d-linoss").discretization == "damped"
     assert get_mixer("d-linoss", api="nnx") is nnx_mixers.DLinOSSMixer
+    assert get_mixer("linoss-im-selective").selective is True
+    assert get_mixer("linoss-im-selective", api="nnx") is nnx_mixers.SelectiveLinOSSMixer
     assert flax_linoss.get_mixer is get_mixer
+
+
+def test_the_selective_mixer_has_its_gate_in_both_apis():
+    import jax
+
+    x = jax.numpy.ones((1, 4, 8))
+    m = get_mixer("linoss-im-selective", api="nnx")(2, 8, rngs=nnx.Rngs(0))
+    assert m.dt_proj is not None and m.block == "outer"
+    variables = get_mixer("linoss-im-selective")(num_heads=2).init(jax.random.key(0), x)
+    assert "dt_proj" in variables["params"]
 
 
 def test_register_and_errors():

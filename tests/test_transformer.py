@@ -234,6 +234,7 @@ def test_bench_mixers_runs_small(tmp_path):
         ("plain", "plain", False),
         ("selective", "plain", True),
         ("outer_selective", "outer", True),
+        ("outer", "outer", "linoss-im-selective"),  # the registered selective mixer
     ],
 )
 def test_mixer_block_config_builds_that_block(block, kind, selective):
@@ -244,7 +245,8 @@ def test_mixer_block_config_builds_that_block(block, kind, selective):
 
     config = default_config.get_tiny_config()
     config.model.kind = "transformer"
-    config.model.update(hidden_size=16, state_size=8, num_blocks=1, mixer="linoss-im")
+    mixer = selective if isinstance(selective, str) else "linoss-im"
+    config.model.update(hidden_size=16, state_size=8, num_blocks=1, mixer=mixer)
     config.model.mixer_block = block
     fns = make_model(config, {"task": "lm", "vocab_size": 16, "length": 12})
     names = {
@@ -254,4 +256,4 @@ def test_mixer_block_config_builds_that_block(block, kind, selective):
         )[0]
     }
     assert any("heads/a_raw" in n for n in names) == (kind == "outer")
-    assert any("dt_proj" in n or "dt_kernel" in n for n in names) == selective
+    assert any("dt_proj" in n or "dt_kernel" in n for n in names) == bool(selective)

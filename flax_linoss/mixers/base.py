@@ -69,10 +69,10 @@ OUTER = "outer"
 PLAIN = "plain"
 BLOCKS = (OUTER, PLAIN)
 #: The trainer's ``model.mixer_block`` names -> the mixer's ``block`` and ``selective``
-#: options ("selective": input-dependent step sizes).
+#: options ("selective": input-dependent step sizes; otherwise the mixer class's default).
 BLOCK_CHOICES: dict[str, dict[str, Any]] = {
-    "outer": {"block": OUTER, "selective": False},
-    "plain": {"block": PLAIN, "selective": False},
+    "outer": {"block": OUTER},
+    "plain": {"block": PLAIN},
     "selective": {"block": PLAIN, "selective": True},
     "outer_selective": {"block": OUTER, "selective": True},
 }

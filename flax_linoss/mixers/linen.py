@@ -378,6 +378,13 @@ class DLinOSSMixer(LinOSSMixer):
     discretization: str = ops.DAMPED
 
 
+class SelectiveLinOSSMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``selective=True`` (input-dependent step sizes) by
+    default."""
+
+    selective: bool = True
+
+
 def as_self_attention(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``cls`` with the call signature of ``nn.SelfAttention``.
 

@@ -890,3 +890,12 @@ class DLinOSSMixer(LinOSSMixer):
 
     def __init__(self, *args, discretization: str = ops.DAMPED, **kwargs):
         super().__init__(*args, discretization=discretization, **kwargs)
+
+
+class SelectiveLinOSSMixer(LinOSSMixer):
+    """:class:`LinOSSMixer` with ``selective=True`` by default: input-dependent step sizes
+    (in the outer block, ``dt_t = dt * softplus(x_t W + b)`` per key dim of each head; see
+    ``benchmarks/MIXERS.md`` for what it does better and worse than the default)."""
+
+    def __init__(self, *args, selective: bool = True, **kwargs):
+        super().__init__(*args, selective=selective, **kwargs)

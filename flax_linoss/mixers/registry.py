@@ -11,6 +11,9 @@ name               linen                                      nnx
 ``d-linoss``       :class:`~flax_linoss.mixers.linen.DLinOSSMixer`      ``...nnx.DLinOSSMixer``
 =================  =========================================  ==============================
 
+``linoss-im-selective``: LinOSS-IM with input-dependent step sizes (``selective=True``),
+:class:`~flax_linoss.mixers.linen.SelectiveLinOSSMixer` and its nnx namesake.
+
 A registered factory is called exactly like the attention class it stands in for (linen:
 ``nn.MultiHeadDotProductAttention``'s keyword arguments, then its call; nnx:
 ``nnx.MultiHeadAttention(num_heads, in_features, ..., rngs=...)``). Built-ins are imported
@@ -103,6 +106,10 @@ _REGISTRY = ApiRegistry(
             (api, v.mixer): f"flax_linoss.mixers.{api}:{v.mixer_class}"
             for api in (LINEN, NNX)
             for v in VARIANTS
+        },
+        **{
+            (api, "linoss-im-selective"): f"flax_linoss.mixers.{api}:SelectiveLinOSSMixer"
+            for api in (LINEN, NNX)
         },
     },
 )
