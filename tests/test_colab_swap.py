@@ -40,6 +40,9 @@ def test_notebook_runs_as_shipped(tmp_path, monkeypatch):
     kernelspec.install(prefix=str(tmp_path / "jupyter"), kernel_name="python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
     monkeypatch.delenv("FLAX_LINOSS_COLAB_SMALL", raising=False)
+    # As a user runs it: one CPU device, XLA's default optimisation (the suite's faster
+    # compiles would slow its training loops).
+    monkeypatch.setenv("XLA_FLAGS", "")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
