@@ -43,6 +43,21 @@ _DATA_DIR = tempfile.mkdtemp(prefix="flax-linoss-data-")
 os.environ["FLAX_LINOSS_DATA_DIR"] = _DATA_DIR
 
 
+_SLOW = {
+    line.strip()
+    for line in (REPO / "tests" / "slow_tests.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks ``slow`` the tests listed in ``tests/slow_tests.txt`` (measured at 4 s or more;
+    see ``tests/list_slow_tests.py``): ``-m "not slow"`` is the fast subset."""
+    for item in items:
+        if item.nodeid in _SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> pathlib.Path:
     """``../shared/data`` beside the repository (or ``$FLAX_LINOSS_TEST_DATA``)."""
