@@ -262,9 +262,9 @@ def per_shard(
     closed-form carry between shards), the oscillators through ``oscillator_axis=`` (each
     device runs its own; the output projection's sum over ``P`` is the one reduction). The
     parameters enter with their ``P`` axis split (whatever their sharding outside, e.g. over
-    an fsdp axis: gathered as they enter) and ``H`` whole. An input keeps its length whole
-    when it is packed (``segment_ids``) or has timestamps (a segment start or a gap at a
-    shard boundary needs the previous shard's last step); a padding mask splits with it.
+    an fsdp axis: gathered as they enter) and ``H`` whole. A padding mask and packed
+    segments (``segment_ids``) split with the length; an input with timestamps keeps its
+    length whole (a gap at a shard boundary needs the previous shard's last time).
     Without a mesh, inside ``shard_map`` / ``pmap``, or with nothing to split, this is
     ``fn(...)`` (under a plain ``jit`` XLA partitions it).
 
@@ -283,8 +283,8 @@ def per_shard(
     per_step = {k: v for k, v in per_step.items() if v is not None}
     params = {k: v for k, v in params.items() if v is not None}
     sizes = dict(mesh.shape)
-    # A padding mask splits with the length; packed segments and timestamps keep it whole.
-    length = None if set(per_step) - {"mask"} else LENGTH_AXIS
+    # A padding mask and packed segments split with the length; timestamps keep it whole.
+    length = None if set(per_step) - {"mask", "segment_ids"} else LENGTH_AXIS
     names = (BATCH_AXIS, length, OSCILLATOR_AXIS)
     dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], params["a"].shape[0])
     batch, seq, osc = (

@@ -120,19 +120,27 @@ def test_sequence_axis_errors_are_clear():
     u, a, dt, b, c, d, _ = random_problem(0, 1, 16, 2, 3, "im")
     with pytest.raises(ValueError, match="not a mesh axis here"):
         ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq")
-    seg = np.zeros((1, 16), int)
-    with pytest.raises(ValueError, match="sequence_axis with `segment_ids`"):
-        ops.linoss_apply(u, a, dt, b, c, d, sequence_axis="seq", segment_ids=seg)
 
 
 # A padding mask under sequence parallelism: held steps (runs of them crossing shard
 # boundaries, a whole shard held) against the float64 reference, values and gradients,
 # forward and reversed, on a loop path and the native kernel.
 @pytest.mark.parametrize(
-    ("scan", "disc", "reverse"),
-    [("auto", "damped", False), ("adjoint", "imex", True), ("sequential", "im", False)],
+    ("scan", "disc", "reverse", "packed"),
+    [
+        ("auto", "damped", False, False),
+        ("adjoint", "imex", True, False),
+        ("sequential", "im", False, False),
+        ("auto", "im", False, True),
+        ("adjoint", "damped", True, True),
+    ],
 )
-def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(scan, disc, reverse):
+def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(
+    scan, disc, reverse, packed
+):
+    """Held steps (runs crossing shard boundaries, a whole shard held) and, ``packed``,
+    segments too (one starting exactly at a shard boundary, one inside a shard, one spanning
+    several shards)."""
     shard = 5
     length = 8 * shard
     u, a, dt, b, c, d, g = random_problem(7, 2, length, 3, 4, disc)
@@ -140,6 +148,12 @@ def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(sca
     valid = rng.uniform(size=(2, length)) > 0.3
     valid[0, 3:12] = False  # across a boundary
     valid[1, 2 * shard : 3 * shard] = False  # a whole shard
+    seg = np.zeros((2, length), np.int32)
+    if packed:
+        seg[0, shard:] += 1  # at a boundary
+        seg[0, 2 * shard + 2 :] += 1  # inside a shard
+        seg[1, 13:] = 5  # one segment over several shards
+        seg[1, 4 * shard :] = 7  # at a boundary, after a held shard's neighbour
     ct = rng.normal(size=u.shape).astype(np.float32)
     ct_z = rng.normal(size=(2, 2, 4)).astype(np.float32)
     nargs = 7 if disc == "damped" else 6
@@ -147,7 +161,7 @@ def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(sca
     flip = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)
 
     def sharded(*p):
-        def local(u, mask, *params):
+        def local(u, mask, ids, *params):
             return ops.linoss_apply(
                 u,
                 *params[:5],
@@ -155,14 +169,15 @@ def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(sca
                 discretization=disc,
                 scan=scan,
                 mask=mask,
+                segment_ids=ids if packed else None,
                 return_state=True,
                 reverse=reverse,
                 sequence_axis="seq",
             )
 
-        specs = (P(None, "seq"), P(None, "seq")) + (P(),) * (len(p) - 1)
+        specs = (P(None, "seq"),) * 3 + (P(),) * (len(p) - 1)
         fn = jax.shard_map(local, mesh=_mesh(), in_specs=specs, out_specs=(P(None, "seq"), P()))
-        return fn(p[0], valid, *p[1:])
+        return fn(p[0], valid, seg, *p[1:])
 
     def reference(*p):
         out, z_l, _ = reference_apply(
@@ -171,6 +186,7 @@ def test_a_padding_mask_under_sequence_parallelism_equals_the_whole_sequence(sca
             p[6] if disc == "damped" else None,
             discretization=disc,
             valid=flip(valid),
+            segment_ids=flip(seg) if packed else None,
         )
         return flip(out), jnp.stack([jnp.real(z_l), jnp.imag(z_l)], 1)
 

@@ -168,10 +168,11 @@ def test_paper_model_matches_single_device(impl, framework, over, paper_single, 
 def test_transformer_matches_single_device(framework, over, lm_single, recurrence_axes):
     got = _run(_lm, framework, **over)
     _assert_same(got, lm_single)
-    # The oscillators split over `model`. The mixers read segment ids from the attention
-    # mask (packing), so under `seq` their recurrence keeps its length whole (attention and
-    # the rest of the block run split); a padding mask alone splits (test_ops_seqpar).
-    assert (None, "model") in recurrence_axes <= {(None, "model"), (None, None)}
+    # The oscillators split over `model`; under `seq` the mixers' recurrence splits its
+    # length too, with the segment ids they read from the attention mask (packing). (Calls
+    # with nothing to split: the decoding steps, one token at a time.)
+    seq = "seq" if "parallel__sequence_axis_size" in over else None
+    assert (seq, "model") in recurrence_axes <= {(seq, "model"), (seq, None), (None, None)}
     if framework == "nnx":
         mixer = got[4].params["blocks"][0]["mixer"]
         assert tuple(_leaf(mixer["linoss"]["b"]).sharding.spec) == ("model", "fsdp", None)

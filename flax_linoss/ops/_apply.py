@@ -138,10 +138,11 @@ def linoss_apply(
         prefix over the shards with ``M^(L_shard)``, and each shard adds its incoming
         state's response in closed form. ``initial_state`` is the state before the whole
         sequence (the same on every shard); the returned state is the whole sequence's
-        final state (the same on every shard). With a ``mask`` (or a per-step ``dt``) each
-        shard reduces its steps to one affine map instead (held steps are the identity),
-        the maps are chained over the shards and each shard scans from its incoming state.
-        No ``segment_ids`` with it.
+        final state (the same on every shard). With a ``mask``, ``segment_ids`` (or a
+        per-step ``dt``) each shard reduces its steps to one affine map instead (held steps
+        are the identity, a segment start drops the state: a shard's first step too when
+        its id differs from the previous shard's last), the maps are chained over the
+        shards and each shard scans from its incoming state.
       check: ``True`` validates shapes and, when not traced, the values of ``a``, ``dt``,
         ``g`` (a host copy); ``"shapes"`` validates shapes only; ``False`` nothing.
 
@@ -157,11 +158,6 @@ def linoss_apply(
             _checks.check_state(initial_state, np.shape(a)[0], lead, name="initial_state")
         _checks.check_mask_values(mask)
     flagged = mask is not None or segment_ids is not None
-    if sequence_axis is not None and segment_ids is not None:
-        raise ValueError(
-            "sequence_axis with `segment_ids` (packed sequences) is not supported; a padding "
-            "`mask` is."
-        )
     if oscillator_axis is not None:
         _checks.check_mesh_axis("oscillator_axis", oscillator_axis)
     path = resolve_scan(
@@ -294,10 +290,10 @@ def _apply(
     )
     valid = _flat_per_step(mask, "mask", (*lead, length), reverse)
     seg = _flat_per_step(segment_ids, "segment_ids", (*lead, length), reverse)
-    flags = Flags.of(
-        None if valid is None else jnp.logical_not(valid.astype(bool)),
-        None if seg is None else resets_from_segments(seg),
-    )
+    resets = None if seg is None else resets_from_segments(seg)
+    if sequence_axis is not None and seg is not None:  # a segment may start at the boundary
+        resets = _seqpar.boundary_resets(seg, resets, sequence_axis, reverse)
+    flags = Flags.of(None if valid is None else jnp.logical_not(valid.astype(bool)), resets)
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse, flags)
     else:

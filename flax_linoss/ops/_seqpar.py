@@ -14,8 +14,10 @@ shard reduces its steps to their affine map ``x_end = T_k x_start + e_k`` (``T_k
 product of the shard's transitions, by a tree of pairwise products), the maps are shared
 and chained over the shards, ``h_{k+1} = T_k h_k + e_k``, and each shard runs its scan
 path once, from its incoming state ``h_k``. A padding ``mask`` (held steps) is a per-step
-transition too (the identity, with no forcing), handled the same way; packed sequences
-(``segment_ids``) are not split.
+transition too (the identity, with no forcing), handled the same way, and so are packed
+sequences (``segment_ids``): a segment start is a step whose transition is zero (the state
+before it dropped), found at a shard's first step by comparing with the previous shard's
+last id (:func:`boundary_resets`).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
       z0, y0: ``[N, Q]``, the state before the whole sequence.
       axis: the mesh axis the sequence is split over.
       reverse: the sequence runs from the last shard to the first.
-      flags: optional :class:`~flax_linoss.ops._scans._common.Flags` with ``hold`` only
-        (masked steps): each shard's map then has per-step transitions (a held step's is
-        the identity with no forcing), as for a time-varying ``dt``.
+      flags: optional :class:`~flax_linoss.ops._scans._common.Flags` (masked steps,
+        segment starts, a shard's first step included: :func:`boundary_resets`): each
+        shard's map then has per-step transitions (a held step's is the identity with no
+        forcing, a segment start's transition zero), as for a time-varying ``dt``.
 
     Returns:
       This shard's positions (``v``'s layout) and the whole sequence's final state.
@@ -99,27 +102,39 @@ def _share(mine, axis, shards: int, reverse: bool):
     return every[::-1] if reverse else every
 
 
-def _held(tr, v, hold, time_major: bool) -> schemes.Transition:
-    """Per-step coefficients shaped like ``v`` in which a held step (``hold [N, L]``) is the
-    identity with no forcing."""
-    h = (hold.T if time_major else hold)[..., None]
+def boundary_resets(seg, resets, axis, reverse: bool):
+    """``resets [N, L_shard]`` (segment starts inside this shard, in processing order) with
+    this shard's first step also a start where its id differs from the last id of the shard
+    processed before it. ``seg [N, L_shard]`` in processing order."""
+    shards = _axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    if reverse:
+        position = shards - 1 - position
+    last = _share(seg[:, -1], axis, shards, reverse)  # [K, N], processing order
+    before = jax.lax.dynamic_index_in_dim(last, jnp.maximum(position - 1, 0), 0, False)
+    first = (position > 0) & (seg[:, 0] != before)
+    return resets.at[:, 0].set(resets[:, 0] | first)
+
+
+def _per_step_flags(tr, v, flags, time_major: bool) -> schemes.Transition:
+    """Per-step coefficients shaped like ``v``: a held step (``flags.hold``) is the identity
+    with no forcing, a segment start (``flags.reset``) drops the state before it (a zero
+    transition; held too, the state is then zero)."""
     fields = [jnp.broadcast_to(x, v.shape) for x in tr]
-    fills = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
-    return schemes.Transition(
-        *(jnp.where(h, jnp.asarray(f, x.dtype), x) for x, f in zip(fields, fills))
-    )
+    layout = lambda f: (f.T if time_major else f)[..., None]
+    if flags.hold is not None:
+        h = layout(flags.hold)
+        fills = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+        fields = [jnp.where(h, jnp.asarray(f, x.dtype), x) for x, f in zip(fields, fills)]
+    if flags.reset is not None:
+        r = layout(flags.reset)
+        fields[:4] = [jnp.where(r, jnp.zeros((), x.dtype), x) for x in fields[:4]]
+    return schemes.Transition(*fields)
 
 
 def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags=None):
     """:func:`run` for per-step coefficients or held steps (see the module docstring)."""
-    steps = tr
-    if flags is not None:
-        if flags.reset is not None:
-            raise ValueError(
-                "sequence_axis with `segment_ids` (packed sequences) is not supported; a "
-                "padding `mask` is."
-            )
-        steps = _held(tr, v, flags.hold, time_major)
+    steps = tr if flags is None else _per_step_flags(tr, v, flags, time_major)
     transfer, end = affine_reduce(steps, v, 0 if time_major else 1)
     maps = _share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
 
@@ -128,6 +143,8 @@ def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_maj
         h_z, h_y = h
         return (t11 * h_z + t12 * h_y + e_z, t21 * h_z + t22 * h_y + e_y), h
 
+    # The carry varies over the mesh axes the maps do (the batch's, the oscillators').
+    z0, y0 = (vary(x, varying_axes(maps)) for x in (z0, y0))
     (z_l, y_l), before = jax.lax.scan(chain, (z0, y0), maps)  # before: the state into shard k
     h_z = jax.lax.dynamic_index_in_dim(before[0], position, 0, keepdims=False)
     h_y = jax.lax.dynamic_index_in_dim(before[1], position, 0, keepdims=False)
