@@ -369,3 +369,32 @@ def test_train_seconds_sum_every_session_also_one_killed_before_a_checkpoint(
     results = json.loads(open(os.path.join(seed_dir(str(tmp_path), 7), "results.json")).read())
     assert results["train_seconds"] == pytest.approx(total)
     assert ckpt_lib.checkpoint_meta(seed_dir(str(tmp_path), 7))[1] == 24
+
+
+def test_a_save_still_in_flight_is_awaited_before_naming_the_resume_step(tmp_path):
+    """Ctrl-C inside Orbax's save call leaves the save finishing in the background, where
+    the manager's own wait does not see it: the resume step named is the one a rerun finds
+    (the step whose temporary folder becomes a checkpoint after the call)."""
+    import shutil
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    from flax_linoss.train import checkpoint
+
+    meta = lambda step: ocp.args.Composite(meta=ocp.args.JsonSave({"step": step}))
+    run = checkpoint.RunCheckpoints(str(tmp_path / "run"), keep=3, async_save=False)
+    run.latest.save(40, args=meta(40))
+    other = checkpoint.RunCheckpoints(str(tmp_path / "other"), keep=3, async_save=False)
+    other.latest.save(60, args=meta(60))
+    other.close()
+    folder = tmp_path / "run" / "checkpoints"
+    tmp = folder / "60.orbax-checkpoint-tmp-1"
+    shutil.move(str(tmp_path / "other" / "checkpoints" / "60"), tmp)
+    finish = threading.Timer(0.5, lambda: tmp.rename(folder / "60"))
+    finish.start()
+    try:
+        assert run.committed_step() == 60
+    finally:
+        finish.join()
+        run.close()

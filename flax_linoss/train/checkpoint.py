@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -153,6 +154,15 @@ def abstract_like(tree: Any, sharding: Any = None) -> Any:
     )
 
 
+def _saving(directory: str) -> bool:
+    """A save is in flight in ``directory``: Orbax's temporary folder of a step (the
+    managers clean those of earlier runs when they start)."""
+    try:
+        return any(".orbax-checkpoint-tmp" in name for name in os.listdir(directory))
+    except OSError:
+        return False
+
+
 def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -196,10 +206,15 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def committed_step(self) -> int | None:
+    def committed_step(self, timeout: float = 300.0) -> int | None:
         """The newest checkpoint on disk once the saves in flight are done (Orbax forgets a
-        step whose wait was interrupted, though its save completes)."""
+        step whose wait or save call was interrupted, though its save completes in the
+        background: its temporary folder is awaited too, up to ``timeout`` seconds)."""
         self.wait()
+        directory = os.path.join(self.workdir, "checkpoints")
+        deadline = time.monotonic() + timeout
+        while _saving(directory) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.latest.reload()
         return self.latest.latest_step()
 
