@@ -234,11 +234,14 @@ def _outer_core(
     conv_state,
     z,
     y,
-    scale=None,
+    gate=None,
+    timestamps=None,
+    t0=None,
     *,
     discretization,
     constraint,
     chunk,
+    time_scale=1.0,
 ):
     """The outer block between its projections, a pure function (run per shard under an
     explicit mesh): ``q, k, v [batch..., L, H]`` -> ``(o [batch..., L, H], final
@@ -248,9 +251,10 @@ def _outer_core(
     starts; from ``conv_state`` when decoding), then per head the oscillator memory read by
     the queries (their velocity, see :mod:`flax_linoss.ops.outer`) and an RMS norm.
     ``restart [batch...]`` drops the state carried in (decoding), ``z, y`` the oscillator
-    state (``None``: a whole sequence from zero); ``scale [batch..., L, H]`` (or ``None``)
-    multiplies each step's ``dt`` (the selective gate, the timestamps' gaps), clamped into
-    the scheme's stable range."""
+    state (``None``: a whole sequence from zero). Each step's ``dt`` is multiplied by the
+    selective ``gate [batch..., L, H]`` and by the gaps of ``timestamps [batch..., L]`` (in
+    units of ``time_scale``; the first one to ``t0 [batch...]``, the time before a decoding
+    call), then clamped into the scheme's stable range."""
     decoding = z is not None
     buffers = None
     if params["conv_kernel"] is not None:
@@ -277,7 +281,14 @@ def _outer_core(
     )
     heads, dim = a.shape
     split = lambda t: t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
+    scale = gate
+    if timestamps is not None:
+        gaps = ops.timestamp_gaps(
+            timestamps, mask=valid, segment_ids=seg, initial_timestamp=t0, time_scale=time_scale
+        )[..., None]
+        scale = gaps if scale is None else scale * gaps.astype(scale.dtype)
     if scale is not None:  # per step: [batch..., L, heads, K]
+        scale = jnp.broadcast_to(scale, q.shape)
         dt = ops.clamp_steps(discretization, a, dt * split(scale), g, constraint=constraint)
     readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0], a.dtype), (heads, dim, 2))
     initial = None
@@ -730,21 +741,15 @@ class LinOSSMixer(nnx.Module):
         steps, valid, seg, user_seg, restart = self._steps(
             where, lead, mask, segment_ids, state, write_index
         )
-        # Per-step sizes: dt times the selective gate and the timestamps' gaps.
-        scale = None
+        # Per-step sizes (in the core): dt times the selective gate and the timestamps' gaps.
+        gate = t0 = None
         if self.dt_proj is not None:
             pre = self.dt_proj(x, out_sharding=qkv_sharding)
-            scale = jax.nn.softplus(pre.astype(jnp.promote_types(jnp.float32, pre.dtype)))
+            gate = jax.nn.softplus(pre.astype(jnp.promote_types(jnp.float32, pre.dtype)))
         if timestamps is not None:
             check_per_step("timestamps", timestamps, lead)
-            gaps = ops.timestamp_gaps(
-                timestamps,
-                mask=valid,
-                segment_ids=seg,
-                initial_timestamp=None if state is None else _time_before(state, restart),
-                time_scale=self.time_scale,
-            )[..., None]
-            scale = gaps if scale is None else scale * gaps.astype(scale.dtype)
+            timestamps = jnp.asarray(timestamps)
+            t0 = None if state is None else _time_before(state, restart)
         params = {
             **self.heads.values(),
             "conv_kernel": None if self.conv_kernel is None else self.conv_kernel[...],
@@ -755,11 +760,10 @@ class LinOSSMixer(nnx.Module):
             discretization=self.heads.discretization,
             constraint=self.heads.constraint,
             chunk=self.chunk,
+            time_scale=self.time_scale,
         )
         carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
-        if scale is not None:
-            scale = jnp.broadcast_to(scale, (*lead, q.shape[-1]))
-        args = (params, q, k, v, valid, seg, restart, *carried, scale)
+        args = (params, q, k, v, valid, seg, restart, *carried, gate, timestamps, t0)
         if state_lib._explicit_mesh():
             o, final, conv = _per_batch_shard(core, args, len(lead) - 1)
             o = jax.sharding.reshard(o, jax.typeof(q).sharding.spec)
