@@ -97,12 +97,15 @@ def problem(seed, n, length, disc="im"):
 CASES = [(1, True), (5, True), (37, True), (130, True), (37, False), (130, False)]
 
 
-@pytest.mark.parametrize(("length", "flagged"), CASES)
-def test_values_and_gradients_match_float64_reference(length, flagged):
-    (q, k, v, a, dt, _), fl = problem(length, 2, length)
-    kw = dict(mask=fl["mask"], seg=fl["seg"], z0=fl["z0"], y0=fl["y0"]) if flagged else {}
-    ct = np.random.default_rng(7).normal(size=(2, length, H, V)).astype(np.float32)
-    ct_z, ct_y = np.random.default_rng(8).normal(size=(2, 2, H, K, V)).astype(np.float32)
+def _assert_matches_reference(args, g, fl, *, disc, flagged, readout, seed, check=True):
+    """Values and gradients of ``outer_apply`` with respect to every input of ``args = (q,
+    k, v, a, dt, z0, y0, readout)`` (``dt`` fixed or per step) against the float64
+    reference, through random cotangents on the output and the final state. ``flagged``
+    adds ``fl``'s mask, segments and initial state; ``readout`` the readout weights."""
+    length = args[0].shape[1]
+    kw = dict(mask=fl["mask"], seg=fl["seg"]) if flagged else {}
+    ct = np.random.default_rng(seed).normal(size=(2, length, H, V)).astype(np.float32)
+    ct_z, ct_y = np.random.default_rng(seed + 1).normal(size=(2, 2, H, K, V)).astype(np.float32)
 
     def loss(out, z_l, y_l, cast):
         return jnp.sum(cast(ct) * out) + jnp.sum(cast(ct_z) * z_l) + jnp.sum(cast(ct_y) * y_l)
@@ -110,11 +113,10 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
     with jax.enable_x64(True):
 
         def ref_loss(q, k, v, a, dt, z0, y0, c):
-            extra = {**kw, "z0": z0, "y0": y0, "readout": c} if flagged else {}
-            out = reference(q, k, v, a, dt, **extra)
+            extra = {**kw, "z0": z0, "y0": y0} if flagged else {}
+            out = reference(q, k, v, a, dt, g, disc=disc, readout=c if readout else None, **extra)
             return loss(*out, lambda x: jnp.asarray(x, jnp.float64)), out
 
-        args = (q, k, v, a, dt, fl["z0"], fl["y0"], fl["readout"])
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
         ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True)(*f64)
 
@@ -125,13 +127,15 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
             v,
             a,
             dt,
-            readout=c if flagged else None,
+            g=g,
+            discretization=disc,
+            readout=c if readout else None,
             initial_state=ops.OuterState(z0, y0) if flagged else None,
             mask=kw.get("mask"),
             segment_ids=kw.get("seg"),
             return_state=True,
             chunk=CHUNK,
-            check=False,
+            check=check,
         )
         return loss(o, st.z, st.y, jnp.asarray), (o, st)
 
@@ -140,11 +144,20 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
     assert rel(out, ref_out[0]) < 1e-5
     assert rel(st.z, ref_out[1]) < 1e-5
     assert rel(st.y, ref_out[2]) < 1e-5
+    unused = (() if flagged else ("z0", "y0")) + (() if readout else ("readout",))
     names = ("q", "k", "v", "a", "dt", "z0", "y0", "readout")
     for name, gr, ref in zip(names, grads, ref_grads):
-        if name in ("z0", "y0", "readout") and not flagged:
-            continue
-        assert rel(gr, ref) < 1e-4, name
+        if name not in unused:
+            assert rel(gr, ref) < 1e-4, name
+
+
+@pytest.mark.parametrize(("length", "flagged"), CASES)
+def test_values_and_gradients_match_float64_reference(length, flagged):
+    (q, k, v, a, dt, _), fl = problem(length, 2, length)
+    args = (q, k, v, a, dt, fl["z0"], fl["y0"], fl["readout"])
+    _assert_matches_reference(
+        args, None, fl, disc="im", flagged=flagged, readout=flagged, seed=7, check=False
+    )
 
 
 def _per_step_dt(disc, a, dt, g, n, length, seed):
@@ -167,50 +180,8 @@ def test_per_step_dt_values_and_gradients_match_float64_reference(length, disc, 
     every ``dt[t]`` included."""
     (q, k, v, a, dt, g), fl = problem(length + 50, 2, length, disc)
     steps = _per_step_dt(disc, a, dt, g, 2, length, length)
-    kw = dict(mask=fl["mask"], seg=fl["seg"], z0=fl["z0"], y0=fl["y0"]) if flagged else {}
-    ct = np.random.default_rng(9).normal(size=(2, length, H, V)).astype(np.float32)
-    ct_s = np.random.default_rng(10).normal(size=(2, 2, H, K, V)).astype(np.float32)
-
-    def loss(o, z_l, y_l, cast):
-        return jnp.sum(cast(ct) * o) + jnp.sum(cast(ct_s[0]) * z_l) + jnp.sum(cast(ct_s[1]) * y_l)
-
-    with jax.enable_x64(True):
-
-        def ref_loss(q, k, v, a, steps, z0, y0, c):
-            extra = {**kw, "z0": z0, "y0": y0} if flagged else {}
-            out = reference(q, k, v, a, steps, g, disc=disc, readout=c, **extra)
-            return loss(*out, lambda x: jnp.asarray(x, jnp.float64)), out
-
-        args = (q, k, v, a, steps, fl["z0"], fl["y0"], fl["readout"])
-        f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True)(*f64)
-
-    def fast_loss(q, k, v, a, steps, z0, y0, c):
-        o, st = ops.outer_apply(
-            q,
-            k,
-            v,
-            a,
-            steps,
-            g=g,
-            discretization=disc,
-            readout=c,
-            initial_state=ops.OuterState(z0, y0) if flagged else None,
-            mask=kw.get("mask"),
-            segment_ids=kw.get("seg"),
-            return_state=True,
-            chunk=CHUNK,
-        )
-        return loss(o, st.z, st.y, jnp.asarray), (o, st)
-
-    grads, (out, st) = jax.jit(jax.grad(fast_loss, argnums=tuple(range(8)), has_aux=True))(*args)
-    assert rel(out, ref_out[0]) < 1e-5
-    assert rel(st.z, ref_out[1]) < 1e-5 and rel(st.y, ref_out[2]) < 1e-5
-    names = ("q", "k", "v", "a", "dt", "z0", "y0", "readout")
-    for name, gr, ref in zip(names, grads, ref_grads):
-        if name in ("z0", "y0") and not flagged:
-            continue
-        assert rel(gr, ref) < 1e-4, name
+    args = (q, k, v, a, steps, fl["z0"], fl["y0"], fl["readout"])
+    _assert_matches_reference(args, g, fl, disc=disc, flagged=flagged, readout=True, seed=9)
 
 
 def test_per_step_dt_constant_over_time_is_the_time_invariant_form():

@@ -230,10 +230,10 @@ class _MixerSkin(NnxSkin):
           state: a :class:`~flax_linoss.mixers.state.MixerState` (:meth:`init_state`) to
             continue from (functional decoding); the call returns ``(y, new_state)``.
           write_index: see the nnx mixer (default ``state.index``).
-          timestamps: ``[batch..., L]`` observation times (the plain block), see the nnx
-            mixer. To decode with them, make the state with ``init_state(...,
-            timestamps=True)``, or (``decode=True``) pass ``timestamps`` to ``init``: the
-            cache then carries the last step's time.
+          timestamps: ``[batch..., L]`` observation times, see the nnx mixer. To decode
+            with them, make the state with ``init_state(..., timestamps=True)``, or
+            (``decode=True``) pass ``timestamps`` to ``init``: the cache then carries the
+            last step's time.
 
         Returns:
           ``[batch..., L, O]``, or ``(output, new_state)`` with ``state``.

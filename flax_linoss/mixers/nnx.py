@@ -171,7 +171,7 @@ def _check_state_times(where: str, state: MixerState, timestamps, cached: bool) 
     made = (
         "init_cache(input_shape, timestamps=True)"
         if cached
-        else ("init_state(batch_shape, timestamps=True)")
+        else "init_state(batch_shape, timestamps=True)"
     )
     if timestamps is not None and state.time is None:
         raise ValueError(
@@ -801,8 +801,8 @@ class LinOSSMixer(nnx.Module):
           batch_shape: the batch axes (an int for one).
           dtype: the oscillators' dtype; default float32 (float64 with float64 parameters),
             whatever the activations' dtype.
-          timestamps: decode an irregularly sampled sequence (the plain block): the state
-            carries the last valid step's time, and every call then takes ``timestamps``.
+          timestamps: decode an irregularly sampled sequence: the state carries the last
+            valid step's time, and every call then takes ``timestamps``.
           out_sharding: a ``PartitionSpec`` (under ``jax.set_mesh``) or ``NamedSharding`` of
             the batch axes; every leaf is created with it (a loop carry of one type).
 

@@ -88,12 +88,8 @@ def _check_dt(dt, num_osc: int, u_shape: tuple[int, ...], step: bool) -> None:
     lead = u_shape[:-2]
     want = (*lead, num_osc) if step else (*lead, u_shape[-2], num_osc)
     form = "[..., P]" if step else "[..., L, P]"
-    if len(shape) >= 2 and shape[-1] == num_osc and len(shape) <= len(want):
-        try:
-            if np.broadcast_shapes(shape, want) == want:
-                return
-        except ValueError:
-            pass
+    if len(shape) >= 2 and shape[-1] == num_osc and broadcasts_to(shape, want):
+        return
     raise ValueError(
         f"`dt` must have shape [P] = [{num_osc}] (P from `a`) or, varying, {form} "
         f"broadcasting to {list(want)} (the input's batch"
@@ -251,14 +247,18 @@ def check_mask_values(mask) -> None:
         )
 
 
+def broadcasts_to(shape, target) -> bool:
+    """``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
 def check_per_step(name: str, x, shape: tuple[int, ...], where: str = "") -> None:
     """A per-step array ``x`` (a mask, segment ids, timestamps) must broadcast to the input's
     ``[..., length]`` = ``shape`` without enlarging it; else one ``ValueError``."""
-    try:
-        ok = np.broadcast_shapes(np.shape(x), tuple(shape)) == tuple(shape)
-    except ValueError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(np.shape(x), shape):
         prefix = f"{where}: " if where else ""
         raise ValueError(
             f"{prefix}`{name}` of shape {np.shape(x)} does not match the input's [..., length] "

@@ -30,6 +30,7 @@ from flax_linoss.ops._project import LNQ
 from flax_linoss.ops._scans import chunked
 from flax_linoss.ops._scans._common import (
     affine_reduce,
+    fold_flags,
     is_time_varying,
     power,
     prefix_scan,
@@ -117,19 +118,11 @@ def boundary_resets(seg, resets, axis, reverse: bool):
 
 
 def _per_step_flags(tr, v, flags, time_major: bool) -> schemes.Transition:
-    """Per-step coefficients shaped like ``v``: a held step (``flags.hold``) is the identity
-    with no forcing, a segment start (``flags.reset``) drops the state before it (a zero
-    transition; held too, the state is then zero)."""
+    """Per-step coefficients shaped like ``v`` with ``flags`` folded in (see
+    :func:`~flax_linoss.ops._scans._common.fold_flags`)."""
+    layout = lambda f: None if f is None else (f.T if time_major else f)[..., None]
     fields = [jnp.broadcast_to(x, v.shape) for x in tr]
-    layout = lambda f: (f.T if time_major else f)[..., None]
-    if flags.hold is not None:
-        h = layout(flags.hold)
-        fills = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
-        fields = [jnp.where(h, jnp.asarray(f, x.dtype), x) for x, f in zip(fields, fills)]
-    if flags.reset is not None:
-        r = layout(flags.reset)
-        fields[:4] = [jnp.where(r, jnp.zeros((), x.dtype), x) for x in fields[:4]]
-    return schemes.Transition(*fields)
+    return fold_flags(fields, layout(flags.hold), layout(flags.reset))
 
 
 def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags=None):

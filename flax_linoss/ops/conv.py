@@ -64,11 +64,7 @@ def _check(x, w, b, where: str):
 
 
 def _check_buffer(buffer, shape, name: str, where: str):
-    try:
-        ok = np.broadcast_shapes(np.shape(buffer), shape) == tuple(shape)
-    except ValueError:
-        ok = False
-    if not ok:
+    if not _checks.broadcasts_to(np.shape(buffer), shape):
         raise ValueError(
             f"{where}: `{name}` of shape {np.shape(buffer)} must broadcast to [..., width - 1, "
             f"channels] = {list(shape)}."

@@ -54,7 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss.ops import _checks, schemes
-from flax_linoss.ops._scans._common import powers, vary, varying_axes
+from flax_linoss.ops._scans._common import (
+    fold_flags,
+    powers,
+    resets_from_segments,
+    vary,
+    varying_axes,
+)
 
 __all__ = ["DEFAULT_CHUNK", "OuterState", "outer_apply", "outer_step", "outer_transition"]
 
@@ -101,13 +107,6 @@ def outer_transition(a, dt, g=None, discretization: str = schemes.IM) -> schemes
 # Checks at the boundary.
 
 
-def _broadcasts(shape, target) -> bool:
-    try:
-        return np.broadcast_shapes(shape, target) == tuple(target)
-    except ValueError:
-        return False
-
-
 def _check(q, k, v, a, dt, g, readout, discretization, check, per_step=None):
     """``per_step``: the shape a per-step ``dt`` must broadcast to (``None``: ``[H, K]``
     only)."""
@@ -134,7 +133,7 @@ def _check(q, k, v, a, dt, g, readout, discretization, check, per_step=None):
     for name, x in (("a", a), ("dt", dt), ("g", g)):
         if x is None or np.shape(x) == hk:
             continue
-        if name == "dt" and per_step is not None and _broadcasts(np.shape(x), per_step):
+        if name == "dt" and per_step is not None and _checks.broadcasts_to(np.shape(x), per_step):
             continue
         steps = "" if per_step is None else f", or per step broadcasting to {list(per_step)}"
         raise ValueError(
@@ -158,11 +157,7 @@ def _check_state(state, shape, name="initial_state"):
     if not isinstance(state, tuple) or len(state) != 2:
         raise TypeError(f"`{name}` must be an OuterState(z, y), got {type(state).__name__}.")
     for part, x in zip(("z", "y"), state):
-        try:
-            ok = np.broadcast_shapes(np.shape(x), shape) == tuple(shape)
-        except ValueError:
-            ok = False
-        if not ok:
+        if not _checks.broadcasts_to(np.shape(x), shape):
             raise ValueError(
                 f"`{name}.{part}` has shape {np.shape(x)}; expected [..., heads, key_dim, "
                 f"value_dim] broadcasting to {list(shape)}."
@@ -412,17 +407,10 @@ def _fold_steps(tr, valid, seg):
     """Per-step coefficients ``[N, L, H, K]`` with the flags folded in: a masked step is
     the identity (the state held, nothing forced), a segment start drops what came before
     (``M = 0``)."""
-    m11, m12, m21, m22, f1, f2 = tr
-    if valid is not None:
-        hold = ~valid.astype(bool)[..., None, None]
-        m11, m22 = (jnp.where(hold, 1, m) for m in (m11, m22))
-        m12, m21, f1, f2 = (jnp.where(hold, 0, m) for m in (m12, m21, f1, f2))
-    if seg is not None:
-        start = jnp.concatenate(
-            [jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
-        )[..., None, None]
-        m11, m12, m21, m22 = (jnp.where(start, 0, m) for m in (m11, m12, m21, m22))
-    return m11, m12, m21, m22, f1, f2
+    per_entry = lambda f: None if f is None else f[..., None, None]
+    hold = None if valid is None else ~valid.astype(bool)
+    reset = None if seg is None else resets_from_segments(seg)
+    return tuple(fold_flags(tr, per_entry(hold), per_entry(reset)))
 
 
 def _chunked_steps(q, k, v, tr, readout, z0, y0, chunk):

@@ -88,6 +88,19 @@ def resets_from_segments(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
+def fold_flags(tr, hold=None, reset=None) -> schemes.Transition:
+    """Per-step coefficients ``tr`` with the flags folded in (each broadcast against the
+    fields): a held step is the identity with no forcing, a segment start drops the state
+    before it (a zero transition; held too, the state is then zero)."""
+    fields = list(tr)
+    if hold is not None:
+        fills = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+        fields = [jnp.where(hold, jnp.asarray(f, x.dtype), x) for x, f in zip(fields, fills)]
+    if reset is not None:
+        fields[:4] = [jnp.where(reset, jnp.zeros((), x.dtype), x) for x in fields[:4]]
+    return schemes.Transition(*fields)
+
+
 def recurrence_step(tr: schemes.Transition, z, y, v):
     """One step of the 2x2 update; shared by the sequential scan and ``linoss_step``."""
     z_new = tr.m11 * z + tr.m12 * y + tr.f1 * v
