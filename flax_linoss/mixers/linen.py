@@ -346,7 +346,8 @@ LinOSS options:
   chunk: the outer block's chunk length (default :data:`flax_linoss.ops.outer.DEFAULT_CHUNK`).
   selective: input-dependent step sizes ``dt_t = dt * softplus(x_t W + b)``: in the plain
     block per oscillator (see :class:`flax_linoss.nnx.LinOSSLayer`), in the outer block per
-    key dim of each head (``dt_proj``, ``[E, H]``, starting at exactly ``dt``).
+    key dim of each head (``dt_proj``, ``[E, H]``, starting at exactly ``dt``
+    with ``use_bias``; without a bias at ``dt * softplus(0)``).
   selective_rank: the plain block's low-rank gate (see the layer).
   time_scale: the unit of ``timestamps`` (both blocks).
   discretization: ``"im"`` (LinOSS-IM), ``"imex"`` (LinOSS-IMEX) or ``"damped"``
