@@ -21,7 +21,7 @@ near zero and rises (``~ dt^2 (tau + 1)`` at ``a = 0``).
 Two forms, equal up to rounding:
 
 * :func:`outer_apply`, the training form: chunks of ``T`` steps; inside a chunk the exact
-  quadratic form with a table of ``M_i^tau`` for ``tau <= T`` (built by log-doubling), the
+  quadratic form with a table of ``M_i^tau`` for ``tau <= T``, the
   state carried from chunk to chunk by a ``lax.scan`` over the chunks (``ceil(L / T)``
   steps on ``[N, heads, K, V]``). Everything is real float32 arithmetic (float64 with
   float64 parameters); the inputs may be bfloat16.
@@ -56,7 +56,6 @@ import numpy as np
 from flax_linoss.ops import _checks, schemes
 from flax_linoss.ops._scans._common import (
     fold_flags,
-    powers,
     resets_from_segments,
     vary,
     varying_axes,
@@ -336,7 +335,7 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
         run = run.reshape(n, c, t)
 
     # Tables over the lag tau: M^tau (tau = 0 .. T) and K_tau = M^tau f (tau < T), [T(+1), H, K].
-    p11, p12, p21, p22 = powers(tuple(tr)[:4], t + 1)
+    p11, p12, p21, p22 = _table(tuple(tr)[:4], t + 1)
     gz = p11[:t] * tr.f1 + p12[:t] * tr.f2
     gy = p21[:t] * tr.f1 + p22[:t] * tr.f2
     # What q reads: y, or cz z + cy y. The kernel K(tau) and the rows that read the carry.
@@ -401,6 +400,29 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
     o = o + jnp.matmul(read, before)
     o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
     return o, (z_l, y_l)
+
+
+def _table(m, n: int):
+    """``m^j`` for ``j = 0 .. n-1`` (four ``[n, H, K]``) by ``n - 1`` plain products.
+
+    A chunk is short, so ``j`` roundings stay at the level of the products that use the
+    table; the long scans' compensated powers (:func:`._scans._common.powers`) would cost
+    a double-word loop and its gradient, about half of this form's compile time.
+    """
+    m11, m12, m21, m22 = m
+    one, zero = jnp.ones_like(m11), jnp.zeros_like(m11)
+    rows = [(one, zero, zero, one)]
+    for _ in range(n - 1):
+        r11, r12, r21, r22 = rows[-1]
+        rows.append(
+            (
+                m11 * r11 + m12 * r21,
+                m11 * r12 + m12 * r22,
+                m21 * r11 + m22 * r21,
+                m21 * r12 + m22 * r22,
+            )
+        )
+    return tuple(jnp.stack(x) for x in zip(*rows))
 
 
 def _fold_steps(tr, valid, seg):
