@@ -263,8 +263,8 @@ def per_shard(
     device runs its own; the output projection's sum over ``P`` is the one reduction). The
     parameters enter with their ``P`` axis split (whatever their sharding outside, e.g. over
     an fsdp axis: gathered as they enter) and ``H`` whole. A padding mask and packed
-    segments (``segment_ids``) split with the length; an input with timestamps keeps its
-    length whole (a gap at a shard boundary needs the previous shard's last time).
+    segments (``segment_ids``) split with the length, and so do timestamps (a gap at a shard
+    boundary reaches the last valid time before it: see ``ops.timestamp_gaps``).
     Without a mesh, inside ``shard_map`` / ``pmap``, or with nothing to split, this is
     ``fn(...)`` (under a plain ``jit`` XLA partitions it).
 
@@ -283,9 +283,7 @@ def per_shard(
     per_step = {k: v for k, v in per_step.items() if v is not None}
     params = {k: v for k, v in params.items() if v is not None}
     sizes = dict(mesh.shape)
-    # A padding mask and packed segments split with the length; timestamps keep it whole.
-    length = None if set(per_step) - {"mask", "segment_ids"} else LENGTH_AXIS
-    names = (BATCH_AXIS, length, OSCILLATOR_AXIS)
+    names = (BATCH_AXIS, LENGTH_AXIS, OSCILLATOR_AXIS)
     dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], params["a"].shape[0])
     batch, seq, osc = (
         None if _axes_size(a, sizes) == 1 else a for a in logical_to_mesh(names, rules, sizes, dims)

@@ -210,3 +210,29 @@ def test_linen_gets_the_options_and_the_same_computation():
     assert "dt_kernel" in vm["params"]["blocks_0"]["ssm"]
     out = model.apply(vm, x, deterministic=True, timestamps=t)
     assert out.shape == (2, 2) and np.all(np.isfinite(out))
+
+
+def test_timestamps_split_with_the_length_under_logical_axis_rules(monkeypatch):
+    """Under a mesh whose rules split ``"length"``, a layer with timestamps (and a padding
+    mask) runs its recurrence over the split length and equals the unsplit layer."""
+    from flax import linen as nn
+    from jax.sharding import PartitionSpec as Spec
+
+    seen = []
+    real = ops.linoss_apply
+    monkeypatch.setattr(
+        ops, "linoss_apply", lambda *a, **k: seen.append(k.get("sequence_axis")) or real(*a, **k)
+    )
+    layer = LinOSSLayer(H, P, discretization="imex", rngs=nnx.Rngs(5))
+    x, t = _x(seed=7), _times(seed=8)
+    valid = np.random.default_rng(9).uniform(size=(B, L)) > 0.3
+    valid[0, 6:12] = False  # a whole shard held
+    want = layer(x, timestamps=t, mask=valid)
+    mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("length", "seq"),)):
+        put = lambda a: jax.device_put(a, jax.NamedSharding(mesh, Spec(None, "seq")))
+        got = nnx.jit(lambda m, *a: m(a[0], timestamps=a[1], mask=a[2]))(
+            layer, put(x), put(t), put(valid)
+        )
+    assert "seq" in seen
+    assert rel_err(got, want) < 1e-5

@@ -260,3 +260,51 @@ def test_loops_under_shard_map_over_the_batch_with_a_replicated_initial_state(sc
         ones = np.ones((8, 3)) * (1 + 1j)
         ref = reference_apply(u, a, dt, b, c, d, discretization="im", z0=ones, y0=ones)[0]
     assert rel_err(sharded, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("reverse", "packed", "initial"),
+    [(False, True, True), (True, True, False), (True, False, True)],
+)
+def test_timestamp_gaps_of_a_sharded_sequence_equal_the_whole_sequence(reverse, packed, initial):
+    """Each shard's first gaps reach the last valid time before it: across a shard with no
+    valid step, not across a segment start (at a boundary or inside a shard), to the
+    initial timestamp (``NaN`` in one row: none) while the first segment lasts."""
+    shard, rows = 4, 3
+    length = 8 * shard
+    rng = np.random.default_rng(11)
+    times = np.cumsum(rng.uniform(0.2, 3.0, (rows, length)), axis=1).astype(np.float32)
+    valid = rng.uniform(size=(rows, length)) > 0.3
+    valid[0, shard : 3 * shard] = False  # two whole shards
+    valid[1, :6] = False  # the first valid step in the second shard
+    seg = np.zeros((rows, length), np.int32)
+    if packed:
+        seg[0, 2 * shard :] = 1  # starts at a boundary, inside the held shards
+        seg[1, 4 * shard + 1 :] = 2  # inside a shard
+        seg[2, 5 * shard :] = 3  # at a boundary
+    t0 = np.array([times[0, 0] - 0.5, np.nan, times[2, 0] - 2.0], np.float32)
+    kw = dict(reverse=reverse, time_scale=0.5)
+    if reverse:
+        t0 = t0 + times[:, -1] + 1.0
+
+    def local(t, mask, ids, t0):
+        return ops.timestamp_gaps(
+            t,
+            mask=mask,
+            segment_ids=ids if packed else None,
+            initial_timestamp=t0 if initial else None,
+            sequence_axis="seq",
+            **kw,
+        )
+
+    specs = (P(None, "seq"),) * 3 + (P(),)
+    fn = jax.shard_map(local, mesh=_mesh(), in_specs=specs, out_specs=P(None, "seq"))
+    got = jax.jit(fn)(times, valid, seg, t0)
+    want = ops.timestamp_gaps(
+        times,
+        mask=valid,
+        segment_ids=seg if packed else None,
+        initial_timestamp=t0 if initial else None,
+        **kw,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)

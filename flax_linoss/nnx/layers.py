@@ -305,6 +305,7 @@ class LinOSSLayer(nnx.Module):
                 dt_down=dt_down,
                 dt_up=dt_up,
                 dt_bias=dt_bias,
+                sequence_axis=axes.get("sequence_axis"),
             )
             return ops.linoss_apply(
                 x,
@@ -353,9 +354,11 @@ def _step_sizes(
     dt_down=None,
     dt_up=None,
     dt_bias=None,
+    sequence_axis=None,
 ):
     """``dt [P]``, or per step ``[..., L, P]`` from timestamps and the selective gate,
-    clamped into the scheme's stable range."""
+    clamped into the scheme's stable range (``sequence_axis``: this shard's steps of a
+    sequence split over it)."""
     if timestamps is None and not layer.selective:
         return dt
     steps = dt
@@ -375,6 +378,7 @@ def _step_sizes(
             reverse=reverse,
             initial_timestamp=initial_timestamp,
             time_scale=layer.time_scale,
+            sequence_axis=sequence_axis,
         )
         steps = steps * jnp.broadcast_to(gaps, x.shape[:-1])[..., None].astype(steps.dtype)
     return ops.clamp_steps(layer.discretization, a, steps, g, constraint=layer.constraint)

@@ -39,7 +39,7 @@ from flax_linoss.ops._scans._common import (
 )
 
 
-def _axis_size(axis) -> int:
+def axis_size(axis) -> int:
     try:
         return jax.lax.axis_size(axis)
     except NameError as e:
@@ -67,7 +67,7 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     Returns:
       This shard's positions (``v``'s layout) and the whole sequence's final state.
     """
-    shards = _axis_size(axis)
+    shards = axis_size(axis)
     position = jax.lax.axis_index(axis)
     if reverse:
         position = shards - 1 - position
@@ -81,7 +81,7 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     # the loop paths' carries must keep one type.
     zero = vary(jnp.zeros_like(z0), varying_axes(v))
     ys, z_end, y_end = entry.run(tr, v, zero, zero, None)
-    ends = _share(jnp.stack([z_end, y_end], axis=1), axis, shards, reverse)  # [K, N, 2, Q]
+    ends = share(jnp.stack([z_end, y_end], axis=1), axis, shards, reverse)  # [K, N, 2, Q]
     m = power(tuple(tr)[:4], length)
     b_z = jnp.moveaxis(ends[:, :, 0], 0, 1).at[:, 0].add(m[0] * z0 + m[1] * y0)  # [N, K, Q]
     b_y = jnp.moveaxis(ends[:, :, 1], 0, 1).at[:, 0].add(m[2] * z0 + m[3] * y0)
@@ -94,7 +94,7 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     return ys, after_z[:, -1], after_y[:, -1]
 
 
-def _share(mine, axis, shards: int, reverse: bool):
+def share(mine, axis, shards: int, reverse: bool):
     """Every shard's ``mine`` on every shard, ``[K, ...]`` in processing order: a psum of
     one-hot slots (not all_gather), so that what follows is replicated over the axis (the
     final state can leave shard_map with out_specs P() under check_vma)."""
@@ -107,11 +107,11 @@ def boundary_resets(seg, resets, axis, reverse: bool):
     """``resets [N, L_shard]`` (segment starts inside this shard, in processing order) with
     this shard's first step also a start where its id differs from the last id of the shard
     processed before it. ``seg [N, L_shard]`` in processing order."""
-    shards = _axis_size(axis)
+    shards = axis_size(axis)
     position = jax.lax.axis_index(axis)
     if reverse:
         position = shards - 1 - position
-    last = _share(seg[:, -1], axis, shards, reverse)  # [K, N], processing order
+    last = share(seg[:, -1], axis, shards, reverse)  # [K, N], processing order
     before = jax.lax.dynamic_index_in_dim(last, jnp.maximum(position - 1, 0), 0, False)
     first = (position > 0) & (seg[:, 0] != before)
     return resets.at[:, 0].set(resets[:, 0] | first)
@@ -129,7 +129,7 @@ def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_maj
     """:func:`run` for per-step coefficients or held steps (see the module docstring)."""
     steps = tr if flags is None else _per_step_flags(tr, v, flags, time_major)
     transfer, end = affine_reduce(steps, v, 0 if time_major else 1)
-    maps = _share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
+    maps = share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
 
     def chain(h, k_map):
         t11, t12, t21, t22, e_z, e_y = (k_map[:, i] for i in range(6))

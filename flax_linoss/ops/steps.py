@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import schemes
+from flax_linoss.ops import _seqpar, schemes
+from flax_linoss.ops._scans._common import vary, varying_axes
 from flax_linoss.ops.params import IMEX_MARGIN, PAPER, STABLE, check_constraint
 
 __all__ = ["clamp_steps", "step_limit", "timestamp_gaps"]
@@ -34,25 +35,50 @@ def _concrete(x):
     return None if x is None or isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
+def _combine_last(earlier, later):
+    """The monoid of :func:`_last_valid`: ``(start, has, value)`` elements, a later value
+    wins if it is valid, a segment start cuts off what came before."""
+    r_a, h_a, x_a = earlier
+    r_b, h_b, x_b = later
+    return r_a | r_b, h_b | (~r_b & h_a), jnp.where(h_b | r_b, x_b, x_a)
+
+
 def _last_valid(valid, values, starts):
     """Per position, the last valid value at or before it within its segment.
 
-    A segmented "last valid" prefix scan (log depth): ``(start, has, value)`` elements,
-    where a later element's value wins if it is valid and a segment start cuts off what came
-    before. Arrays ``[N, L]``; returns ``(has, value)``.
+    A segmented "last valid" prefix scan (log depth) of :func:`_combine_last`. Arrays
+    ``[N, L]``; returns ``(has, value)``.
     """
-
-    def combine(earlier, later):
-        r_a, h_a, x_a = earlier
-        r_b, h_b, x_b = later
-        return (
-            r_a | r_b,
-            h_b | (~r_b & h_a),
-            jnp.where(h_b | r_b, x_b, x_a),
-        )
-
-    _, has, value = jax.lax.associative_scan(combine, (starts, valid, values), axis=1)
+    _, has, value = jax.lax.associative_scan(_combine_last, (starts, valid, values), axis=1)
     return has, value
+
+
+def _carried_in(summary, initial, axis, reverse):
+    """Sequence parallelism: the last valid value processed before this shard, in the
+    segment this shard starts in (``NaN`` where there is none), ``[N, 1]``.
+
+    Each shard's ``summary`` (its :func:`_combine_last` element: ``(any start, has, last
+    value)``, ``[N]`` each, the shard's first step a start where a segment starts there) is
+    shared over ``axis``, and the summaries of the shards processed before this one are
+    folded after ``initial`` (``[N, 1]``, ``NaN``: none)."""
+    shards = _seqpar.axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    if reverse:
+        position = shards - 1 - position
+    mine = (summary[0].astype(jnp.int32), summary[1].astype(jnp.int32), summary[2])
+    every = [_seqpar.share(x, axis, shards, reverse) for x in mine]  # [K, N], processing order
+    every = (every[0] > 0, every[1] > 0, every[2])
+    first = initial[:, 0].astype(summary[2].dtype)
+    acc = (jnp.zeros(first.shape, bool), ~jnp.isnan(first), jnp.nan_to_num(first))
+    acc = tuple(vary(x, varying_axes(*every)) for x in acc)
+
+    def fold(acc, shard):  # the state before each shard
+        return _combine_last(acc, shard), acc
+
+    _, (_, got, value) = jax.lax.scan(fold, acc, every)
+    got = jax.lax.dynamic_index_in_dim(got, position, 0, keepdims=False)
+    value = jax.lax.dynamic_index_in_dim(value, position, 0, keepdims=False)
+    return jnp.where(got, value, jnp.nan)[:, None]
 
 
 def timestamp_gaps(
@@ -63,6 +89,7 @@ def timestamp_gaps(
     reverse: bool = False,
     initial_timestamp: jax.Array | None = None,
     time_scale: float = 1.0,
+    sequence_axis: str | None = None,
 ) -> jax.Array:
     """The time between each observation and the one processed before it, ``[..., L]``.
 
@@ -88,6 +115,10 @@ def timestamp_gaps(
         processed step (the last processed one with ``reverse``); ``NaN`` in a row that has
         none (its first step then has gap 1, as without it).
       time_scale: the time unit: a gap of ``time_scale`` is one step of the learned ``dt``.
+      sequence_axis: inside ``shard_map``, the mesh axis over which ``L`` is split (as for
+        :func:`flax_linoss.ops.linoss_apply`): the gaps of this shard's steps, the first
+        ones to the last valid observation of the shards before it (a segment starting at
+        the shard boundary, found from the previous shard's last id, starts anew).
 
     Returns:
       ``[..., L]`` float32 (float64 for float64 timestamps) gaps, ``> 0`` on valid steps.
@@ -116,15 +147,23 @@ def timestamp_gaps(
     if segment_ids is not None:
         seg = rows(segment_ids)
         starts = starts.at[:, 1:].set(seg[:, 1:] != seg[:, :-1])
+    t0 = None
+    if initial_timestamp is not None:
+        t0 = jnp.asarray(initial_timestamp, flat.dtype)
+        t0 = jnp.broadcast_to(-t0 if reverse else t0, shape[:-1]).reshape(-1, 1)
+    if sequence_axis is not None and segment_ids is not None:
+        starts = _seqpar.boundary_resets(seg, starts, sequence_axis, reverse)
     has, last = _last_valid(valid, flat, starts)
+    if sequence_axis is not None:  # the first steps' gaps reach into the shards before
+        none = jnp.full((flat.shape[0], 1), jnp.nan, flat.dtype)
+        summary = (jnp.any(starts, 1), has[:, -1], last[:, -1])
+        t0 = _carried_in(summary, none if t0 is None else t0, sequence_axis, reverse)
     # The previous valid observation in the same segment: the running value one step back.
     first = jnp.zeros_like(has[:, :1])
     prev_has = jnp.concatenate([first, has[:, :-1]], axis=1) & ~starts
     prev = jnp.concatenate([jnp.zeros_like(flat[:, :1]), last[:, :-1]], axis=1)
     gaps = jnp.where(prev_has, flat - prev, time_scale)
-    if initial_timestamp is not None:
-        t0 = jnp.asarray(initial_timestamp, flat.dtype)
-        t0 = jnp.broadcast_to(-t0 if reverse else t0, shape[:-1]).reshape(-1, 1)
+    if t0 is not None:
         # Steps of the first segment before (and at) its first valid step.
         in_first = jnp.cumsum(starts, axis=1) == 0
         gaps = jnp.where(in_first & ~prev_has & ~jnp.isnan(t0), flat - t0, gaps)
