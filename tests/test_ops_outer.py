@@ -97,11 +97,14 @@ def problem(seed, n, length, disc="im"):
 CASES = [(1, True), (5, True), (37, True), (130, True), (37, False), (130, False)]
 
 
-def _assert_matches_reference(args, g, fl, *, disc, flagged, readout, seed, check=True):
+def _assert_matches_reference(
+    args, g, fl, *, disc, flagged, readout, seed, check=True, shards=None
+):
     """Values and gradients of ``outer_apply`` with respect to every input of ``args = (q,
     k, v, a, dt, z0, y0, readout)`` (``dt`` fixed or per step) against the float64
     reference, through random cotangents on the output and the final state. ``flagged``
-    adds ``fl``'s mask, segments and initial state; ``readout`` the readout weights."""
+    adds ``fl``'s mask, segments and initial state; ``readout`` the readout weights;
+    ``shards`` splits the length over that many devices (``sequence_axis``)."""
     length = args[0].shape[1]
     kw = dict(mask=fl["mask"], seg=fl["seg"]) if flagged else {}
     ct = np.random.default_rng(seed).normal(size=(2, length, H, V)).astype(np.float32)
@@ -120,8 +123,8 @@ def _assert_matches_reference(args, g, fl, *, disc, flagged, readout, seed, chec
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
         ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True)(*f64)
 
-    def fast_loss(q, k, v, a, dt, z0, y0, c):
-        o, st = ops.outer_apply(
+    def apply(q, k, v, a, dt, z0, y0, c, mask, seg, axis=None):
+        return ops.outer_apply(
             q,
             k,
             v,
@@ -131,12 +134,33 @@ def _assert_matches_reference(args, g, fl, *, disc, flagged, readout, seed, chec
             discretization=disc,
             readout=c if readout else None,
             initial_state=ops.OuterState(z0, y0) if flagged else None,
-            mask=kw.get("mask"),
-            segment_ids=kw.get("seg"),
+            mask=mask,
+            segment_ids=seg,
             return_state=True,
             chunk=CHUNK,
             check=check,
+            sequence_axis=axis,
         )
+
+    if shards:  # the length split over "seq" (a per-step dt with it), the rest replicated
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((shards,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+        step = P(None, "seq")
+        specs = (step,) * 3 + (P(), step if np.ndim(args[4]) > 2 else P(), P(), P(), P())
+        specs += (step if flagged else P(),) * 2
+        state = ops.OuterState(P(), P())
+        run = jax.shard_map(
+            lambda *a: apply(*a, axis="seq"),
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=(step, state),
+        )
+    else:
+        run = apply
+
+    def fast_loss(q, k, v, a, dt, z0, y0, c):
+        o, st = run(q, k, v, a, dt, z0, y0, c, kw.get("mask"), kw.get("seg"))
         return loss(o, st.z, st.y, jnp.asarray), (o, st)
 
     grads, (out, st) = jax.jit(jax.grad(fast_loss, argnums=tuple(range(8)), has_aux=True))(*args)
@@ -157,6 +181,27 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
     args = (q, k, v, a, dt, fl["z0"], fl["y0"], fl["readout"])
     _assert_matches_reference(
         args, None, fl, disc="im", flagged=flagged, readout=flagged, seed=7, check=False
+    )
+
+
+# The length split over 4 devices: shards shorter than a chunk (5 steps) and longer (9, 19),
+# fixed and per-step dt, with the flags (a held or restarting step at a boundary among
+# them) and without.
+SHARD_CASES = [(20, "im", True, False), (36, "imex", True, True), (76, "damped", False, False)]
+SHARD_CASES += [(36, "im", False, True)]
+
+
+@pytest.mark.parametrize(("length", "disc", "flagged", "per_step"), SHARD_CASES)
+def test_sequence_split_over_devices_matches_float64_reference(length, disc, flagged, per_step):
+    (q, k, v, a, dt, g), fl = problem(length + 3, 2, length, disc)
+    shard = length // 4
+    fl["mask"][0, shard - 2 : 2 * shard + 1] = False  # held across a boundary, a whole shard
+    fl["seg"][1, 2 * shard :] += 5  # a segment starting exactly at a boundary
+    if per_step:
+        dt = _per_step_dt(disc, a, dt, g, 2, length, length)
+    args = (q, k, v, a, dt, fl["z0"], fl["y0"], fl["readout"])
+    _assert_matches_reference(
+        args, g, fl, disc=disc, flagged=flagged, readout=True, seed=5, check=False, shards=4
     )
 
 

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import _checks, schemes
+from flax_linoss.ops import _checks, _seqpar, schemes
 from flax_linoss.ops._scans._common import (
     fold_flags,
     resets_from_segments,
@@ -183,6 +183,7 @@ def outer_apply(
     segment_ids: jnp.ndarray | None = None,
     chunk: int | None = None,
     check: bool | str = True,
+    sequence_axis: str | None = None,
 ):
     """Runs the outer-product oscillator recurrence over a sequence (chunked form).
 
@@ -206,6 +207,13 @@ def outer_apply(
       chunk: the chunk length ``T`` (default :data:`DEFAULT_CHUNK`, capped at ``L``).
       check: ``True`` validates shapes and, when not traced, the values of ``a``, ``dt``,
         ``g``; ``"shapes"`` shapes only; ``False`` nothing (as in ``linoss_apply``).
+      sequence_axis: inside ``shard_map``, the mesh axis over which ``L`` is split (as for
+        :func:`flax_linoss.ops.linoss_apply`): each shard runs its chunks from zero, the
+        shards' maps (their end state from zero and the product of their chunks' decays)
+        are shared and chained, and each shard's chunks then carry its incoming state.
+        ``initial_state`` and the returned final state are the whole sequence's (the same
+        on every shard); a segment starting at a shard boundary is found from the
+        previous shard's last id.
 
     Returns:
       ``o [..., L, H, V]`` in ``q``'s dtype, and with ``return_state`` the final
@@ -242,10 +250,11 @@ def outer_apply(
         discretization=discretization,
         chunk=chunk,
         return_state=return_state,
+        axis=sequence_axis,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("discretization", "chunk", "return_state"))
+@functools.partial(jax.jit, static_argnames=("discretization", "chunk", "return_state", "axis"))
 def _apply(
     q,
     k,
@@ -261,6 +270,7 @@ def _apply(
     discretization,
     chunk,
     return_state,
+    axis,
 ):
     *lead, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -285,26 +295,27 @@ def _apply(
     )
     valid = per_step(mask)
     seg = per_step(segment_ids)
+    starts = None if seg is None else resets_from_segments(seg)
+    if axis is not None and seg is not None:  # a segment may start at the shard boundary
+        starts = _seqpar.boundary_resets(seg, starts, axis, False)
     ro = None if readout is None else tuple(jnp.moveaxis(readout.astype(rdt), -1, 0))
     if np.ndim(dt) > 2:  # per step: [N, L, H, K] transitions, masks and restarts folded in
         full = (*lead, length, heads, key_dim)
         tr = tuple(jnp.broadcast_to(x, full).reshape(n, length, heads, key_dim) for x in tr)
-        tr = _fold_steps(tr, valid, seg)
-    # Inside shard_map the chunk loop's carry must vary where the inputs do.
-    axes = varying_axes(qf, kf, vf, valid, seg, *(tr if np.ndim(dt) > 2 else ()))
-    z0, y0 = vary(z0, axes), vary(y0, axes)
-    if np.ndim(dt) > 2:
-        o, (z_l, y_l) = _chunked_steps(qf, kf, vf, tr, ro, z0, y0, chunk)
+        tr = _fold_steps(tr, valid, starts)
+        pieces = _chunked_steps(qf, kf, vf, tr, ro, chunk)
     else:
-        o, (z_l, y_l) = _chunked(qf, kf, vf, tr, ro, z0, y0, valid, seg, chunk)
+        pieces = _chunked(qf, kf, vf, tr, ro, valid, starts, chunk)
+    o, (z_l, y_l) = _finish(pieces, z0, y0, length, axis)
     o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
     if not return_state:
         return o
     return o, OuterState(z_l.reshape(state_shape), y_l.reshape(state_shape))
 
 
-def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
-    """``(o [N, L, H, V], (z_L, y_L))`` for ``q, k [N, L, H, K]``, ``v [N, L, H, V]``.
+def _chunked(q, k, v, tr, readout, valid, starts, chunk):
+    """The chunks of a time-invariant recurrence, for :func:`_finish`: ``q, k [N, L, H,
+    K]``, ``v [N, L, H, V]``; ``starts [N, L]`` (or ``None``) the segment starts.
 
     Works in the layout ``[N, H, C, T, .]`` (heads beside the batch), so every contraction
     is a batched matmul over ``(N, H, C)``.
@@ -328,10 +339,8 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
     count = jnp.cumsum(w, axis=-1)  # valid steps in the chunk up to and including t
     total = count[..., -1]  # [., C]
     run = None
-    if seg is not None:
-        flat_seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")  # padding: no new segment
-        starts = (flat_seg[:, 1:] != flat_seg[:, :-1]).astype(jnp.int32)
-        run = jnp.concatenate([jnp.zeros((n, 1), jnp.int32), jnp.cumsum(starts, 1)], 1)
+    if starts is not None:  # the run (segment) of every step; padding starts none
+        run = jnp.cumsum(jnp.pad(starts.astype(jnp.int32), ((0, 0), (0, pad))), axis=1)
         run = run.reshape(n, c, t)
 
     # Tables over the lag tau: M^tau (tau = 0 .. T) and K_tau = M^tau f (tau < T), [T(+1), H, K].
@@ -390,16 +399,86 @@ def _chunked(q, k, v, tr, readout, z0, y0, valid, seg, chunk):
         keep = (run[..., -1] == run_before).astype(rdt)[:, None, :, None, None]
     dmat = [jnp.broadcast_to(x * keep, (n, heads, c, 1, key_dim))[:, :, :, 0] for x in dmat]
 
-    (z_l, y_l), before = _carry(z0, y0, dmat, w_end)  # before: [N, H, C, 2K, V]
-
     # Every step reads the carried state advanced by its clock: e_read^T M^count S.
     r21, r22 = lookup(count, *rows)  # [., H, C, T, K]
     read = jnp.concatenate([r21, r22], -1) * jnp.concatenate([qc, qc], -1)
     if run is not None:
         read = read * (run == run_before[..., None]).astype(rdt)[:, None, :, :, None]
+    return _Pieces(o, read, tuple(dmat), w_end)
+
+
+class _Pieces(NamedTuple):
+    """A chunked form's work before the chunk-to-chunk carry (``[N, H, C, ...]``): the
+    outputs from inside the chunks ``o [., T, V]``, what each step reads of the state
+    carried into its chunk ``read [., T, 2K]``, each chunk's decay (four ``[., K]``) and
+    its end state from zero ``w_end [., 2K, V]``."""
+
+    o: jnp.ndarray
+    read: jnp.ndarray
+    decay: tuple
+    w_end: jnp.ndarray
+
+
+def _finish(pieces: _Pieces, z0, y0, length: int, axis):
+    """``(o [N, L, H, V], final state)``: the state carried from chunk to chunk from ``(z0,
+    y0)`` (under ``axis``, from the state this shard receives) and read by every step."""
+    o, read, decay, w_end = pieces
+    final = None
+    if axis is not None:
+        (z0, y0), final = _shard_start(decay, w_end, z0, y0, axis)
+    # Inside shard_map the chunk loop's carry must vary where the pieces do.
+    z0, y0 = (vary(x, varying_axes(*pieces)) for x in (z0, y0))
+    (z_l, y_l), before = _carry(z0, y0, decay, w_end)  # before: [N, H, C, 2K, V]
     o = o + jnp.matmul(read, before)
+    n, heads, c, t, _ = o.shape
     o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
-    return o, (z_l, y_l)
+    return o, ((z_l, y_l) if final is None else final)
+
+
+def _shard_start(decay, w_end, z0, y0, axis):
+    """Sequence parallelism: ``(the state into this shard, the whole sequence's final
+    state)``. Each shard's map ``S_out = D S_in + e`` (``D`` the product of its chunks'
+    decays, ``e`` its end state from zero) is shared over ``axis`` and chained from the
+    initial state ``(z0, y0)``."""
+    shards = _seqpar.axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    zero = vary(jnp.zeros_like(z0), varying_axes(decay, w_end))
+    (e_z, e_y), _ = _carry(zero, zero, decay, w_end)
+
+    def compose(acc, d):  # D_c ... D_0
+        return _mul2(d, acc), None
+
+    eye = (jnp.ones_like(decay[0][:, :, 0]), *(jnp.zeros_like(decay[0][:, :, 0]),) * 2)
+    eye = (*eye, eye[0])
+    step_axis = lambda x: jnp.moveaxis(x, 2, 0)  # [N, H, C, K] -> [C, N, H, K]
+    total, _ = jax.lax.scan(compose, eye, tuple(map(step_axis, decay)))
+    every_d = _seqpar.share(jnp.stack(total), axis, shards, False)  # [S, 4, N, H, K]
+    every_e = _seqpar.share(jnp.stack([e_z, e_y]), axis, shards, False)  # [S, 2, N, H, K, V]
+
+    def chain(h, maps):
+        d, e = maps
+        h_z, h_y = h
+        col = lambda x: x[..., None]
+        nz = col(d[0]) * h_z + col(d[1]) * h_y + e[0]
+        ny = col(d[2]) * h_z + col(d[3]) * h_y + e[1]
+        return (nz, ny), h
+
+    start = tuple(vary(x, varying_axes(every_d, every_e)) for x in (z0, y0))
+    final, before = jax.lax.scan(chain, start, (every_d, every_e))
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, position, 0, keepdims=False)
+    return (pick(before[0]), pick(before[1])), final
+
+
+def _mul2(m, r):
+    """The 2x2 product ``m r`` of two tuples ``(11, 12, 21, 22)``."""
+    m11, m12, m21, m22 = m
+    r11, r12, r21, r22 = r
+    return (
+        m11 * r11 + m12 * r21,
+        m11 * r12 + m12 * r22,
+        m21 * r11 + m22 * r21,
+        m21 * r12 + m22 * r22,
+    )
 
 
 def _table(m, n: int):
@@ -409,35 +488,25 @@ def _table(m, n: int):
     table; the long scans' compensated powers (:func:`._scans._common.powers`) would cost
     a double-word loop and its gradient, about half of this form's compile time.
     """
-    m11, m12, m21, m22 = m
-    one, zero = jnp.ones_like(m11), jnp.zeros_like(m11)
+    one, zero = jnp.ones_like(m[0]), jnp.zeros_like(m[0])
     rows = [(one, zero, zero, one)]
     for _ in range(n - 1):
-        r11, r12, r21, r22 = rows[-1]
-        rows.append(
-            (
-                m11 * r11 + m12 * r21,
-                m11 * r12 + m12 * r22,
-                m21 * r11 + m22 * r21,
-                m21 * r12 + m22 * r22,
-            )
-        )
+        rows.append(_mul2(m, rows[-1]))
     return tuple(jnp.stack(x) for x in zip(*rows))
 
 
-def _fold_steps(tr, valid, seg):
+def _fold_steps(tr, valid, starts):
     """Per-step coefficients ``[N, L, H, K]`` with the flags folded in: a masked step is
-    the identity (the state held, nothing forced), a segment start drops what came before
-    (``M = 0``)."""
+    the identity (the state held, nothing forced), a segment start (``starts [N, L]``)
+    drops what came before (``M = 0``)."""
     per_entry = lambda f: None if f is None else f[..., None, None]
     hold = None if valid is None else ~valid.astype(bool)
-    reset = None if seg is None else resets_from_segments(seg)
-    return tuple(fold_flags(tr, per_entry(hold), per_entry(reset)))
+    return tuple(fold_flags(tr, per_entry(hold), per_entry(starts)))
 
 
-def _chunked_steps(q, k, v, tr, readout, z0, y0, chunk):
+def _chunked_steps(q, k, v, tr, readout, chunk):
     """:func:`_chunked` for per-step coefficients ``tr`` (six ``[N, L, H, K]``, flags
-    folded in): ``(o [N, L, H, V], (z_L, y_L))``.
+    folded in).
 
     Inside a chunk, ``G[t, s] = M_t ... M_{s+1} f_s`` (``G[s, s] = f_s``, zero for ``s >
     t``) and ``P_t = M_t ... M_0`` are built step by step; the scores are ``A[t, s] = sum_i
@@ -494,11 +563,8 @@ def _chunked_steps(q, k, v, tr, readout, z0, y0, chunk):
     # Each chunk's end state from zero (G of its last step) and its decay P_{T-1}.
     kend = jnp.concatenate([gz * kc, gy * kc], -1)  # [N, H, C, T, 2K]
     w_end = jnp.matmul(jnp.swapaxes(kend, -1, -2), vc)  # [N, H, C, 2K, V]
-    (z_l, y_l), before = _carry(z0, y0, p, w_end)  # decay over the chunk: P_{T-1}
     read = jnp.moveaxis(read, 0, 3) * jnp.concatenate([qc, qc], -1)  # [N, H, C, T, 2K]
-    o = o + jnp.matmul(read, before)
-    o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(n, c * t, heads, -1)[:, :length]
-    return o, (z_l, y_l)
+    return _Pieces(o, read, p, w_end)  # a chunk's decay: P_{T-1}
 
 
 def _carry(z0, y0, decay, w_end):
