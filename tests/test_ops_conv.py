@@ -151,3 +151,60 @@ def test_bad_inputs_raise_one_clear_error():
         ops.causal_conv(x, w, initial_state=np.zeros((2, 4, D), np.float32))
     with pytest.raises(ValueError, match="`state` of shape"):
         ops.causal_conv_step(np.zeros((2, 2, D), np.float32), x[:, 0], w)
+
+
+@pytest.mark.parametrize(("width", "flagged"), [(4, True), (4, False), (2, True)])
+def test_sequence_split_over_devices_matches_reference(width, flagged):
+    """Each of 4 shards (3 steps, fewer than the taps' history of 3 valid inputs when
+    masked) starts from the valid inputs before it: across a shard with no valid step,
+    not across a segment start (at a boundary or inside a shard), from the initial buffer;
+    values, gradients and the final buffer."""
+    from jax.sharding import PartitionSpec as P
+
+    length = 12
+    x, w, b, fl = problem(width + 20, length, width)
+    mask, seg = fl["mask"], fl["seg"]
+    mask[0, 3:6] = False  # a whole shard
+    seg[1] = 0
+    seg[1, 6:] = 1  # a segment starting at a boundary
+    seg[1, 10:] = 2  # and inside a shard
+    kw = dict(mask=mask, seg=seg, buf=fl["buf"]) if flagged else {}
+    ct = np.random.default_rng(width).normal(size=x.shape).astype(np.float32)
+    mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    step = P(None, "seq")
+
+    def sharded(x, w, b, buf):
+        def local(x, mask, seg, w, b, buf):
+            return ops.causal_conv(
+                x,
+                w,
+                b,
+                mask=mask if flagged else None,
+                segment_ids=seg if flagged else None,
+                initial_state=buf if flagged else None,
+                return_state=True,
+                sequence_axis="seq",
+            )
+
+        specs = (step, step, step, P(), P(), P())
+        fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(step, P()))
+        return fn(x, mask, seg, w, b, buf)
+
+    def loss(y, final):
+        return jnp.sum(jnp.asarray(ct, y.dtype) * y) + jnp.sum(final * 0.5), (y, final)
+
+    grads, (y, final) = jax.jit(
+        jax.grad(lambda *a: loss(*sharded(*a)), argnums=(0, 1, 2, 3), has_aux=True)
+    )(x, w, b, fl["buf"])
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(a, jnp.float64) for a in (x, w, b, fl["buf"])]
+
+        def ref(x, w, b, buf):
+            kw_ = {**kw, "buf": buf} if flagged else {}
+            return loss(*reference(x, w, b, **kw_))
+
+        ref_grads, (ref_y, ref_final) = jax.grad(ref, argnums=(0, 1, 2, 3), has_aux=True)(*f64)
+    assert rel(y, ref_y) < 1e-5 and rel(final, ref_final) < 1e-5
+    for name, got, want in zip(("x", "w", "b", "buf"), grads, ref_grads):
+        if flagged or name != "buf":
+            assert rel(got, want) < 1e-5, name

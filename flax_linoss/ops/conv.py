@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import _checks
+from flax_linoss.ops import _checks, _seqpar
+from flax_linoss.ops._scans._common import resets_from_segments, vary, varying_axes
 
 __all__ = ["causal_conv", "causal_conv_step", "conv_state_zeros"]
 
@@ -80,6 +81,7 @@ def causal_conv(
     segment_ids: jnp.ndarray | None = None,
     initial_state: jnp.ndarray | None = None,
     return_state: bool = False,
+    sequence_axis: str | None = None,
 ):
     """Causal depthwise convolution of ``x [..., L, D]`` with taps ``w [W, D]``.
 
@@ -93,6 +95,12 @@ def causal_conv(
       initial_state: the buffer before the first step, ``[..., W - 1, D]`` (oldest first;
         broadcast over the batch); empty (zeros) by default.
       return_state: also return the buffer after the last step (in ``x``'s dtype).
+      sequence_axis: inside ``shard_map``, the mesh axis over which ``L`` is split (as for
+        :func:`flax_linoss.ops.linoss_apply`): each shard starts from the last ``W - 1``
+        valid inputs of the shards before it, in its first step's segment (each shard's
+        last inputs, their count and whether a segment starts in it are shared, and
+        folded after ``initial_state``). ``initial_state`` and the returned buffer are the
+        whole sequence's.
 
     Returns:
       ``y [..., L, D]`` in the result dtype of ``x`` and ``w``, and with ``return_state``
@@ -111,11 +119,13 @@ def causal_conv(
     for name, f in (("mask", mask), ("segment_ids", segment_ids)):
         if f is not None:
             _checks.check_per_step(name, f, (*lead, length), where)
-    return _conv(x, w, b, mask, segment_ids, initial_state, return_state=return_state)
+    return _conv(
+        x, w, b, mask, segment_ids, initial_state, return_state=return_state, axis=sequence_axis
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("return_state",))
-def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state):
+@functools.partial(jax.jit, static_argnames=("return_state", "axis"))
+def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None):
     *lead, length, channels = x.shape
     lead = tuple(lead)
     width = w.shape[0]
@@ -132,7 +142,58 @@ def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state):
         None if f is None else jnp.broadcast_to(f, (*lead, length)).reshape(n, length)
     )
     valid, seg = per_step(mask), per_step(segment_ids)
+    starts = None if seg is None else resets_from_segments(seg)
+    if axis is not None:
+        if seg is not None:  # a segment may start at the shard boundary
+            starts = _seqpar.boundary_resets(seg, starts, axis, False)
+        mine = _taps(xf, valid, starts, jnp.zeros_like(buf), hist)[1:]
+        buf, final = _incoming(buf, mine, axis)
+    y, tail, *_ = _taps(xf, valid, starts, buf, hist, w)
+    if b is not None:
+        y = y + b
+    y = y.reshape(*lead, length, channels)
+    if not return_state:
+        return y
+    out = tail if axis is None else final
+    return y, out.reshape(*lead, hist, channels).astype(x.dtype)
 
+
+def _incoming(buf, mine, axis):
+    """Sequence parallelism: ``(the buffer into this shard, the one after the last
+    shard)`` from each shard's ``(tail, count, starts)`` (see :func:`_taps`), folded over
+    the shards before it after ``buf``."""
+    shards = _seqpar.axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    tail, count, restarts = mine
+    every = (
+        _seqpar.share(tail, axis, shards, False),
+        _seqpar.share(count, axis, shards, False),
+        _seqpar.share(restarts.astype(jnp.int32), axis, shards, False) > 0,
+    )
+    hist = buf.shape[1]
+
+    def fold(acc, shard):  # the buffer after a shard: its own inputs after the earlier ones
+        tail, count, restarts = shard
+        slot = jnp.arange(hist)[None, :]  # [1, W - 1]
+        earlier = jnp.take_along_axis(
+            acc, jnp.minimum(slot + count[:, None], hist - 1)[..., None], 1
+        )
+        kept = (slot < hist - count[:, None]) & ~restarts[:, None]
+        return jnp.where(kept[..., None], earlier, tail), acc
+
+    acc = vary(buf, varying_axes(*every))
+    final, before = jax.lax.scan(fold, acc, every)
+    return jax.lax.dynamic_index_in_dim(before, position, 0, keepdims=False), final
+
+
+def _taps(xf, valid, starts, buf, hist, w=None):
+    """The convolution ``y [N, L, D]`` (``None`` without ``w``) of ``xf [N, L, D]`` from the
+    buffer ``buf [N, W - 1, D]``, the last ``W - 1`` valid inputs of the last segment run
+    (oldest first, zeros for the ones missing), how many of them are this call's own
+    (``[N]``, at most ``W - 1``) and whether a segment starts in it (``[N]``).
+    ``starts [N, L]`` marks the segment starts (the first step included: a start there
+    hides the buffer)."""
+    n, length, _ = xf.shape
     # The sequence the taps slide over: the buffer, then the valid inputs in order
     # ("compacted"), with the run (segment) each came from; the buffer is run 0.
     if valid is None:
@@ -144,36 +205,31 @@ def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state):
         compact = jnp.take_along_axis(xf, order[..., None], axis=1)
         before = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - valid.astype(jnp.int32)
     seq = jnp.concatenate([buf, compact], axis=1)  # [N, W - 1 + L, D]
-    if seg is None:
-        run = None
-    else:
-        starts = (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)
-        run = jnp.concatenate([jnp.zeros((n, 1), jnp.int32), jnp.cumsum(starts, 1)], 1)
+    run = None
+    if starts is not None:
+        run = jnp.cumsum(starts.astype(jnp.int32), axis=1)
         run_c = run if valid is None else jnp.take_along_axis(run, order, axis=1)
         seq_run = jnp.concatenate([jnp.zeros((n, hist), jnp.int32), run_c], axis=1)
-
-    y = xf * w[-1]
-    for j in range(1, width):  # the j-th valid input before t: seq[W - 1 + before_t - j]
-        idx = hist + before - j
+    y = None if w is None else xf * w[-1]
+    for j in range(1, 0 if w is None else hist + 1):  # the j-th valid input before t:
+        idx = hist + before - j  # seq[W - 1 + before_t - j]
         tap = jnp.take_along_axis(seq, idx[..., None], axis=1)
         if run is not None:
             same = jnp.take_along_axis(seq_run, idx, axis=1) == run
             tap = jnp.where(same[..., None], tap, 0.0)
         y = y + tap * w[hist - j]
-    if b is not None:
-        y = y + b
-    y = y.reshape(*lead, length, channels)
-    if not return_state:
-        return y
     # The last W - 1 valid inputs of the last run, oldest first.
     total = length if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
     idx = hist + jnp.reshape(total, (-1, 1)) - jnp.arange(hist, 0, -1)[None]  # [N or 1, W - 1]
     idx = jnp.broadcast_to(idx, (n, hist))
-    out = jnp.take_along_axis(seq, idx[..., None], axis=1)
+    tail = jnp.take_along_axis(seq, idx[..., None], axis=1)
+    own = jnp.broadcast_to(idx >= hist, (n, hist))
     if run is not None:
         same = jnp.take_along_axis(seq_run, idx, axis=1) == run[:, -1:]
-        out = jnp.where(same[..., None], out, 0.0)
-    return y, out.reshape(*lead, hist, channels).astype(x.dtype)
+        tail = jnp.where(same[..., None], tail, 0.0)
+        own = own & same
+    restarts = jnp.zeros((n,), bool) if starts is None else jnp.any(starts, axis=1)
+    return y, tail, jnp.sum(own, axis=1, dtype=jnp.int32), restarts
 
 
 def causal_conv_step(
