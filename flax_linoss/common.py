@@ -241,6 +241,40 @@ def _axes_size(entry, sizes) -> int:
     return int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
 
+def split_axes(x: jax.Array, rules, oscillators: int | None = None):
+    """How the mesh in context splits a recurrence's input ``x [batch..., L, H]``:
+    ``(explicit, lead, seq, osc)`` (whether the mesh's axes are explicit, the batch axes'
+    PartitionSpec entries, the mesh axis of the length, that of ``oscillators``), or
+    ``None`` when nothing is split (no mesh, inside ``shard_map`` / ``pmap``, or every
+    entry whole: a plain call, which XLA partitions under ``jit``).
+
+    The logical ``rules`` (flax's ``(name, mesh axes)`` pairs) say which mesh axes split
+    the first batch axis (``"batch"``), the length (``"length"``) and the oscillators
+    (``"oscillator"``); under explicit axes the batch axes keep ``x``'s own sharding.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Manual in tuple(mesh.axis_types):
+        return None
+    explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+    sizes = dict(mesh.shape)
+    names = (BATCH_AXIS, LENGTH_AXIS, OSCILLATOR_AXIS if oscillators else None)
+    dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], oscillators or 1)
+    batch, seq, osc = (
+        None if _axes_size(a, sizes) == 1 else a for a in logical_to_mesh(names, rules, sizes, dims)
+    )
+    lead = (None,) * (x.ndim - 2)
+    if explicit:
+        spec = tuple(jax.typeof(x).sharding.spec)
+        lead = (spec + (None,) * x.ndim)[: x.ndim - 2]
+        taken = {a for e in lead if e for a in ((e,) if isinstance(e, str) else e)}
+        seq, osc = (None if a in taken else a for a in (seq, osc))
+    elif x.ndim > 2:
+        lead = (batch, *lead[1:])
+    if not explicit and lead == (None,) * (x.ndim - 2) and seq is None and osc is None:
+        return None
+    return explicit, lead, seq, osc
+
+
 def per_shard(
     fn, x: jax.Array, per_step: dict, state, params: dict, rules=None, per_row: dict | None = None
 ):
@@ -254,17 +288,16 @@ def per_shard(
     P, 2]``, ``d [H]`` and the selective gate's ``dt_kernel [H, P]``, ``dt_down [H, r]``,
     ``dt_up [r, P]``, ``dt_bias [P]``.
 
-    Under a mesh, the logical ``rules`` (flax's ``(name, mesh axes)`` pairs) say which mesh
-    axes split the first batch axis (``"batch"``), the length (``"length"``) and the
-    oscillators (``"oscillator"``); under explicit axes the batch axes keep ``x``'s own
-    sharding. ``fn`` then runs inside ``jax.shard_map`` on each device's rows, steps and
-    oscillators: the length through ``linoss_apply(..., sequence_axis=)`` (per-shard scan,
-    closed-form carry between shards), the oscillators through ``oscillator_axis=`` (each
-    device runs its own; the output projection's sum over ``P`` is the one reduction). The
-    parameters enter with their ``P`` axis split (whatever their sharding outside, e.g. over
-    an fsdp axis: gathered as they enter) and ``H`` whole. A padding mask and packed
-    segments (``segment_ids``) split with the length, and so do timestamps (a gap at a shard
-    boundary reaches the last valid time before it: see ``ops.timestamp_gaps``).
+    Under a mesh, the logical ``rules`` say how the batch, the length and the oscillators
+    are split (:func:`split_axes`). ``fn`` then runs inside ``jax.shard_map`` on each
+    device's rows, steps and oscillators: the length through ``linoss_apply(...,
+    sequence_axis=)`` (per-shard scan, closed-form carry between shards), the oscillators
+    through ``oscillator_axis=`` (each device runs its own; the output projection's sum over
+    ``P`` is the one reduction). The parameters enter with their ``P`` axis split (whatever
+    their sharding outside, e.g. over an fsdp axis: gathered as they enter) and ``H`` whole.
+    A padding mask and packed segments (``segment_ids``) split with the length, and so do
+    timestamps (a gap at a shard boundary reaches the last valid time before it: see
+    ``ops.timestamp_gaps``).
     Without a mesh, inside ``shard_map`` / ``pmap``, or with nothing to split, this is
     ``fn(...)`` (under a plain ``jit`` XLA partitions it).
 
@@ -275,29 +308,14 @@ def per_shard(
     call = lambda x, per_step, per_row, state, params, **axes: fn(
         x, **per_step, **per_row, initial_state=state, **params, **axes
     )
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or jax.sharding.AxisType.Manual in tuple(mesh.axis_types):
-        return call(x, per_step, per_row, state, params)  # no mesh, or already per device
-    P = jax.sharding.PartitionSpec
-    explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
     per_step = {k: v for k, v in per_step.items() if v is not None}
     params = {k: v for k, v in params.items() if v is not None}
-    sizes = dict(mesh.shape)
-    names = (BATCH_AXIS, LENGTH_AXIS, OSCILLATOR_AXIS)
-    dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], params["a"].shape[0])
-    batch, seq, osc = (
-        None if _axes_size(a, sizes) == 1 else a for a in logical_to_mesh(names, rules, sizes, dims)
-    )
-    lead = (None,) * (x.ndim - 2)
-    if explicit:
-        spec = tuple(jax.typeof(x).sharding.spec)
-        lead = (spec + (None,) * x.ndim)[: x.ndim - 2]
-        taken = {a for e in lead if e for a in ((e,) if isinstance(e, str) else e)}
-        seq, osc = (None if a in taken else a for a in (seq, osc))
-    elif x.ndim > 2:
-        lead = (batch, *lead[1:])
-    if not explicit and lead == (None,) * (x.ndim - 2) and seq is None and osc is None:
+    split = split_axes(x, rules, params["a"].shape[0])
+    if split is None:
         return call(x, per_step, per_row, state, params)
+    explicit, lead, seq, osc = split
+    P = jax.sharding.PartitionSpec
+    mesh = jax.sharding.get_abstract_mesh()
     row = P(*lead, seq, None)
     specs = (
         row,

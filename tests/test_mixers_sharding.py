@@ -195,3 +195,40 @@ def test_selective_outer_block_with_timestamps_under_an_explicit_mesh_equals_no_
         sharded = nnx.merge(graphdef, jax.device_put(params))
         got = sharded(jax.device_put(x, P("batch")), timestamps=jax.device_put(times, P("batch")))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_outer_block_splits_the_length_under_the_rules(explicit, monkeypatch):
+    """Rules mapping ``"length"`` to a mesh axis split the outer block's sequence: its
+    convolution, timestamps' gaps and recurrence run per shard (``sequence_axis``) and give
+    the unsplit output, with padding, packing, the selective gate and timestamps (shards of
+    3 steps, fewer than the convolution's history where padded)."""
+    from flax_linoss import ops
+    from flax_linoss.mixers.nnx import LinOSSMixer
+
+    seen = []
+    real = ops.outer_apply
+    monkeypatch.setattr(
+        ops, "outer_apply", lambda *a, **k: seen.append(k.get("sequence_axis")) or real(*a, **k)
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+    times = jnp.cumsum(jax.random.uniform(jax.random.key(1), (2, 12), minval=0.2), axis=1)
+    valid = np.ones((2, 12), bool)
+    valid[0, 2:7] = False  # across a boundary, a whole shard
+    ids = np.zeros((2, 12), np.int32)
+    ids[1, 6:] = 1  # a segment starting at a boundary
+    ids[1, 10:] = 2  # and inside a shard
+    mixer = LinOSSMixer(4, 16, selective=True, rngs=nnx.Rngs(0))
+    mixer.dt_proj.kernel[...] = 0.3 * jax.random.normal(jax.random.key(2), (16, 16))
+    kw = dict(timestamps=times, mask=jnp.asarray(valid), segment_ids=jnp.asarray(ids))
+    want = mixer(x, **kw)
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(kind, kind))
+    rules = (("batch", "data"), ("length", "seq"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        graphdef, params = nnx.split(mixer)
+        sharded = nnx.merge(graphdef, jax.device_put(params, P()))
+        put = lambda a: jax.device_put(a, P("data", "seq", *([None] * (np.ndim(a) - 2))))
+        got = jax.jit(lambda x, kw: sharded(x, **kw))(put(x), {k: put(v) for k, v in kw.items()})
+    assert "seq" in seen
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

@@ -181,12 +181,24 @@ def test_transformer_matches_single_device(framework, over, lm_single, recurrenc
         assert tuple(query.sharding.spec) == ("fsdp", "model", None)
 
 
-def test_outer_block_transformer_matches_single_device():
-    # The default (outer) block under fsdp x model: its projections and convolution shard
-    # like attention's; the oscillator memory runs where XLA puts it.
+def test_outer_block_transformer_matches_single_device(monkeypatch):
+    # The default (outer) block under fsdp x model x seq: its projections and convolution
+    # shard like attention's; its convolution, gaps and recurrence split the length (`seq`).
     single = _run(_outer_lm, "nnx", parallel__num_devices=1)
-    got = _run(_outer_lm, "nnx", parallel__fsdp_axis_size=2, parallel__model_axis_size=2)
+    seen = set()
+    real = ops.outer_apply
+    monkeypatch.setattr(
+        ops, "outer_apply", lambda *a, **k: seen.add(k.get("sequence_axis")) or real(*a, **k)
+    )
+    got = _run(
+        _outer_lm,
+        "nnx",
+        parallel__fsdp_axis_size=2,
+        parallel__model_axis_size=2,
+        parallel__sequence_axis_size=2,
+    )
     _assert_same(got, single)
+    assert "seq" in seen  # (None: the decoding steps, one token at a time)
     mixer = got[4].params["blocks"][0]["mixer"]
     assert tuple(_leaf(mixer["key"]["kernel"]).sharding.spec) == ("fsdp", "model")
     assert tuple(_leaf(mixer["conv_kernel"]).sharding.spec)[2] is not None  # H split

@@ -57,6 +57,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from flax_linoss import ops
+from flax_linoss.common import split_axes
 from flax_linoss.mixers import base, masks
 from flax_linoss.mixers import state as state_lib
 from flax_linoss.mixers.state import MixerState
@@ -160,6 +161,36 @@ def _per_batch_shard(core, args, batch_ndim: int):
     return jax.shard_map(core, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
+def _per_sequence_shard(core, args, explicit: bool, lead: tuple, seq):
+    """``core(*args)`` (a whole sequence, no decoding state) per device on its rows
+    (``lead``, the batch axes' entries) and its steps (the length split over ``seq``):
+    the recurrence, the convolution and the timestamps' gaps pass state between the
+    shards (``sequence_axis``); the parameters are gathered whole."""
+    P = jax.sharding.PartitionSpec
+    params, rest = args[0], args[1:]
+    batch_ndim = len(lead)
+
+    def spec(a):  # [batch..., L, H] streams, [batch..., L] flags, [batch...] rows
+        if a is None:
+            return None
+        steps = (seq,) if a.ndim > batch_ndim else ()
+        return P(*lead, *steps, *([None] * (a.ndim - batch_ndim - len(steps))))
+
+    in_specs = (jax.tree.map(lambda _: P(), params), *(spec(a) for a in rest))
+    given = jax.typeof(args[1]).sharding.spec if explicit else None
+    if explicit:
+        args = jax.tree.map(jax.sharding.reshard, args, in_specs, is_leaf=lambda a: a is None)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    out_shape = jax.eval_shape(core, *plain)
+    out_specs = jax.tree.map(spec, out_shape)
+    mesh = jax.sharding.get_abstract_mesh()
+    run = functools.partial(core, sequence_axis=seq)
+    out = jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    if explicit:
+        out = (jax.sharding.reshard(out[0], given), *out[1:])
+    return out
+
+
 def _zero_where(restart, s):
     """``s [batch..., ...]`` with the rows where ``restart [batch...]`` set to zero."""
     return jnp.where(restart.reshape(restart.shape + (1,) * (s.ndim - restart.ndim)), 0, s)
@@ -242,10 +273,12 @@ def _outer_core(
     constraint,
     chunk,
     time_scale=1.0,
+    sequence_axis=None,
 ):
     """The outer block between its projections, a pure function (run per shard under an
-    explicit mesh): ``q, k, v [batch..., L, H]`` -> ``(o [batch..., L, H], final
-    OuterState or None, convolution buffers [batch..., W - 1, 3, H] or None)``.
+    explicit mesh, or with the length split over ``sequence_axis``): ``q, k, v [batch...,
+    L, H]`` -> ``(o [batch..., L, H], final OuterState or None, convolution buffers
+    [batch..., W - 1, 3, H] or None)``.
 
     The short causal convolution of each stream (over the valid steps, restarting at segment
     starts; from ``conv_state`` when decoding), then per head the oscillator memory read by
@@ -269,6 +302,7 @@ def _outer_core(
                 segment_ids=seg,
                 initial_state=buf,
                 return_state=decoding,
+                sequence_axis=sequence_axis,
             )
             if decoding:
                 out, buf = out
@@ -284,7 +318,12 @@ def _outer_core(
     scale = gate
     if timestamps is not None:
         gaps = ops.timestamp_gaps(
-            timestamps, mask=valid, segment_ids=seg, initial_timestamp=t0, time_scale=time_scale
+            timestamps,
+            mask=valid,
+            segment_ids=seg,
+            initial_timestamp=t0,
+            time_scale=time_scale,
+            sequence_axis=sequence_axis,
         )[..., None]
         scale = gaps if scale is None else scale * gaps.astype(scale.dtype)
     if scale is not None:  # per step: [batch..., L, heads, K]
@@ -309,6 +348,7 @@ def _outer_core(
         segment_ids=seg,
         chunk=chunk,
         check="shapes",
+        sequence_axis=sequence_axis,
     )
     of = o.astype(jnp.float32)
     of = of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + 1e-6) * params["scale"]
@@ -764,7 +804,10 @@ class LinOSSMixer(nnx.Module):
         )
         carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
         args = (params, q, k, v, valid, seg, restart, *carried, gate, timestamps, t0)
-        if state_lib._explicit_mesh():
+        split = None if state is not None else split_axes(q, get_logical_axis_rules())
+        if split is not None and split[2] is not None:  # the length split (rules "length")
+            o, final, conv = _per_sequence_shard(core, args, *split[:3])
+        elif state_lib._explicit_mesh():
             o, final, conv = _per_batch_shard(core, args, len(lead) - 1)
             o = jax.sharding.reshard(o, jax.typeof(q).sharding.spec)
         else:
