@@ -67,15 +67,10 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     Returns:
       This shard's positions (``v``'s layout) and the whole sequence's final state.
     """
-    shards = axis_size(axis)
-    position = jax.lax.axis_index(axis)
-    if reverse:
-        position = shards - 1 - position
+    shards, position = _place(axis, reverse)
     time_major = entry.layout == LNQ
     if is_time_varying(tr) or flags is not None:
-        return _run_varying(
-            entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags
-        )
+        return _run_varying(entry, tr, v, z0, y0, axis, reverse, time_major, flags)
     length = v.shape[0 if time_major else 1]
     # The local scan starts from zero typed like this shard's input (varying over the axis):
     # the loop paths' carries must keep one type.
@@ -94,23 +89,63 @@ def run(entry, tr, v, z0, y0, axis, reverse: bool, flags=None):
     return ys, after_z[:, -1], after_y[:, -1]
 
 
+def _place(axis, reverse: bool):
+    """``(the number of shards, this shard's place in processing order)``."""
+    shards = axis_size(axis)
+    position = jax.lax.axis_index(axis)
+    return shards, (shards - 1 - position if reverse else position)
+
+
 def share(mine, axis, shards: int, reverse: bool):
     """Every shard's ``mine`` on every shard, ``[K, ...]`` in processing order: a psum of
     one-hot slots (not all_gather), so that what follows is replicated over the axis (the
     final state can leave shard_map with out_specs P() under check_vma)."""
+    flag = mine.dtype == jnp.bool_
+    mine = mine.astype(jnp.int32) if flag else mine
     slots = jnp.zeros((shards, *mine.shape), mine.dtype)
     every = jax.lax.psum(slots.at[jax.lax.axis_index(axis)].set(mine), axis)
+    every = every > 0 if flag else every
     return every[::-1] if reverse else every
+
+
+def fold_shards(combine, init, mine, axis, reverse: bool = False):
+    """Every shard's summary ``mine`` (arrays) shared over ``axis`` and folded in
+    processing order after ``init`` by ``combine(acc, summary) -> acc``.
+
+    Returns ``(the fold of the shards processed before this one, the fold of all of
+    them)``; the second is the same on every shard (replicated over ``axis``).
+    """
+    shards, position = _place(axis, reverse)
+    every = jax.tree.map(lambda x: share(x, axis, shards, reverse), mine)
+    # The carry varies over the mesh axes the summaries do (the batch's, the oscillators').
+    init = jax.tree.map(lambda x: vary(x, varying_axes(every)), init)
+
+    def step(acc, summary):
+        return combine(acc, summary), acc
+
+    final, before = jax.lax.scan(step, init, every)
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, position, 0, keepdims=False)
+    return jax.tree.map(pick, before), final
+
+
+def affine_chain(state, shard_map):
+    """``combine`` of :func:`fold_shards` for linear recurrences: the state ``(z, y)`` after
+    a shard whose map is ``((T11, T12, T21, T22), (e_z, e_y))``, ``x_out = T x_in + e``
+    (``T`` broadcast over the state's trailing axes)."""
+    (t11, t12, t21, t22), (e_z, e_y) = shard_map
+    h_z, h_y = state
+    fit = lambda t: t.reshape(t.shape + (1,) * (h_z.ndim - t.ndim))
+    return (
+        fit(t11) * h_z + fit(t12) * h_y + e_z,
+        fit(t21) * h_z + fit(t22) * h_y + e_y,
+    )
 
 
 def boundary_resets(seg, resets, axis, reverse: bool):
     """``resets [N, L_shard]`` (segment starts inside this shard, in processing order) with
     this shard's first step also a start where its id differs from the last id of the shard
     processed before it. ``seg [N, L_shard]`` in processing order."""
-    shards = axis_size(axis)
-    position = jax.lax.axis_index(axis)
-    if reverse:
-        position = shards - 1 - position
+    shards, position = _place(axis, reverse)
     last = share(seg[:, -1], axis, shards, reverse)  # [K, N], processing order
     before = jax.lax.dynamic_index_in_dim(last, jnp.maximum(position - 1, 0), 0, False)
     first = (position > 0) & (seg[:, 0] != before)
@@ -125,21 +160,10 @@ def _per_step_flags(tr, v, flags, time_major: bool) -> schemes.Transition:
     return fold_flags(fields, layout(flags.hold), layout(flags.reset))
 
 
-def _run_varying(entry, tr, v, z0, y0, axis, shards, position, reverse, time_major, flags=None):
+def _run_varying(entry, tr, v, z0, y0, axis, reverse, time_major, flags=None):
     """:func:`run` for per-step coefficients or held steps (see the module docstring)."""
     steps = tr if flags is None else _per_step_flags(tr, v, flags, time_major)
     transfer, end = affine_reduce(steps, v, 0 if time_major else 1)
-    maps = share(jnp.stack([*transfer, *end], axis=1), axis, shards, reverse)  # [K, N, 6, Q]
-
-    def chain(h, k_map):
-        t11, t12, t21, t22, e_z, e_y = (k_map[:, i] for i in range(6))
-        h_z, h_y = h
-        return (t11 * h_z + t12 * h_y + e_z, t21 * h_z + t22 * h_y + e_y), h
-
-    # The carry varies over the mesh axes the maps do (the batch's, the oscillators').
-    z0, y0 = (vary(x, varying_axes(maps)) for x in (z0, y0))
-    (z_l, y_l), before = jax.lax.scan(chain, (z0, y0), maps)  # before: the state into shard k
-    h_z = jax.lax.dynamic_index_in_dim(before[0], position, 0, keepdims=False)
-    h_y = jax.lax.dynamic_index_in_dim(before[1], position, 0, keepdims=False)
+    (h_z, h_y), (z_l, y_l) = fold_shards(affine_chain, (z0, y0), (transfer, end), axis, reverse)
     ys, _, _ = entry.run(tr, v, h_z, h_y, flags)
     return ys, z_l, y_l

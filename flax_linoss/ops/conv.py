@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss.ops import _checks, _seqpar
-from flax_linoss.ops._scans._common import resets_from_segments, vary, varying_axes
+from flax_linoss.ops._scans._common import resets_from_segments
 
 __all__ = ["causal_conv", "causal_conv_step", "conv_state_zeros"]
 
@@ -162,28 +162,17 @@ def _incoming(buf, mine, axis):
     """Sequence parallelism: ``(the buffer into this shard, the one after the last
     shard)`` from each shard's ``(tail, count, starts)`` (see :func:`_taps`), folded over
     the shards before it after ``buf``."""
-    shards = _seqpar.axis_size(axis)
-    position = jax.lax.axis_index(axis)
-    tail, count, restarts = mine
-    every = (
-        _seqpar.share(tail, axis, shards, False),
-        _seqpar.share(count, axis, shards, False),
-        _seqpar.share(restarts.astype(jnp.int32), axis, shards, False) > 0,
-    )
     hist = buf.shape[1]
 
     def fold(acc, shard):  # the buffer after a shard: its own inputs after the earlier ones
         tail, count, restarts = shard
         slot = jnp.arange(hist)[None, :]  # [1, W - 1]
-        earlier = jnp.take_along_axis(
-            acc, jnp.minimum(slot + count[:, None], hist - 1)[..., None], 1
-        )
+        shifted = jnp.minimum(slot + count[:, None], hist - 1)  # acc[i + count]
+        earlier = jnp.take_along_axis(acc, shifted[..., None], axis=1)
         kept = (slot < hist - count[:, None]) & ~restarts[:, None]
-        return jnp.where(kept[..., None], earlier, tail), acc
+        return jnp.where(kept[..., None], earlier, tail)
 
-    acc = vary(buf, varying_axes(*every))
-    final, before = jax.lax.scan(fold, acc, every)
-    return jax.lax.dynamic_index_in_dim(before, position, 0, keepdims=False), final
+    return _seqpar.fold_shards(fold, buf, mine, axis)
 
 
 def _taps(xf, valid, starts, buf, hist, w=None):

@@ -440,33 +440,16 @@ def _shard_start(decay, w_end, z0, y0, axis):
     state)``. Each shard's map ``S_out = D S_in + e`` (``D`` the product of its chunks'
     decays, ``e`` its end state from zero) is shared over ``axis`` and chained from the
     initial state ``(z0, y0)``."""
-    shards = _seqpar.axis_size(axis)
-    position = jax.lax.axis_index(axis)
     zero = vary(jnp.zeros_like(z0), varying_axes(decay, w_end))
-    (e_z, e_y), _ = _carry(zero, zero, decay, w_end)
+    end, _ = _carry(zero, zero, decay, w_end)
 
     def compose(acc, d):  # D_c ... D_0
         return _mul2(d, acc), None
 
-    eye = (jnp.ones_like(decay[0][:, :, 0]), *(jnp.zeros_like(decay[0][:, :, 0]),) * 2)
-    eye = (*eye, eye[0])
+    one, nil = jnp.ones_like(decay[0][:, :, 0]), jnp.zeros_like(decay[0][:, :, 0])
     step_axis = lambda x: jnp.moveaxis(x, 2, 0)  # [N, H, C, K] -> [C, N, H, K]
-    total, _ = jax.lax.scan(compose, eye, tuple(map(step_axis, decay)))
-    every_d = _seqpar.share(jnp.stack(total), axis, shards, False)  # [S, 4, N, H, K]
-    every_e = _seqpar.share(jnp.stack([e_z, e_y]), axis, shards, False)  # [S, 2, N, H, K, V]
-
-    def chain(h, maps):
-        d, e = maps
-        h_z, h_y = h
-        col = lambda x: x[..., None]
-        nz = col(d[0]) * h_z + col(d[1]) * h_y + e[0]
-        ny = col(d[2]) * h_z + col(d[3]) * h_y + e[1]
-        return (nz, ny), h
-
-    start = tuple(vary(x, varying_axes(every_d, every_e)) for x in (z0, y0))
-    final, before = jax.lax.scan(chain, start, (every_d, every_e))
-    pick = lambda x: jax.lax.dynamic_index_in_dim(x, position, 0, keepdims=False)
-    return (pick(before[0]), pick(before[1])), final
+    total, _ = jax.lax.scan(compose, (one, nil, nil, one), tuple(map(step_axis, decay)))
+    return _seqpar.fold_shards(_seqpar.affine_chain, (z0, y0), (total, end), axis)
 
 
 def _mul2(m, r):

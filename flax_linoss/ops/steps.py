@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss.ops import _seqpar, schemes
-from flax_linoss.ops._scans._common import vary, varying_axes
 from flax_linoss.ops.params import IMEX_MARGIN, PAPER, STABLE, check_constraint
 
 __all__ = ["clamp_steps", "step_limit", "timestamp_gaps"]
@@ -61,23 +60,9 @@ def _carried_in(summary, initial, axis, reverse):
     value)``, ``[N]`` each, the shard's first step a start where a segment starts there) is
     shared over ``axis``, and the summaries of the shards processed before this one are
     folded after ``initial`` (``[N, 1]``, ``NaN``: none)."""
-    shards = _seqpar.axis_size(axis)
-    position = jax.lax.axis_index(axis)
-    if reverse:
-        position = shards - 1 - position
-    mine = (summary[0].astype(jnp.int32), summary[1].astype(jnp.int32), summary[2])
-    every = [_seqpar.share(x, axis, shards, reverse) for x in mine]  # [K, N], processing order
-    every = (every[0] > 0, every[1] > 0, every[2])
     first = initial[:, 0].astype(summary[2].dtype)
-    acc = (jnp.zeros(first.shape, bool), ~jnp.isnan(first), jnp.nan_to_num(first))
-    acc = tuple(vary(x, varying_axes(*every)) for x in acc)
-
-    def fold(acc, shard):  # the state before each shard
-        return _combine_last(acc, shard), acc
-
-    _, (_, got, value) = jax.lax.scan(fold, acc, every)
-    got = jax.lax.dynamic_index_in_dim(got, position, 0, keepdims=False)
-    value = jax.lax.dynamic_index_in_dim(value, position, 0, keepdims=False)
+    start = (jnp.zeros(first.shape, bool), ~jnp.isnan(first), jnp.nan_to_num(first))
+    (_, got, value), _ = _seqpar.fold_shards(_combine_last, start, summary, axis, reverse)
     return jnp.where(got, value, jnp.nan)[:, None]
 
 
