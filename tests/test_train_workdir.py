@@ -341,6 +341,37 @@ def test_ctrl_c_says_where_it_stopped_and_where_a_rerun_resumes(tmp_path, tiny_f
     assert rest == f" rerun the same command to resume from step {resume}"
 
 
+def test_ctrl_c_is_taken_between_steps_even_where_a_library_would_swallow_it(
+    tmp_path, tamper_train_stream
+):
+    """A Ctrl-C that lands inside code catching ``KeyboardInterrupt`` (as Orbax's and JAX's
+    machinery can) still stops the run, at the next step; a second one is immediate."""
+    from flax_linoss.train import trainer
+
+    def interrupted_inside_a_library(n, batch):
+        if n == 5:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the signal arrives here
+            except KeyboardInterrupt:
+                pass  # swallowed
+        return batch
+
+    tamper_train_stream(interrupted_inside_a_library)
+    config = _tiny(**{"train.num_steps": 40, "train.checkpoint_every": 4})
+    with pytest.raises(workdir_lib.Interrupted) as info:
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert info.value.step == 5 and info.value.resume_step == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    with workdir_lib.stop_requests() as requested:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+
+
 # ----------------------------------------------------------------------------------------
 # 10. The training time of every session.
 

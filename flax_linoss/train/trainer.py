@@ -747,11 +747,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return run.close()
     run.announce()
     t0 = time.perf_counter()
-    with run.saving():
+    with run.saving(), workdir_lib.stop_requests() as stop_requested:
         dstate = s.parallel.put_state(run.state)
         run.state = None  # donated to the first step
         pending = None  # (metrics, step) of the previous step, checked one step late
         while run.step < config.train.num_steps:
+            if stop_requested():  # Ctrl-C, taken here between steps
+                raise KeyboardInterrupt
             dstate, m = s.parallel.step(dstate, s.parallel.put_batch(run.next_batch()))
             run.step += 1
             if pending is not None:

@@ -15,7 +15,10 @@ time of every session that trained there.
   ``results.json``'s ``train_seconds`` (and ``flax-linoss reproduce``'s wall time) is the
   sum over sessions.
 * :class:`Interrupted` is the ``KeyboardInterrupt`` a run raises when Ctrl-C stops it: it
-  knows the step reached and the step a rerun resumes from.
+  knows the step reached and the step a rerun resumes from. :func:`stop_requests` defers
+  Ctrl-C to the training loop's next step (an interrupt raised inside Orbax's or JAX's
+  machinery can be lost there, or leave a save half-registered); a second Ctrl-C
+  interrupts at once.
 * :func:`describe_failure` turns the operating-system failures a user can fix (a full disk,
   a read-only or forbidden folder) into one line, wherever in an exception chain they are
   (Orbax wraps them in its own errors).
@@ -31,8 +34,10 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -48,6 +53,7 @@ __all__ = [
     "describe_failure",
     "exception_chain",
     "latest_checkpoint_step",
+    "stop_requests",
     "total_train_seconds",
 ]
 
@@ -61,6 +67,29 @@ class WorkdirError(RuntimeError):
 
 class WorkdirBusyError(WorkdirError):
     """Another run holds the workdir's lock; the message names its process."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Within this block a first Ctrl-C (SIGINT) only records a request: yields a function
+    that says whether one came, for the loop to stop at a step boundary. A second Ctrl-C
+    raises ``KeyboardInterrupt`` at once. The previous handler is restored on exit. Off the
+    main thread (where Python cannot take signals) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            signal.default_int_handler(signum, frame)
+        requested.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Interrupted(KeyboardInterrupt):
