@@ -125,6 +125,19 @@ def kill_after(step):
     return edit
 
 
+def optimized_jit(fn, **kwargs):
+    """``jax.jit`` with XLA's default optimisation (the suite compiles without it): for the
+    few tests whose time goes into running long programs rather than compiling them."""
+    import jax
+
+    options = {
+        "xla_backend_optimization_level": 3,
+        "xla_llvm_disable_expensive_passes": False,
+        "xla_cpu_use_fusion_emitters": True,
+    }
+    return jax.jit(fn, compiler_options=options, **kwargs)
+
+
 def tiny_config(**over):
     """The tiny training config on one device, with ``{"train.num_steps": 36, ...}``
     overrides (dotted keys)."""

@@ -243,6 +243,7 @@ def test_damped_edges_stay_finite_and_accurate_at_1e5_steps_on_every_path():
     # the band edges with little damping, under both constraints: before the margins and the
     # double-word powers, associative and chunked went non-finite at steps 69-74k. Each path
     # is compared with the float64 reference, bounded by the float32 loop's own error.
+    from conftest import optimized_jit
     from oscillator_reference import reference_apply, rel_err
 
     rng = np.random.default_rng(3)
@@ -256,22 +257,37 @@ def test_damped_edges_stay_finite_and_accurate_at_1e5_steps_on_every_path():
     b = jnp.ones((n, 1, 2)) / 2
     c = jnp.zeros((1, n, 2)).at[..., 0].set(1 / n)  # Re(C y): the mean of the real parts
     d = jnp.zeros(1)
+    paths = {  # 10^5 steps: compiled with XLA's optimisation (see conftest.optimized_jit)
+        (scan, masked): optimized_jit(
+            lambda u, a, dt, g, scan=scan, masked=masked: ops.linoss_apply(
+                u,
+                a,
+                dt,
+                b,
+                c,
+                d,
+                g=g,
+                discretization="damped",
+                scan=scan,
+                mask=jnp.ones((1, length), bool) if masked else None,  # the per-step scan
+            )
+        )
+        for scan, masked in (
+            ("sequential", False),
+            ("associative", False),
+            ("chunked", False),
+            ("associative", True),
+        )
+    }
     for constraint in ops.CONSTRAINTS:
         a, dt, g = ops.constrain("damped", *raw, constraint=constraint)
         with jax.enable_x64(True):
             ref = np.asarray(reference_apply(u, a, dt, b, c, d, g, discretization="damped")[0])
         errors = {}
-        for scan, flags in (
-            ("sequential", {}),
-            ("associative", {}),
-            ("chunked", {}),
-            ("associative", {"mask": jnp.ones((1, length), bool)}),  # the per-step scan
-        ):
-            out = ops.linoss_apply(
-                u, a, dt, b, c, d, g=g, discretization="damped", scan=scan, **flags
-            )
+        for (scan, flags), path in paths.items():
+            out = path(u, a, dt, g)
             assert np.all(np.isfinite(np.asarray(out))), (constraint, scan, flags)
-            errors[(scan, bool(flags))] = rel_err(out, ref)
+            errors[(scan, flags)] = rel_err(out, ref)
         # Near a double eigenvalue float32 itself is inaccurate over 10^5 steps (the loop's
         # error here is tens of percent); the parallel paths add at most a factor.
         loop = errors.pop(("sequential", False))

@@ -209,12 +209,13 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
-    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention"]
-    args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
+    args = ["--tasks", "mqar", "--mixers", "linoss-im", "attention"]
+    # The cost table (on MQAR) at the training length: its train steps are the rows' own.
+    args += ["--lengths", "32", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     result = bench.main([*args, "--out", str(out)])
     text = out.read_text()
-    assert "## induction, length 16" in text and "Generation cost" in text
+    assert "## mqar, length 32" in text and "Generation cost" in text
     assert "## Train-step cost at length 32" in text
     # The deciding rows ran with both seeds, the others with the first.
     runs = [json.loads(x) for x in open(tmp_path / "w" / "mixers.jsonl")]
