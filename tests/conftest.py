@@ -22,13 +22,24 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # MLIR fusion emitters (at this optimisation level they compile a typical train step 2.4x
 # faster, and it runs no slower): the same programs, equal up to float rounding.
 # FLAX_LINOSS_TEST_XLA_OPT=1 keeps XLA's defaults.
+QUICK_COMPILE = ""
 if os.environ.get("FLAX_LINOSS_TEST_XLA_OPT") != "1" and (
     "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
 ):
-    os.environ["XLA_FLAGS"] += (
-        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    QUICK_COMPILE = (
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         " --xla_cpu_use_fusion_emitters=false"
     )
+    os.environ["XLA_FLAGS"] += " " + QUICK_COMPILE
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a process a test starts: the suite's quick-compile flags, with
+    ``devices`` fake CPU devices (``None``: one, XLA's default)."""
+    count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
+    return (count + QUICK_COMPILE).strip()
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 TINY = """
 from flax_linoss.train.default_config import get_tiny_config as get_config
@@ -12,7 +13,7 @@ from flax_linoss.train.default_config import get_tiny_config as get_config
 
 
 def _run(*args, cwd=None, timeout=180):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     return subprocess.run(
         [sys.executable, "-m", "flax_linoss", *args],
         env=env,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kill_after, nan_from
+from conftest import kill_after, nan_from, xla_flags
 from conftest import tiny_config as _tiny
 from flax import nnx
 
@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args, cwd=None, timeout=240, env=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "flax_linoss", *args],
         env=env,

@@ -9,6 +9,7 @@ import sysconfig
 import venv
 
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = [
@@ -77,7 +78,7 @@ def test_wheel_installs_and_runs_from_elsewhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     where = subprocess.run(
         [python, "-c", "import flax_linoss; print(flax_linoss.__file__)"],
         cwd=elsewhere,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from oscillator_reference import (
     assert_rel_close,
     random_problem,
@@ -196,7 +197,7 @@ def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
         print(sorted(p.name for p in native.cache_dir().glob("*.so")))
     """
     # One CPU device (this session's 8 fake devices make "auto" avoid the kernel under jit).
-    one = dict(XLA_FLAGS="")
+    one = dict(XLA_FLAGS=xla_flags())
     ok = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"), **one)
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from conftest import xla_flags
 
 from flax_linoss.ops import _auto, _selfcheck
 from flax_linoss.ops._auto import resolve_scan
@@ -111,7 +112,7 @@ def test_switched_off_or_no_device_means_no_check(fresh, monkeypatch):
 
 
 def test_doctor_from_the_command_line():
-    env = {**os.environ, "XLA_FLAGS": "", "FLAX_LINOSS_KERNELS": "0"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "FLAX_LINOSS_KERNELS": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "flax_linoss", "doctor"],
         capture_output=True,

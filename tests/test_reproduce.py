@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kill_after, tiny_config
+from conftest import kill_after, tiny_config, xla_flags
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -266,7 +266,7 @@ def test_reproduce_from_the_command_line(tmp_path):
         "    c.data.split_seed = -1\n"
         "    return c\n"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     cmd = [
         sys.executable,
         "-m",

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 
 from flax_linoss.train import checkpoint as ckpt_lib
 from flax_linoss.train import default_config, trainer
@@ -90,7 +91,7 @@ def _free_port():
 def _env(local_devices, cache):
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    env["XLA_FLAGS"] = xla_flags(local_devices)
     env["JAX_COMPILATION_CACHE_DIR"] = cache
     return env
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import kill_after, nan_from
+from conftest import kill_after, nan_from, xla_flags
 from conftest import tiny_config as _tiny
 
 from flax_linoss.train import checkpoint as ckpt_lib
@@ -180,9 +180,7 @@ def test_resume_onto_another_mesh_and_eval_on_one_device(tmp_path, tamper_train_
 
     # `flax-linoss eval` on one device restores the sharded checkpoint (the run's saved
     # config names a mesh of 8; it is dropped to fit).
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     out = subprocess.run(
         [sys.executable, "-m", "flax_linoss", "eval", f"--workdir={run_dir}", "--which=latest"],
         env=env,

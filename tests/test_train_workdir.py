@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import kill_after
+from conftest import kill_after, xla_flags
 from conftest import tiny_config as _tiny
 
 from flax_linoss.train import checkpoint as ckpt_lib
@@ -26,7 +26,8 @@ TINY = "from flax_linoss.train.default_config import get_tiny_config as get_conf
 
 
 def _env(**extra):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1", **extra)
+    flags = xla_flags()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONUNBUFFERED="1", **extra)
 
 
 def _cli(*args, cwd=None, timeout=240, python=None):

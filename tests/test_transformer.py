@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
 from oscillator_reference import assert_rel_close
 
@@ -140,7 +141,7 @@ def test_cli_trains_a_mixer_on_mqar_and_reports_accuracy(tmp_path, framework):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = tmp_path / "tiny.py"
     cfg.write_text(TINY.format(repo=repo))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     out = subprocess.run(
         [
             sys.executable,
@@ -209,13 +210,12 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
-    args = ["--tasks", "mqar", "--mixers", "linoss-im", "attention"]
-    # The cost table (on MQAR) at the training length: its train steps are the rows' own.
-    args += ["--lengths", "32", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
+    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention"]
+    args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     result = bench.main([*args, "--out", str(out)])
     text = out.read_text()
-    assert "## mqar, length 32" in text and "Generation cost" in text
+    assert "## induction, length 16" in text and "Generation cost" in text
     assert "## Train-step cost at length 32" in text
     # The deciding rows ran with both seeds, the others with the first.
     runs = [json.loads(x) for x in open(tmp_path / "w" / "mixers.jsonl")]
