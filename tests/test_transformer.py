@@ -66,10 +66,11 @@ def test_decoding_through_the_caches_equals_the_full_pass(mixer):
     token per call: every pattern decodes any number of new tokens per call."""
     tokens = _tokens(length=10)
     model = _nnx(mixer)
-    full = model(tokens, deterministic=True)
+    full = nnx.jit(lambda m, x: m(x, deterministic=True))(model, tokens)
     model.init_cache(tokens.shape[0], tokens.shape[1])
-    steps = [model(tokens[:, :4], decode=True, deterministic=True)]
-    steps += [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(4, 10)]
+    decode = nnx.jit(lambda m, x: m(x, decode=True, deterministic=True))
+    steps = [decode(model, tokens[:, :4])]
+    steps += [decode(model, tokens[:, t : t + 1]) for t in range(4, 10)]
     assert_rel_close(jnp.concatenate(steps, 1), full, 2e-5)
 
 
@@ -78,11 +79,12 @@ def test_packed_segments_equal_running_them_alone():
     a, b = _tokens(1, 5, seed=1), _tokens(1, 7, seed=2)
     packed = jnp.concatenate([a, b], 1)
     seg = jnp.array([[1] * 5 + [2] * 7])
-    out = model(packed, segment_ids=seg, deterministic=True)
-    assert_rel_close(out[:, :5], model(a, deterministic=True), 1e-5)
-    assert_rel_close(out[:, 5:], model(b, deterministic=True), 1e-5)
+    run = nnx.jit(lambda m, x, seg=None: m(x, segment_ids=seg, deterministic=True))
+    out = run(model, packed, seg)
+    assert_rel_close(out[:, :5], run(model, a), 1e-5)
+    assert_rel_close(out[:, 5:], run(model, b), 1e-5)
     # Without the segments the second sequence sees the first (the test can fail).
-    assert not np.allclose(model(packed, deterministic=True)[:, 5:], model(b, deterministic=True))
+    assert not np.allclose(run(model, packed)[:, 5:], run(model, b))
 
 
 def test_a_registered_attention_gets_no_linoss_options():
@@ -185,7 +187,7 @@ def test_the_train_step_passes_packing_to_the_model():
         "valid": jnp.ones((2,), bool),
     }
     packed = {**batch, "segment_ids": jnp.array([[1] * 5 + [2] * 7] * 2)}
-    step = trainer.make_step_fn(fns, trainer.make_optimizer(config))
+    step = jax.jit(trainer.make_step_fn(fns, trainer.make_optimizer(config)), static_argnums=2)
     state = trainer.TrainState(
         step=jnp.zeros((), jnp.int32),
         **variables,
