@@ -159,9 +159,11 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def init_state(fns: ModelFns, tx: optax.GradientTransformation, seed: int, example) -> TrainState:
-    """A fresh train state from ``seed`` (pure: call it inside ``jit``)."""
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+def init_state(fns: ModelFns, tx: optax.GradientTransformation, seed, example) -> TrainState:
+    """A fresh train state from ``seed`` (an int, or the key ``jax.random.PRNGKey(seed)``;
+    pure: call it inside ``jit``)."""
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+    init_key, dropout_key = jax.random.split(key)
     variables = fns.init(init_key, jnp.asarray(example))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -275,12 +277,13 @@ def create_train_state(s: Setup) -> TrainState:
     """A fresh train state from ``config.seed``, created inside ``jit`` with the state's
     shardings as ``out_shardings``: each device computes only its own shards (nothing is
     materialised whole on one device)."""
-    seed, example = s.config.seed, np.asarray(s.example)
+    # The key and the example are arguments, not constants: one program for every seed (a
+    # second seed's run, reproduce's seeds, a resumed run reuse the compiled one).
     create = jax.jit(
-        lambda: init_state(s.fns, s.tx, seed, example),
+        lambda key, example: init_state(s.fns, s.tx, key, example),
         out_shardings=s.parallel.state_shardings,
     )
-    return create()
+    return create(jax.random.PRNGKey(s.config.seed), np.asarray(s.example))
 
 
 # ----------------------------------------------------------------------------------------
