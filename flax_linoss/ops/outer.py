@@ -56,6 +56,7 @@ import numpy as np
 from flax_linoss.ops import _checks, _seqpar, schemes
 from flax_linoss.ops._scans._common import (
     fold_flags,
+    matmul2,
     resets_from_segments,
     vary,
     varying_axes,
@@ -444,24 +445,12 @@ def _shard_start(decay, w_end, z0, y0, axis):
     end, _ = _carry(zero, zero, decay, w_end)
 
     def compose(acc, d):  # D_c ... D_0
-        return _mul2(d, acc), None
+        return matmul2(d, acc), None
 
     one, nil = jnp.ones_like(decay[0][:, :, 0]), jnp.zeros_like(decay[0][:, :, 0])
     step_axis = lambda x: jnp.moveaxis(x, 2, 0)  # [N, H, C, K] -> [C, N, H, K]
     total, _ = jax.lax.scan(compose, (one, nil, nil, one), tuple(map(step_axis, decay)))
     return _seqpar.fold_shards(_seqpar.affine_chain, (z0, y0), (total, end), axis)
-
-
-def _mul2(m, r):
-    """The 2x2 product ``m r`` of two tuples ``(11, 12, 21, 22)``."""
-    m11, m12, m21, m22 = m
-    r11, r12, r21, r22 = r
-    return (
-        m11 * r11 + m12 * r21,
-        m11 * r12 + m12 * r22,
-        m21 * r11 + m22 * r21,
-        m21 * r12 + m22 * r22,
-    )
 
 
 def _table(m, n: int):
@@ -474,7 +463,7 @@ def _table(m, n: int):
     one, zero = jnp.ones_like(m[0]), jnp.zeros_like(m[0])
     rows = [(one, zero, zero, one)]
     for _ in range(n - 1):
-        rows.append(_mul2(m, rows[-1]))
+        rows.append(matmul2(m, rows[-1]))
     return tuple(jnp.stack(x) for x in zip(*rows))
 
 
@@ -525,12 +514,7 @@ def _chunked_steps(q, k, v, tr, readout, chunk):
         gz = jnp.where(first == j, b(g1), gz)
         gy = jnp.where(first == j, b(g2), gy)
         row = jnp.sum(b(q_j) * (cz * gz + cy * gy) * kc, -1)  # [N, H, C, T(s)]
-        p = (
-            e11 * p[0] + e12 * p[2],
-            e11 * p[1] + e12 * p[3],
-            e21 * p[0] + e22 * p[2],
-            e21 * p[1] + e22 * p[3],
-        )
+        p = matmul2((e11, e12, e21, e22), p)
         c0 = lambda x: x[..., 0, :] if jnp.ndim(x) else x  # [H, 1, 1, K] -> [H, 1, K]
         read = jnp.concatenate([c0(cz) * p[0] + c0(cy) * p[2], c0(cz) * p[1] + c0(cy) * p[3]], -1)
         return ((gz, gy), p), (row, read)
@@ -556,12 +540,10 @@ def _carry(z0, y0, decay, w_end):
     Returns ``((z_L, y_L), the state before each chunk [N, H, C, 2K, V])``."""
     key_dim = z0.shape[-2]
 
-    def step(state, xs):
-        sz, sy = state  # [N, H, K, V]
-        e11, e12, e21, e22, wk = xs
-        nz = e11[..., None] * sz + e12[..., None] * sy + wk[..., :key_dim, :]
-        ny = e21[..., None] * sz + e22[..., None] * sy + wk[..., key_dim:, :]
-        return (nz, ny), jnp.concatenate([sz, sy], axis=-2)
+    def step(state, xs):  # state: [N, H, K, V] each
+        *d, wk = xs
+        chunk_map = (d, (wk[..., :key_dim, :], wk[..., key_dim:, :]))
+        return _seqpar.affine_chain(state, chunk_map), jnp.concatenate(state, axis=-2)
 
     move = lambda x: jnp.moveaxis(x, 2, 0)
     final, before = jax.lax.scan(step, (z0, y0), tuple(map(move, (*decay, w_end))))

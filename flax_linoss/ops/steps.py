@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_linoss.ops import _seqpar, schemes
+from flax_linoss.ops._scans._common import resets_from_segments
 from flax_linoss.ops.params import IMEX_MARGIN, PAPER, STABLE, check_constraint
 
 __all__ = ["clamp_steps", "step_limit", "timestamp_gaps"]
@@ -131,7 +132,7 @@ def timestamp_gaps(
     starts = jnp.zeros(flat.shape, bool)
     if segment_ids is not None:
         seg = rows(segment_ids)
-        starts = starts.at[:, 1:].set(seg[:, 1:] != seg[:, :-1])
+        starts = resets_from_segments(seg)
     t0 = None
     if initial_timestamp is not None:
         t0 = jnp.asarray(initial_timestamp, flat.dtype)
