@@ -140,32 +140,12 @@ def _layer_metadata(h_axis, logical_sharding: bool) -> dict[str, dict[str, Any]]
     return out
 
 
-def _per_batch_shard(core, args, batch_ndim: int):
-    """``core(*args)`` under an explicit-axes mesh, per device on its rows of the batch:
-    arrays with the batch axes in front keep the batch sharding of the first activation
-    (``args[1]``), everything else (the features, the parameters) is gathered whole."""
-    P = jax.sharding.PartitionSpec
-    spec = tuple(jax.typeof(args[1]).sharding.spec) + (None,) * batch_ndim
-    lead = spec[:batch_ndim]
-    params, rest = args[0], args[1:]
-    row = lambda a: None if a is None else P(*lead, *([None] * (a.ndim - batch_ndim)))
-    in_specs = (
-        jax.tree.map(lambda _: P(), params),
-        *(jax.tree.map(row, a) if a is not None else None for a in rest),
-    )
-    args = jax.tree.map(jax.sharding.reshard, args, in_specs, is_leaf=lambda a: a is None)
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    out_shape = jax.eval_shape(core, *plain)
-    out_specs = jax.tree.map(row, out_shape)
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.shard_map(core, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
-
-
-def _per_sequence_shard(core, args, explicit: bool, lead: tuple, seq):
-    """``core(*args)`` (a whole sequence, no decoding state) per device on its rows
-    (``lead``, the batch axes' entries) and its steps (the length split over ``seq``):
-    the recurrence, the convolution and the timestamps' gaps pass state between the
-    shards (``sequence_axis``); the parameters are gathered whole."""
+def _core_per_shard(core, args, explicit: bool, lead: tuple, seq=None):
+    """``core(*args)`` per device on its rows (``lead``, the batch axes' PartitionSpec
+    entries) and, with ``seq``, its steps (the length split over that mesh axis; a whole
+    sequence, no decoding state): the recurrence, the convolution and the timestamps' gaps
+    then pass state between the shards (``sequence_axis``). The parameters are gathered
+    whole; under explicit axes the output keeps the first activation's sharding."""
     P = jax.sharding.PartitionSpec
     params, rest = args[0], args[1:]
     batch_ndim = len(lead)
@@ -806,10 +786,10 @@ class LinOSSMixer(nnx.Module):
         args = (params, q, k, v, valid, seg, restart, *carried, gate, timestamps, t0)
         split = None if state is not None else split_axes(q, get_logical_axis_rules())
         if split is not None and split[2] is not None:  # the length split (rules "length")
-            o, final, conv = _per_sequence_shard(core, args, *split[:3])
-        elif state_lib._explicit_mesh():
-            o, final, conv = _per_batch_shard(core, args, len(lead) - 1)
-            o = jax.sharding.reshard(o, jax.typeof(q).sharding.spec)
+            o, final, conv = _core_per_shard(core, args, *split[:3])
+        elif state_lib._explicit_mesh():  # per device on its rows of the batch
+            rows = (tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim)[: q.ndim - 2]
+            o, final, conv = _core_per_shard(core, args, True, rows)
         else:
             o, final, conv = core(*args)
         if self.gate is not None:
