@@ -445,32 +445,34 @@ def _absl_main(argv: list[str]) -> None:
     from flax_linoss.train import workdir as workdir_lib
     from flax_linoss.train.checkpoint import DamagedCheckpointError
 
-    try:
-        with workdir_lib.quiet_background_errors():
+    # The error paths run inside the quiet context too: a failed read's callbacks may still
+    # fire while the one line is printed, and must not print their own traceback after it.
+    with workdir_lib.quiet_background_errors():
+        try:
             _run_command(command, rest)
-    except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, and how to go on
-        if _show_traceback():
-            raise
-        if not isinstance(e, workdir_lib.Interrupted):
-            resume = workdir_lib.latest_checkpoint_step(_RUN.get("workdir"))
-            e = "interrupted" + (
-                f"; rerun the same command to resume from step {resume}"
-                if resume is not None
-                else ""
-            )
-        _exit(f"flax-linoss: {e}", 130)
-    except _user_errors() as e:
-        if _show_traceback():
-            raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, DamagedCheckpointError):  # Orbax's threads hold the failed reads
+        except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, and how to go on
+            if _show_traceback():
+                raise
+            if not isinstance(e, workdir_lib.Interrupted):
+                resume = workdir_lib.latest_checkpoint_step(_RUN.get("workdir"))
+                e = "interrupted" + (
+                    f"; rerun the same command to resume from step {resume}"
+                    if resume is not None
+                    else ""
+                )
+            _exit(f"flax-linoss: {e}", 130)
+        except _user_errors() as e:
+            if _show_traceback():
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, DamagedCheckpointError):  # Orbax's threads hold the failed reads
+                _exit(f"flax-linoss: error: {message}", 1)
+            _fail(message)
+        except Exception as e:  # a full disk, a read-only folder: one line, not Orbax's pages
+            message = workdir_lib.describe_failure(e, _RUN.get("workdir"))
+            if message is None or _show_traceback():
+                raise
             _exit(f"flax-linoss: error: {message}", 1)
-        _fail(message)
-    except Exception as e:  # a full disk, a read-only folder: one line, not Orbax's pages
-        message = workdir_lib.describe_failure(e, _RUN.get("workdir"))
-        if message is None or _show_traceback():
-            raise
-        _exit(f"flax-linoss: error: {message}", 1)
 
 
 def _exit(message: str, status: int) -> None:
