@@ -113,9 +113,9 @@ def run_one(task, mixer, length, steps, workdir, seed=0):
     config.train.tensorboard = False
     name = mixer.replace(",", "+").replace(":", "-")
     run_dir = os.path.join(workdir, f"{task}-L{length}-{name}-s{seed}")
-    res = trainer.train_and_evaluate(config, run_dir)
     s = trainer.setup(config)
-    step_s, peak, params = _step_profile(s, trainer.create_train_state(s))
+    res = trainer.train_and_evaluate(config, run_dir, prepared=s)
+    step_s, peak, params = _step_profile(s, trainer.create_train_state(s))  # the same program
     test = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     final = [r for r in test if r["split"] == "test" and r["step"] == steps][-1]
     return {

@@ -22,14 +22,22 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # MLIR fusion emitters (at this optimisation level they compile a typical train step 2.4x
 # faster, and it runs no slower): the same programs, equal up to float rounding.
 # FLAX_LINOSS_TEST_XLA_OPT=1 keeps XLA's defaults.
-QUICK_COMPILE = ""
-if os.environ.get("FLAX_LINOSS_TEST_XLA_OPT") != "1" and (
-    "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
-):
-    QUICK_COMPILE = (
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-        " --xla_cpu_use_fusion_emitters=false"
+_QUICK = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false"
+)
+# A pytest-xdist worker inherits the flags its controller added: still the suite's quick
+# flags (and still passed on to the processes the tests start), not a user's own level.
+QUICK_COMPILE = (
+    _QUICK
+    if os.environ.get("FLAX_LINOSS_TEST_XLA_OPT") != "1"
+    and (
+        _QUICK in os.environ["XLA_FLAGS"]
+        or "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
     )
+    else ""
+)
+if QUICK_COMPILE and QUICK_COMPILE not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + QUICK_COMPILE
 
 

@@ -48,7 +48,12 @@ def run_a(tmp_path_factory):
 
 def test_deterministic_metrics_jsonl_and_plot(run_a, tmp_path, capsys):
     workdir, results = run_a
-    again = trainer.train_and_evaluate(_tiny(), str(tmp_path))
+    config = _tiny()
+    prepared = trainer.setup(config)  # a caller's own setup (the mixer benchmark's) is used
+    with pytest.raises(ValueError, match="another config"):
+        trainer.train_and_evaluate(_tiny(), str(tmp_path / "x"), prepared=prepared)
+    assert not (tmp_path / "x").exists()
+    again = trainer.train_and_evaluate(config, str(tmp_path), prepared=prepared)
     wall = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # not deterministic
     assert wall(again) == wall(results) and results["train_seconds"] > 0
     recs = read_metrics(workdir)

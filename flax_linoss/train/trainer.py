@@ -726,13 +726,21 @@ class Run:
         return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, prepared: Setup | None = None
+) -> dict[str, Any]:
     """Trains (or resumes) in ``workdir``; returns the final results.
 
     Evaluates on val and test every ``train.eval_every`` steps; the reported test metric is
     the one at the best validation evaluation. Resumes from the latest checkpoint in
     ``workdir`` if there is one (refusing a checkpoint of another model before anything in
     the workdir changes).
+
+    Args:
+        config: The run's config.
+        workdir: The run's folder.
+        prepared: ``setup(config)`` if the caller built it already (a benchmark that then
+            times the same compiled step); built here if ``None``.
 
     Returns:
         ``{"metric", "best_step", "best_val", "test_at_best_val", "final_step",
@@ -742,8 +750,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ConfigError: A bad config (before anything is compiled).
         IncompatibleCheckpointError: ``workdir`` holds a checkpoint of another model.
         NonFiniteLossError: The loss became NaN/inf (names the step and the checkpoint kept).
+        ValueError: ``prepared`` was built from another config.
     """
-    s = setup(config)
+    if prepared is not None and prepared.config is not config:
+        raise ValueError("train_and_evaluate: `prepared` was built from another config")
+    s = setup(config) if prepared is None else prepared
     run = Run(s, workdir)
     if run.finished:
         _say(f"The run in {workdir} has already finished (step {run.step}).")
