@@ -212,7 +212,9 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
-    args = ["--tasks", "induction", "--mixers", "linoss-im", "attention"]
+    # The papers' plain block (the cheapest to compile) as the LinOSS row: it also gives the
+    # cost table its "x plain" column.
+    args = ["--tasks", "induction", "--mixers", "linoss-im:plain", "attention"]
     args += ["--lengths", "16", "--steps", "4", "--seeds", "0", "1", "--cost-length", "32"]
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     result = bench.main([*args, "--out", str(out)])
@@ -221,12 +223,12 @@ def test_bench_mixers_runs_small(tmp_path):
     assert "## Train-step cost at length 32" in text
     # The deciding rows ran with both seeds, the others with the first.
     runs = [json.loads(x) for x in open(tmp_path / "w" / "mixers.jsonl")]
-    seeds = {
-        m: sorted(r["seed"] for r in runs if r["mixer"] == m) for m in ("linoss-im", "attention")
-    }
-    assert seeds == {"linoss-im": [0, 1], "attention": [0]}
+    plain = "linoss-im:plain"
+    seeds = {m: sorted(r["seed"] for r in runs if r["mixer"] == m) for m in (plain, "attention")}
+    assert seeds == {plain: [0, 1], "attention": [0]}
+    assert f"| {plain} | " in text and "| 1.00 |" in text  # its cost relative to itself
     cache = {(r["mixer"], r["context"]): r["cache_mib"] for r in result["decode"]}
-    assert cache[("linoss-im", 16)] == cache[("linoss-im", 64)]
+    assert cache[(plain, 16)] == cache[(plain, 64)]
     assert cache[("attention", 64)] > 1.5 * cache[("attention", 16)]  # (64 + 32) / (16 + 32)
 
 
