@@ -445,8 +445,10 @@ def _absl_main(argv: list[str]) -> None:
     from flax_linoss.train import workdir as workdir_lib
     from flax_linoss.train.checkpoint import DamagedCheckpointError
 
-    # The error paths run inside the quiet context too: a failed read's callbacks may still
-    # fire while the one line is printed, and must not print their own traceback after it.
+    # The error paths run inside the quiet context too, and the process keeps dropping the
+    # callbacks a failed read leaves behind until it exits (after a damaged checkpoint was
+    # skipped, they may fire at the interpreter's exit): no traceback after the one line.
+    sys.unraisablehook = workdir_lib.drop_closed_loop_callbacks(sys.unraisablehook)
     with workdir_lib.quiet_background_errors():
         try:
             _run_command(command, rest)

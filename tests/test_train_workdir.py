@@ -430,3 +430,24 @@ def test_a_save_still_in_flight_is_awaited_before_naming_the_resume_step(tmp_pat
     finally:
         finish.join()
         run.close()
+
+
+def test_callbacks_of_a_failed_read_are_dropped_and_other_unraisable_errors_kept(monkeypatch):
+    """After a damaged checkpoint's read, tensorstore's callbacks into Orbax's closed event
+    loop print "Event loop is closed" at any time up to the interpreter's exit (once in CI,
+    after the one error line); the CLI's hook drops exactly those."""
+    import types
+
+    seen = []
+    hook = workdir_lib.drop_closed_loop_callbacks(seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(closed)
+    hook(other)
+    assert seen == [other]
+    seen.clear()
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with workdir_lib.quiet_background_errors():
+        sys.unraisablehook(closed)
+        sys.unraisablehook(other)
+    assert seen == [other] and sys.unraisablehook == seen.append  # restored

@@ -348,12 +348,27 @@ def describe_failure(e: BaseException, workdir: str | None) -> str | None:
     return None
 
 
+def drop_closed_loop_callbacks(default):
+    """``sys.unraisablehook`` that drops the "Event loop is closed" a read that failed
+    leaves behind (tensorstore's callbacks into Orbax's finished event loop, which fire at
+    any time up to the interpreter's exit) and passes anything else to ``default``."""
+
+    def unraisable(u) -> None:
+        if not (
+            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        ):
+            default(u)
+
+    return unraisable
+
+
 @contextlib.contextmanager
 def quiet_background_errors():
     """While a command runs: drop the ERROR lines (and tracebacks) Orbax logs for a failure
     it raises again in the main thread (a full disk is logged a dozen times, Ctrl-C while
     waiting for a save once), and the "Event loop is closed" that tensorstore's callbacks
-    print after a failed read; the command then reports the failure once."""
+    print after a failed read (:func:`drop_closed_loop_callbacks`); the command then
+    reports the failure once."""
     import logging
 
     class _Filter(logging.Filter):
@@ -364,15 +379,9 @@ def quiet_background_errors():
                 and (record.exc_info or "raised an exception" in record.getMessage())
             )
 
-    def unraisable(u) -> None:  # a read that failed leaves tensorstore callbacks behind
-        if not (
-            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
-        ):
-            default(u)
-
     logger, flt, default = logging.getLogger("absl"), _Filter(), sys.unraisablehook
     logger.addFilter(flt)
-    sys.unraisablehook = unraisable
+    sys.unraisablehook = drop_closed_loop_callbacks(default)
     try:
         yield
     finally:
