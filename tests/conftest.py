@@ -73,7 +73,7 @@ _SLOW = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks ``slow`` the tests listed in ``tests/slow_tests.txt`` (measured at 3 s or more;
+    """Marks ``slow`` the tests listed in ``tests/slow_tests.txt`` (measured at 2.2 s or more;
     see ``tests/list_slow_tests.py``): ``-m "not slow"`` is the fast subset."""
     for item in items:
         if item.nodeid in _SLOW:

@@ -3,7 +3,7 @@ more (setup and call together), which ``conftest.py`` marks ``slow`` (out of the
 subset ``-m "not slow"``; CI runs them all).
 
     python -m pytest -q -n 2 --durations=0 > durations.txt
-    python tests/list_slow_tests.py durations.txt --seconds 3
+    python tests/list_slow_tests.py durations.txt --seconds 2.2
 
 Tests marked ``slow`` in their own file stay so whatever this list says.
 """
@@ -22,7 +22,7 @@ LINE = re.compile(r"^\s*([0-9.]+)s (setup|call|teardown)\s+(\S+)")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("durations", help="the output of a pytest run with --durations=0")
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.2)
     args = parser.parse_args(argv)
     total = collections.Counter()
     for line in open(args.durations):
