@@ -183,6 +183,8 @@ def running_batch_norm(
 BATCH_AXIS = "batch"
 LENGTH_AXIS = "length"
 OSCILLATOR_AXIS = "oscillator"
+#: The outer-product block's heads (each its own memory): split like attention's heads.
+HEADS_AXIS = "heads"
 
 
 def _alternatives(rules, name):
@@ -241,7 +243,9 @@ def _axes_size(entry, sizes) -> int:
     return int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
 
-def split_axes(x: jax.Array, rules, oscillators: int | None = None):
+def split_axes(
+    x: jax.Array, rules, oscillators: int | None = None, oscillator_name: str = OSCILLATOR_AXIS
+):
     """How the mesh in context splits a recurrence's input ``x [batch..., L, H]``:
     ``(explicit, lead, seq, osc)`` (whether the mesh's axes are explicit, the batch axes'
     PartitionSpec entries, the mesh axis of the length, that of ``oscillators``), or
@@ -249,15 +253,16 @@ def split_axes(x: jax.Array, rules, oscillators: int | None = None):
     entry whole: a plain call, which XLA partitions under ``jit``).
 
     The logical ``rules`` (flax's ``(name, mesh axes)`` pairs) say which mesh axes split
-    the first batch axis (``"batch"``), the length (``"length"``) and the oscillators
-    (``"oscillator"``); under explicit axes the batch axes keep ``x``'s own sharding.
+    the first batch axis (``"batch"``), the length (``"length"``) and the ``oscillators``
+    (logical ``oscillator_name``: ``"oscillator"``, or the outer block's ``"heads"``);
+    under explicit axes the batch axes keep ``x``'s own sharding.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or jax.sharding.AxisType.Manual in tuple(mesh.axis_types):
         return None
     explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
     sizes = dict(mesh.shape)
-    names = (BATCH_AXIS, LENGTH_AXIS, OSCILLATOR_AXIS if oscillators else None)
+    names = (BATCH_AXIS, LENGTH_AXIS, oscillator_name if oscillators else None)
     dims = (x.shape[0] if x.ndim > 2 else 1, x.shape[-2], oscillators or 1)
     batch, seq, osc = (
         None if _axes_size(a, sizes) == 1 else a for a in logical_to_mesh(names, rules, sizes, dims)

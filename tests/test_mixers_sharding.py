@@ -198,20 +198,26 @@ def test_selective_outer_block_with_timestamps_under_an_explicit_mesh_equals_no_
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_outer_block_splits_the_length_under_the_rules(explicit, monkeypatch):
+@pytest.mark.parametrize(
+    ("explicit", "heads"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_outer_block_splits_the_length_and_heads_under_the_rules(explicit, heads, monkeypatch):
     """Rules mapping ``"length"`` to a mesh axis split the outer block's sequence: its
     convolution, timestamps' gaps and recurrence run per shard (``sequence_axis``) and give
     the unsplit output, with padding, packing, the selective gate and timestamps (shards of
-    3 steps, fewer than the convolution's history where padded)."""
+    3 steps, fewer than the convolution's history where padded). Rules mapping ``"heads"``
+    split its heads as well: each device runs its own heads (2 of 4)."""
     from flax_linoss import ops
     from flax_linoss.mixers.nnx import LinOSSMixer
 
     seen = []
     real = ops.outer_apply
-    monkeypatch.setattr(
-        ops, "outer_apply", lambda *a, **k: seen.append(k.get("sequence_axis")) or real(*a, **k)
-    )
+
+    def spy(q, *a, **k):
+        seen.append((k.get("sequence_axis"), q.shape[-2]))
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(ops, "outer_apply", spy)
     x = jax.random.normal(jax.random.key(0), (2, 12, 16))
     times = jnp.cumsum(jax.random.uniform(jax.random.key(1), (2, 12), minval=0.2), axis=1)
     valid = np.ones((2, 12), bool)
@@ -224,12 +230,18 @@ def test_outer_block_splits_the_length_under_the_rules(explicit, monkeypatch):
     kw = dict(timestamps=times, mask=jnp.asarray(valid), segment_ids=jnp.asarray(ids))
     want = mixer(x, **kw)
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
-    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(kind, kind))
     rules = (("batch", "data"), ("length", "seq"))
+    if heads:
+        mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "model"), axis_types=(kind,) * 3)
+        rules += (("heads", "model"), ("kv", "model"))
+    else:
+        mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(kind, kind))
+    seen.clear()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         graphdef, params = nnx.split(mixer)
         sharded = nnx.merge(graphdef, jax.device_put(params, P()))
         put = lambda a: jax.device_put(a, P("data", "seq", *([None] * (np.ndim(a) - 2))))
         got = jax.jit(lambda x, kw: sharded(x, **kw))(put(x), {k: put(v) for k, v in kw.items()})
-    assert "seq" in seen
+    # (the first, unsplit trace is the per-shard runner's eval_shape)
+    assert {c for c in seen if c[0] is not None} == {("seq", 2 if heads else 4)}
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

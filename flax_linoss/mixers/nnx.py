@@ -57,7 +57,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from flax_linoss import ops
-from flax_linoss.common import split_axes
+from flax_linoss.common import HEADS_AXIS, split_axes
 from flax_linoss.mixers import base, masks
 from flax_linoss.mixers import state as state_lib
 from flax_linoss.mixers.state import MixerState
@@ -140,29 +140,51 @@ def _layer_metadata(h_axis, logical_sharding: bool) -> dict[str, dict[str, Any]]
     return out
 
 
-def _core_per_shard(core, args, explicit: bool, lead: tuple, seq=None):
+# The arguments of _outer_core whose last axis is the heads' features (q, k, v and the
+# selective gate), and which of its parameters have a heads axis (at which position).
+_HEAD_STREAMS = (1, 2, 3, 10)
+_HEAD_PARAMS = {"a_raw": 0, "dt_raw": 0, "g_raw": 0, "scale": 0, "conv_kernel": 2, "conv_bias": 1}
+
+
+def _core_per_shard(core, args, explicit: bool, lead: tuple, seq=None, heads=None):
     """``core(*args)`` per device on its rows (``lead``, the batch axes' PartitionSpec
-    entries) and, with ``seq``, its steps (the length split over that mesh axis; a whole
-    sequence, no decoding state): the recurrence, the convolution and the timestamps' gaps
-    then pass state between the shards (``sequence_axis``). The parameters are gathered
-    whole; under explicit axes the output keeps the first activation's sharding."""
+    entries), with ``seq`` its steps (the length split over that mesh axis; a whole
+    sequence, no decoding state: the recurrence, the convolution and the timestamps' gaps
+    then pass state between the shards, ``sequence_axis``) and with ``heads`` its heads
+    (that mesh axis splits the heads, each device running its own heads' convolution,
+    memory and norm: nothing passes between them). Parameters are gathered whole, or split
+    with the heads; under explicit axes the output keeps the first activation's sharding."""
     P = jax.sharding.PartitionSpec
-    params, rest = args[0], args[1:]
+    params = args[0]
     batch_ndim = len(lead)
 
-    def spec(a):  # [batch..., L, H] streams, [batch..., L] flags, [batch...] rows
+    def spec(a, split_features=False):  # [batch..., L, H] streams, [batch..., L], [batch...]
         if a is None:
             return None
         steps = (seq,) if a.ndim > batch_ndim else ()
-        return P(*lead, *steps, *([None] * (a.ndim - batch_ndim - len(steps))))
+        tail = [None] * (a.ndim - batch_ndim - len(steps))
+        if split_features:
+            tail[-1] = heads
+        return P(*lead, *steps, *tail)
 
-    in_specs = (jax.tree.map(lambda _: P(), params), *(spec(a) for a in rest))
+    def param_spec(name, a):
+        if a is None:
+            return None
+        axis = _HEAD_PARAMS[name] if heads is not None else None
+        return P(*(heads if i == axis else None for i in range(a.ndim)))
+
+    in_specs = (
+        {n: param_spec(n, a) for n, a in params.items()},
+        *(spec(a, heads is not None and i in _HEAD_STREAMS) for i, a in enumerate(args) if i),
+    )
     given = jax.typeof(args[1]).sharding.spec if explicit else None
     if explicit:
         args = jax.tree.map(jax.sharding.reshard, args, in_specs, is_leaf=lambda a: a is None)
     plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     out_shape = jax.eval_shape(core, *plain)
     out_specs = jax.tree.map(spec, out_shape)
+    if heads is not None:  # a whole sequence: the output, no state or buffers
+        out_specs = (spec(out_shape[0], True), *out_specs[1:])
     mesh = jax.sharding.get_abstract_mesh()
     run = functools.partial(core, sequence_axis=seq)
     out = jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
@@ -784,9 +806,11 @@ class LinOSSMixer(nnx.Module):
         )
         carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
         args = (params, q, k, v, valid, seg, restart, *carried, gate, timestamps, t0)
-        split = None if state is not None else split_axes(q, get_logical_axis_rules())
-        if split is not None and split[2] is not None:  # the length split (rules "length")
-            o, final, conv = _core_per_shard(core, args, *split[:3])
+        split = None
+        if state is None:  # the length (rules "length") and the heads ("heads") split
+            split = split_axes(q, get_logical_axis_rules(), self.num_heads, HEADS_AXIS)
+        if split is not None and (split[2] is not None or split[3] is not None):
+            o, final, conv = _core_per_shard(core, args, *split[:3], heads=split[3])
         elif state_lib._explicit_mesh():  # per device on its rows of the batch
             rows = (tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim)[: q.ndim - 2]
             o, final, conv = _core_per_shard(core, args, True, rows)
