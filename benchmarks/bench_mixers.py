@@ -90,6 +90,12 @@ def _step_profile(s, state):
     return statistics.median(times[1:]), peak, params
 
 
+def row_seeds(mixer: str, first_length: bool, seeds: list[int]) -> list[int]:
+    """The seeds a row runs: all of them for the mixers that decide the defaults
+    (``DECIDING``) at the first length, the first one otherwise."""
+    return list(seeds) if (first_length and mixer in DECIDING) else list(seeds[:1])
+
+
 def split_mixer(mixer: str) -> tuple[str, str]:
     """``"name[:block]"`` -> ``(model.mixer, model.mixer_block)`` (default ``outer``)."""
     name, _, block = mixer.partition(":")
@@ -377,7 +383,7 @@ def main(argv=None):
         for i, length in enumerate(args.lengths):
             steps = args.steps if i == 0 else args.long_steps
             for mixer in args.mixers if i == 0 else args.long_mixers:
-                seeds = args.seeds if (i == 0 and mixer in DECIDING) else args.seeds[:1]
+                seeds = row_seeds(mixer, i == 0, args.seeds)
                 for seed in seeds:
                     key = (task, length, mixer, steps, seed)
                     if key not in done:

@@ -181,5 +181,6 @@ def reference_grads(
             return total, (out, z_l)
 
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grads, (out, z_l) = jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True)(*f64)
+        grad = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))
+        grads, (out, z_l) = grad(*f64)
         return jax.tree.map(np.asarray, (grads, out, z_l))

@@ -132,7 +132,7 @@ def test_selective_starts_as_the_time_invariant_layer_and_learns_per_step_sizes(
                 )[0]
             )
 
-        ref_value, ref_grad = jax.value_and_grad(ref_loss)(jnp.asarray(w, jnp.float64))
+        ref_value, ref_grad = jax.jit(jax.value_and_grad(ref_loss))(jnp.asarray(w, jnp.float64))
     assert rel_err(value, ref_value) < 2e-5
     assert rel_err(grad, ref_grad) < 2e-5
 

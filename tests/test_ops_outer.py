@@ -121,7 +121,9 @@ def _assert_matches_reference(
             return loss(*out, lambda x: jnp.asarray(x, jnp.float64)), out
 
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        ref_grads, ref_out = jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True)(*f64)
+        ref_grads, ref_out = jax.jit(jax.grad(ref_loss, argnums=tuple(range(8)), has_aux=True))(
+            *f64
+        )
 
     def apply(q, k, v, a, dt, z0, y0, c, mask, seg, axis=None):
         return ops.outer_apply(

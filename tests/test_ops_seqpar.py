@@ -30,7 +30,7 @@ def _assert_equals_reference(sharded, reference, args, ct, ct_z):
             return jnp.sum(ct * out) + jnp.sum(ct_z * z_l), (out, z_l)
 
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grad_ref = jax.grad(ref_loss, argnums=argnums, has_aux=True)
+        grad_ref = jax.jit(jax.grad(ref_loss, argnums=argnums, has_aux=True))
         ref_grads, (ref_out, ref_z) = jax.tree.map(np.asarray, grad_ref(*f64))
     assert rel_err(out, ref_out) < 3e-5, ("output", rel_err(out, ref_out))
     assert rel_err(z, ref_z) < 3e-5, ("final state", rel_err(z, ref_z))

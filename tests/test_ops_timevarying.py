@@ -56,7 +56,7 @@ def _reference_grads(disc, args, ct, ct_z, st0, reverse, **flags):
             return jnp.sum(ct * flip(out)) + jnp.sum(ct_z * z_l), flip(out)
 
         f64 = [jnp.asarray(x, jnp.float64) for x in args]
-        grads, out = jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True)(*f64)
+        grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(nargs)), has_aux=True))(*f64)
         return [np.asarray(x) for x in grads], np.asarray(out)
 
 
