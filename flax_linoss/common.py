@@ -243,6 +243,13 @@ def _axes_size(entry, sizes) -> int:
     return int(np.prod([sizes[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
 
 
+def explicit_spec(x: jax.Array) -> tuple:
+    """``x``'s PartitionSpec entries under an explicit-axes mesh, one per dimension (the
+    trailing ones a spec may leave out filled with ``None``)."""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
 def split_axes(
     x: jax.Array, rules, oscillators: int | None = None, oscillator_name: str = OSCILLATOR_AXIS
 ):
@@ -269,8 +276,7 @@ def split_axes(
     )
     lead = (None,) * (x.ndim - 2)
     if explicit:
-        spec = tuple(jax.typeof(x).sharding.spec)
-        lead = (spec + (None,) * x.ndim)[: x.ndim - 2]
+        lead = explicit_spec(x)[: x.ndim - 2]
         taken = {a for e in lead if e for a in ((e,) if isinstance(e, str) else e)}
         seq, osc = (None if a in taken else a for a in (seq, osc))
     elif x.ndim > 2:

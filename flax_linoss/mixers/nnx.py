@@ -57,7 +57,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from flax_linoss import ops
-from flax_linoss.common import HEADS_AXIS, split_axes
+from flax_linoss.common import HEADS_AXIS, explicit_spec, split_axes
 from flax_linoss.mixers import base, masks
 from flax_linoss.mixers import state as state_lib
 from flax_linoss.mixers.state import MixerState
@@ -711,8 +711,7 @@ class LinOSSMixer(nnx.Module):
         """The defaults of ``qkv_sharding`` / ``out_sharding`` (see the module doc)."""
         if not self._sharded_kernels or not state_lib._explicit_mesh():
             return qkv_sharding, out_sharding
-        spec = tuple(jax.typeof(x).sharding.spec)
-        spec = spec + (None,) * (x.ndim - len(spec))
+        spec = explicit_spec(x)
         P = jax.sharding.PartitionSpec
         if qkv_sharding is None:
             qkv_sharding = P(*spec[:-1], self._inner_axis)
@@ -812,8 +811,7 @@ class LinOSSMixer(nnx.Module):
         if split is not None and (split[2] is not None or split[3] is not None):
             o, final, conv = _core_per_shard(core, args, *split[:3], heads=split[3])
         elif state_lib._explicit_mesh():  # per device on its rows of the batch
-            rows = (tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim)[: q.ndim - 2]
-            o, final, conv = _core_per_shard(core, args, True, rows)
+            o, final, conv = _core_per_shard(core, args, True, explicit_spec(q)[: q.ndim - 2])
         else:
             o, final, conv = core(*args)
         if self.gate is not None:
