@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 
 from flax_linoss import ops
+from flax_linoss.ops._scans import native
 
 D = 3
+# The paths: the pure-JAX form everywhere, the fused CPU kernels where they build.
+SCANS = [
+    "jax",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not native.available(), reason=f"no native kernels: {native.unavailable_reason()}"
+        ),
+    ),
+]
 
 
 def rel(x, ref):
@@ -55,9 +66,10 @@ def problem(seed, length, width):
     return x, w, b, flags
 
 
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("flagged", [False, True], ids=["plain", "mask+segments+buffer"])
-@pytest.mark.parametrize(("length", "width"), [(1, 4), (5, 2), (13, 4)])
-def test_values_and_gradients_match_reference(length, width, flagged):
+@pytest.mark.parametrize(("length", "width"), [(1, 4), (5, 2), (13, 4), (6, 1)])
+def test_values_and_gradients_match_reference(length, width, flagged, scan):
     x, w, b, fl = problem(length + width, length, width)
     mask, seg = (fl["mask"], fl["seg"]) if flagged else (None, None)
     rng = np.random.default_rng(1)
@@ -84,6 +96,7 @@ def test_values_and_gradients_match_reference(length, width, flagged):
             segment_ids=seg,
             initial_state=start if flagged else None,
             return_state=True,
+            scan=scan,
         )
         return jnp.sum(ct * y) + jnp.sum(ct_buf * fin), (y, fin)
 

@@ -202,7 +202,7 @@ def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[0] == "True native" and lines[1] == "None"
-    assert lines[2].startswith("['lti_recurrence-") and lines[2].endswith(".so']")
+    assert lines[2].startswith("['kernels-") and lines[2].endswith(".so']")
 
     # A compiler that fails (`false`), and the kernel switched off: both fall back.
     bad = str(tmp_path / "bad")

@@ -14,9 +14,15 @@ import pytest
 from oscillator_reference import reference_step
 
 from flax_linoss import ops
+from flax_linoss.ops._scans import native as native_kernels
 
 H, K, V = 2, 3, 2  # heads, key dims, value dims
 CHUNK = 8
+
+needs_native = pytest.mark.skipif(
+    not native_kernels.available(),
+    reason=f"native kernels unavailable: {native_kernels.unavailable_reason()}",
+)
 
 
 def rel(x, ref):
@@ -36,8 +42,8 @@ def reference(
     ``jax.enable_x64(True)``."""
     f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
     q, k, v, a, dt, g, readout = map(f64, (q, k, v, a, dt, g, readout))
-    n, length = q.shape[:2]
-    zero = jnp.zeros((n, H, K, V), jnp.float64)
+    n, length, heads, key_dim = q.shape
+    zero = jnp.zeros((n, heads, key_dim, v.shape[-1]), jnp.float64)
     z0 = zero if z0 is None else jnp.broadcast_to(f64(z0), zero.shape)
     y0 = zero if y0 is None else jnp.broadcast_to(f64(y0), zero.shape)
     mask = jnp.ones((n, length), bool) if mask is None else jnp.asarray(mask, bool)
@@ -64,13 +70,15 @@ def reference(
         *inp, dt_t = inp
         return body(carry, inp, per_entry(dt_t) if per_step else fixed)
 
-    dts = jnp.broadcast_to(dt, (n, length, H, K)) if per_step else jnp.zeros((n, length))
+    dts = jnp.broadcast_to(dt, (n, length, heads, key_dim)) if per_step else jnp.zeros((n, length))
     steps = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, mask, restart, dts))
     (z_l, y_l), o = jax.lax.scan(body_dt, (z0, y0), steps)
     return jnp.swapaxes(o, 0, 1), z_l, y_l
 
 
-def problem(seed, n, length, disc="im"):
+def problem(seed, n, length, disc="im", dims=(H, K, V)):
+    """Random ``(q, k, v, a, dt, g)`` and flags for ``dims = (heads, key dims, value dims)``."""
+    H, K, V = dims
     rng = np.random.default_rng(seed)
     f32 = lambda x: np.asarray(x, np.float32)
     q, k = f32(rng.normal(size=(2, n, length, H, K)))
@@ -98,17 +106,20 @@ CASES = [(1, True), (5, True), (37, True), (130, True), (37, False), (130, False
 
 
 def _assert_matches_reference(
-    args, g, fl, *, disc, flagged, readout, seed, check=True, shards=None
+    args, g, fl, *, disc, flagged, readout, seed, check=True, shards=None, scan="chunked"
 ):
     """Values and gradients of ``outer_apply`` with respect to every input of ``args = (q,
     k, v, a, dt, z0, y0, readout)`` (``dt`` fixed or per step) against the float64
     reference, through random cotangents on the output and the final state. ``flagged``
     adds ``fl``'s mask, segments and initial state; ``readout`` the readout weights;
-    ``shards`` splits the length over that many devices (``sequence_axis``)."""
-    length = args[0].shape[1]
+    ``shards`` splits the length over that many devices (``sequence_axis``); ``scan`` the
+    path."""
+    _, length, heads, key_dim = args[0].shape
+    value_dim = args[2].shape[-1]
     kw = dict(mask=fl["mask"], seg=fl["seg"]) if flagged else {}
-    ct = np.random.default_rng(seed).normal(size=(2, length, H, V)).astype(np.float32)
-    ct_z, ct_y = np.random.default_rng(seed + 1).normal(size=(2, 2, H, K, V)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    ct = rng.normal(size=(2, length, heads, value_dim)).astype(np.float32)
+    ct_z, ct_y = rng.normal(size=(2, 2, heads, key_dim, value_dim)).astype(np.float32)
 
     def loss(out, z_l, y_l, cast):
         return jnp.sum(cast(ct) * out) + jnp.sum(cast(ct_z) * z_l) + jnp.sum(cast(ct_y) * y_l)
@@ -142,6 +153,7 @@ def _assert_matches_reference(
             chunk=CHUNK,
             check=check,
             sequence_axis=axis,
+            scan=scan,
         )
 
     if shards:  # the length split over "seq" (a per-step dt with it), the rest replicated
@@ -184,6 +196,97 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
     _assert_matches_reference(
         args, None, fl, disc="im", flagged=flagged, readout=flagged, seed=7, check=False
     )
+
+
+# The fused CPU kernels (scan="native"): every scheme; value dims the kernels are compiled
+# for (8, 16: unrolled) and others (2, 3); lengths shorter than a checkpoint interval, one
+# and several intervals and a rest (native.OUTER_CHUNK = 32).
+NATIVE_CASES = [
+    (1, True, "im", (H, K, V)),
+    (37, True, "im", (H, K, V)),
+    (70, True, "imex", (1, 2, 16)),
+    (45, False, "damped", (2, 2, 8)),
+    (33, True, "damped", (1, 3, 3)),
+]
+
+
+@needs_native
+@pytest.mark.parametrize(("length", "flagged", "disc", "dims"), NATIVE_CASES)
+def test_native_kernel_matches_float64_reference(length, flagged, disc, dims):
+    (q, k, v, a, dt, g), fl = problem(length + 20, 2, length, disc, dims)
+    heads, key_dim, value_dim = dims
+    z0, y0 = np.random.default_rng(length).normal(size=(2, 2, heads, key_dim, value_dim))
+    readout = np.random.default_rng(length + 1).normal(size=(heads, key_dim, 2))
+    if flagged:  # a segment starting at a held step, and one at the first step
+        fl["mask"][0, length // 2] = False
+        fl["seg"][0, length // 2 :] += 3
+        fl["seg"][1, 0] = -1
+    f32 = lambda x: np.asarray(x, np.float32)
+    args = (q, k, v, a, dt, f32(z0), f32(y0), f32(readout))
+    _assert_matches_reference(
+        args, g, fl, disc=disc, flagged=flagged, readout=True, seed=3, scan="native"
+    )
+
+
+@needs_native
+def test_native_kernel_in_float64():
+    (q, k, v, a, dt, _), fl = problem(12, 2, 41, "im", (2, 3, 16))
+    with jax.enable_x64(True):
+        f64 = lambda x: jnp.asarray(x, jnp.float64)
+        q, k, v, a, dt = map(f64, (q, k, v, a, dt))
+        kw = dict(mask=fl["mask"], segment_ids=fl["seg"])
+
+        def loss(fn, q, k, v, a, dt):
+            o, st = fn(q, k, v, a, dt)
+            return jnp.sum(jnp.sin(o)) + jnp.sum(st.z * st.y), (o, st)
+
+        def fast(q, k, v, a, dt):
+            return ops.outer_apply(q, k, v, a, dt, return_state=True, scan="native", **kw)
+
+        def slow(q, k, v, a, dt):
+            o, z, y = reference(q, k, v, a, dt, mask=fl["mask"], seg=fl["seg"])
+            return o, ops.OuterState(z, y)
+
+        grad = lambda fn: jax.jit(jax.grad(lambda *x: loss(fn, *x), range(5), has_aux=True))
+        got, (o, st) = grad(fast)(q, k, v, a, dt)
+        want, (o_ref, st_ref) = grad(slow)(q, k, v, a, dt)
+        assert o.dtype == jnp.float64 and st.z.dtype == jnp.float64
+        assert rel(o, o_ref) < 1e-12 and rel(st.y, st_ref.y) < 1e-12
+        for name, x, ref in zip("qkv", got, want):
+            assert rel(x, ref) < 1e-11, name
+        assert rel(got[3], want[3]) < 1e-11 and rel(got[4], want[4]) < 1e-11
+
+
+def test_which_path_auto_runs(monkeypatch):
+    from flax_linoss.ops import outer
+    from flax_linoss.ops._scans import native
+
+    resolve = outer._resolve_scan
+    assert resolve("chunked", False, None) == "chunked"
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(outer._auto, "per_device", lambda: True)
+    assert resolve("auto", False, None) == "native"
+    assert resolve("native", False, None) == "native"
+    # A per-step dt or a split length: the chunked form (and "native" is refused, saying why).
+    assert resolve("auto", True, None) == "chunked"
+    assert resolve("auto", False, "seq") == "chunked"
+    with pytest.raises(ValueError, match="time-invariant `dt`"):
+        resolve("native", True, None)
+    with pytest.raises(ValueError, match="no `sequence_axis`"):
+        resolve("native", False, "seq")
+    # Under a multi-device jit XLA cannot split a custom call: auto keeps the chunked form.
+    monkeypatch.setattr(outer._auto, "per_device", lambda: False)
+    assert resolve("auto", False, None) == "chunked"
+    assert resolve("native", False, None) == "native"
+    # No kernel (no compiler, or switched off): auto falls back, "native" says why.
+    monkeypatch.setattr(outer._auto, "per_device", lambda: True)
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "disabled by FLAX_LINOSS_NATIVE=0")
+    assert resolve("auto", False, None) == "chunked"
+    with pytest.raises(ValueError, match="FLAX_LINOSS_NATIVE=0"):
+        resolve("native", False, None)
+    with pytest.raises(ValueError, match="Unknown scan 'fast'"):
+        resolve("fast", False, None)
 
 
 # The length split over 4 devices: shards shorter than a chunk (5 steps) and longer (9, 19),

@@ -292,26 +292,25 @@ def _outer_core(
     call), then clamped into the scheme's stable range."""
     decoding = z is not None
     buffers = None
-    if params["conv_kernel"] is not None:
-        streams, buffers = [], []
-        for i, t in enumerate((q, k, v)):
-            buf = None if not decoding else _zero_where(restart, conv_state[..., i, :])
-            out = ops.causal_conv(
-                t,
-                params["conv_kernel"][:, i],
-                params["conv_bias"][i],
-                mask=valid,
-                segment_ids=seg,
-                initial_state=buf,
-                return_state=decoding,
-                sequence_axis=sequence_axis,
-            )
-            if decoding:
-                out, buf = out
-                buffers.append(buf)
-            streams.append(out.astype(t.dtype))
-        q, k, v = streams
-        buffers = jnp.stack(buffers, -2) if decoding else None
+    if params["conv_kernel"] is not None:  # the three streams side by side, one convolution
+        width, _, features = params["conv_kernel"].shape
+        buf = None
+        if decoding:
+            buf = _zero_where(restart, conv_state).reshape(*conv_state.shape[:-2], -1)
+        out = ops.causal_conv(
+            jnp.concatenate([q, k, v], -1),
+            params["conv_kernel"].reshape(width, 3 * features),
+            params["conv_bias"].reshape(3 * features),
+            mask=valid,
+            segment_ids=seg,
+            initial_state=buf,
+            return_state=decoding,
+            sequence_axis=sequence_axis,
+        )
+        if decoding:
+            out, buffers = out
+            buffers = buffers.reshape(*buffers.shape[:-1], 3, features)
+        q, k, v = (x.astype(t.dtype) for x, t in zip(jnp.split(out, 3, axis=-1), (q, k, v)))
     a, dt, g = ops.constrain(
         discretization, params["a_raw"], params["dt_raw"], params["g_raw"], constraint=constraint
     )

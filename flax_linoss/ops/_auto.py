@@ -143,6 +143,31 @@ def _choose(platform: str, per_step: bool, dtype, device_local: bool) -> tuple[S
     )
 
 
+def native_or(where: str, scan: str, fallback: str, obstacle: str | None = None) -> str:
+    """The path of an op with one fused CPU kernel (``"native"``) and one pure-JAX form
+    (``fallback``): ``scan`` is ``"native"``, ``fallback`` or ``"auto"``, which takes the
+    kernel where it can run and code runs per device (XLA cannot split a custom call over
+    devices). ``obstacle``: why this call cannot take the kernel (``None``: it can).
+
+    Raises:
+      ValueError: ``scan="native"`` where the kernel cannot run (saying why).
+    """
+    if scan == fallback:
+        return scan
+    from flax_linoss.ops._scans import native
+
+    why = obstacle
+    if why is None and platform_name() != "cpu":
+        why = f"it is a CPU kernel (the platform is {platform_name()!r})"
+    if why is None and not native.available():
+        why = f"the kernel is unavailable ({native.unavailable_reason()})"
+    if scan == "native":
+        if why is not None:
+            raise ValueError(f"{where}: scan='native' cannot run here: {why}. Use 'auto'.")
+        return scan
+    return "native" if why is None and per_device() else fallback
+
+
 def explain(platform: str | None = None, dtype=jnp.float32) -> list[tuple[str, bool, Scan, str]]:
     """``auto``'s choices on ``platform``: ``(context, flags, path, reason)`` for code per
     device and under a multi-device ``jit``, without and with ``mask``/``segment_ids``.

@@ -29,10 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import _checks, _seqpar
-from flax_linoss.ops._scans._common import resets_from_segments
+from flax_linoss.ops import _auto, _checks, _seqpar
+from flax_linoss.ops._scans import native
+from flax_linoss.ops._scans._common import Flags, resets_from_segments
 
-__all__ = ["causal_conv", "causal_conv_step", "conv_state_zeros"]
+__all__ = ["CONV_SCANS", "causal_conv", "causal_conv_step", "conv_state_zeros"]
+
+#: The paths of :func:`causal_conv`: ``"jax"`` (gathers over the valid steps, every
+#: platform), ``"native"`` (the fused C++ kernels on CPU) and ``"auto"``.
+CONV_SCANS = ("auto", "jax", "native")
 
 
 def conv_state_zeros(batch_shape, width: int, channels: int, dtype=jnp.float32) -> jnp.ndarray:
@@ -82,6 +87,7 @@ def causal_conv(
     initial_state: jnp.ndarray | None = None,
     return_state: bool = False,
     sequence_axis: str | None = None,
+    scan: str = "auto",
 ):
     """Causal depthwise convolution of ``x [..., L, D]`` with taps ``w [W, D]``.
 
@@ -101,6 +107,9 @@ def causal_conv(
         last inputs, their count and whether a segment starts in it are shared, and
         folded after ``initial_state``). ``initial_state`` and the returned buffer are the
         whole sequence's.
+      scan: ``"jax"``, ``"native"`` (the fused CPU kernels: float32 or float64, no
+        ``sequence_axis``) or ``"auto"``: ``"native"`` where it can run and code runs per
+        device (a single-device process, or inside ``shard_map``), else ``"jax"``.
 
     Returns:
       ``y [..., L, D]`` in the result dtype of ``x`` and ``w``, and with ``return_state``
@@ -119,13 +128,29 @@ def causal_conv(
     for name, f in (("mask", mask), ("segment_ids", segment_ids)):
         if f is not None:
             _checks.check_per_step(name, f, (*lead, length), where)
+    if scan not in CONV_SCANS:
+        raise ValueError(f"Unknown scan {scan!r} for {where}; expected one of {CONV_SCANS}.")
+    obstacle = None
+    if sequence_axis is not None:
+        obstacle = "it runs whole sequences (no `sequence_axis`)"
+    elif jnp.result_type(x, w) not in (jnp.float32, jnp.float64):
+        obstacle = f"it computes in float32 or float64 (here {jnp.result_type(x, w)})"
+    scan = _auto.native_or(where, scan, "jax", obstacle)
     return _conv(
-        x, w, b, mask, segment_ids, initial_state, return_state=return_state, axis=sequence_axis
+        x,
+        w,
+        b,
+        mask,
+        segment_ids,
+        initial_state,
+        return_state=return_state,
+        axis=sequence_axis,
+        scan=scan,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("return_state", "axis"))
-def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None):
+@functools.partial(jax.jit, static_argnames=("return_state", "axis", "scan"))
+def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None, scan="jax"):
     *lead, length, channels = x.shape
     lead = tuple(lead)
     width = w.shape[0]
@@ -143,19 +168,28 @@ def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None)
     )
     valid, seg = per_step(mask), per_step(segment_ids)
     starts = None if seg is None else resets_from_segments(seg)
+    if scan == "native":
+        hold = None if valid is None else jnp.logical_not(valid.astype(bool))
+        y, tail = native.conv_run(xf, w.astype(dtype), buf, Flags.of(hold, starts))
+        return _finish(y, tail, b, lead, length, channels, return_state, x.dtype)
     if axis is not None:
         if seg is not None:  # a segment may start at the shard boundary
             starts = _seqpar.boundary_resets(seg, starts, axis, False)
         mine = _taps(xf, valid, starts, jnp.zeros_like(buf), hist)[1:]
         buf, final = _incoming(buf, mine, axis)
     y, tail, *_ = _taps(xf, valid, starts, buf, hist, w)
+    out = tail if axis is None else final
+    return _finish(y, out, b, lead, length, channels, return_state, x.dtype)
+
+
+def _finish(y, buffer, b, lead, length, channels, return_state, dtype):
+    """``y [N, L, D]`` plus the bias in the caller's batch shape, and the final buffer."""
     if b is not None:
         y = y + b
     y = y.reshape(*lead, length, channels)
     if not return_state:
         return y
-    out = tail if axis is None else final
-    return y, out.reshape(*lead, hist, channels).astype(x.dtype)
+    return y, buffer.reshape(*lead, buffer.shape[1], channels).astype(dtype)
 
 
 def _incoming(buf, mine, axis):

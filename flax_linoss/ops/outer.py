@@ -25,6 +25,10 @@ Two forms, equal up to rounding:
   state carried from chunk to chunk by a ``lax.scan`` over the chunks (``ceil(L / T)``
   steps on ``[N, heads, K, V]``). Everything is real float32 arithmetic (float64 with
   float64 parameters); the inputs may be bfloat16.
+* On CPU, the same training form as a fused C++ kernel (``scan="native"``, what
+  ``"auto"`` runs per device for a time-invariant ``dt``): the recurrence step by step,
+  the state of each (batch row, head) in cache, its exact adjoint backwards with states
+  recomputed from checkpoints (:func:`flax_linoss.ops._scans.native.outer_run`).
 * :func:`outer_step`, the decoding form: one step, state in, state out.
 
 Time-varying step sizes (``dt [..., L, H, K]``: a selective gate, or the gaps of
@@ -53,8 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops import _checks, _seqpar, schemes
+from flax_linoss.ops import _auto, _checks, _seqpar, schemes
+from flax_linoss.ops._scans import native
 from flax_linoss.ops._scans._common import (
+    Flags,
     fold_flags,
     matmul2,
     resets_from_segments,
@@ -62,10 +68,21 @@ from flax_linoss.ops._scans._common import (
     varying_axes,
 )
 
-__all__ = ["DEFAULT_CHUNK", "OuterState", "outer_apply", "outer_step", "outer_transition"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "OUTER_SCANS",
+    "OuterState",
+    "outer_apply",
+    "outer_step",
+    "outer_transition",
+]
 
 #: Default chunk length ``T`` of :func:`outer_apply` (capped at the sequence length).
 DEFAULT_CHUNK = 8
+
+#: The paths of :func:`outer_apply`: ``"chunked"`` (pure JAX, every platform),
+#: ``"native"`` (the fused C++ kernels on CPU) and ``"auto"``.
+OUTER_SCANS = ("auto", "chunked", "native")
 
 
 class OuterState(NamedTuple):
@@ -185,6 +202,7 @@ def outer_apply(
     chunk: int | None = None,
     check: bool | str = True,
     sequence_axis: str | None = None,
+    scan: str = "auto",
 ):
     """Runs the outer-product oscillator recurrence over a sequence (chunked form).
 
@@ -215,6 +233,11 @@ def outer_apply(
         ``initial_state`` and the returned final state are the whole sequence's (the same
         on every shard); a segment starting at a shard boundary is found from the
         previous shard's last id.
+      scan: ``"chunked"`` (pure JAX), ``"native"`` (the fused CPU kernels: a
+        time-invariant ``dt``, no ``sequence_axis``; ``chunk`` does not apply) or
+        ``"auto"``: ``"native"`` where it can run and code runs per device (a
+        single-device process, or inside ``shard_map``: XLA cannot split a custom call over
+        devices), else ``"chunked"``.
 
     Returns:
       ``o [..., L, H, V]`` in ``q``'s dtype, and with ``return_state`` the final
@@ -237,6 +260,7 @@ def outer_apply(
     if not isinstance(chunk, int | np.integer) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}.")
     chunk = int(min(chunk, length))
+    scan = _resolve_scan(scan, np.ndim(dt) > 2, sequence_axis)
     return _apply(
         q,
         k,
@@ -252,10 +276,25 @@ def outer_apply(
         chunk=chunk,
         return_state=return_state,
         axis=sequence_axis,
+        scan=scan,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("discretization", "chunk", "return_state", "axis"))
+def _resolve_scan(scan: str, per_step: bool, axis) -> str:
+    """``"chunked"`` or ``"native"`` for ``scan`` (see :func:`outer_apply`)."""
+    if scan not in OUTER_SCANS:
+        raise ValueError(f"Unknown scan {scan!r} for outer_apply; expected one of {OUTER_SCANS}.")
+    obstacle = None
+    if per_step:
+        obstacle = "it takes a time-invariant `dt` (this one is per step)"
+    elif axis is not None:
+        obstacle = "it runs whole sequences (no `sequence_axis`)"
+    return _auto.native_or("outer_apply", scan, "chunked", obstacle)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("discretization", "chunk", "return_state", "axis", "scan")
+)
 def _apply(
     q,
     k,
@@ -272,6 +311,7 @@ def _apply(
     chunk,
     return_state,
     axis,
+    scan="chunked",
 ):
     *lead, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -300,6 +340,18 @@ def _apply(
     if axis is not None and seg is not None:  # a segment may start at the shard boundary
         starts = _seqpar.boundary_resets(seg, starts, axis, False)
     ro = None if readout is None else tuple(jnp.moveaxis(readout.astype(rdt), -1, 0))
+    if scan == "native":
+        hold = None if valid is None else jnp.logical_not(valid.astype(bool))
+        cz, cy = (0.0, 1.0) if ro is None else ro
+        coeffs = (*tr, cz, cy)
+        coeffs = [
+            jnp.broadcast_to(jnp.asarray(x, rdt), (heads, key_dim)).reshape(-1) for x in coeffs
+        ]
+        o, z_l, y_l = native.outer_run(coeffs, qf, kf, vf, z0, y0, Flags.of(hold, starts))
+        o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
+        if not return_state:
+            return o
+        return o, OuterState(z_l.reshape(state_shape), y_l.reshape(state_shape))
     if np.ndim(dt) > 2:  # per step: [N, L, H, K] transitions, masks and restarts folded in
         full = (*lead, length, heads, key_dim)
         tr = tuple(jnp.broadcast_to(x, full).reshape(n, length, heads, key_dim) for x in tr)

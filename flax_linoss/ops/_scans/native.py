@@ -1,9 +1,13 @@
-"""``scan="native"``: a fused C++ kernel for the recurrence on CPU, as an XLA FFI custom call.
- The kernel source (``csrc/lti_recurrence.cc``) ships with the
-package and is compiled on first use with the machine's C++ compiler (``$CXX``, else
-``c++``/``g++``/``clang++``) against the XLA FFI headers that jaxlib ships, then cached
-(``$FLAX_LINOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/flax_linoss``, else
-``~/.cache/flax_linoss``), keyed by the source, the flags, the compiler, jaxlib and the
+"""``scan="native"``: fused C++ kernels on CPU, as XLA FFI custom calls: the LinOSS
+recurrence's, the outer-product recurrence's (:mod:`flax_linoss.ops.outer`, see
+:func:`outer_run`) and the short causal convolution's (:mod:`flax_linoss.ops.conv`, see
+:func:`conv_run`). The kernel sources (``csrc/lti_recurrence.cc``,
+``csrc/outer_recurrence.cc``, ``csrc/causal_conv.cc`` and their shared ``csrc/ffi_util.h``)
+ship with the
+package and are compiled, into one library, on first use with the machine's C++ compiler
+(``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers that jaxlib
+ships, then cached (``$FLAX_LINOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/flax_linoss``, else
+``~/.cache/flax_linoss``), keyed by the sources, the flags, the compiler, jaxlib and the
 CPU. Compiling takes a few seconds, once per machine.
 
 Where there is no compiler, or on any other failure, :func:`available` is ``False`` (the
@@ -52,15 +56,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_linoss.ops._scans._common import Flags, is_time_varying, run_custom, with_adjoint
+from flax_linoss.ops._scans._common import (
+    Flags,
+    is_time_varying,
+    match_vma,
+    run_custom,
+    vary,
+    varying_axes,
+    with_adjoint,
+)
 
 logger = logging.getLogger(__name__)
 
 # Steps between velocity checkpoints: the backward pass keeps CHUNK x Q velocities in cache.
 CHUNK = 64
-_SOURCE = "lti_recurrence.cc"
-_FORWARD_TARGET = "flax_linoss_lti_forward"
-_BACKWARD_TARGET = "flax_linoss_lti_backward"
+_SOURCES = ("lti_recurrence.cc", "outer_recurrence.cc", "causal_conv.cc")
+_HEADERS = ("ffi_util.h",)
+# FFI target name -> the library's handler symbol.
+_TARGETS = {
+    "flax_linoss_lti_forward": "FlaxLinossLtiForward",
+    "flax_linoss_lti_backward": "FlaxLinossLtiBackward",
+    "flax_linoss_outer_forward": "FlaxLinossOuterForward",
+    "flax_linoss_outer_backward": "FlaxLinossOuterBackward",
+    "flax_linoss_conv_forward": "FlaxLinossConvForward",
+    "flax_linoss_conv_backward": "FlaxLinossConvBackward",
+}
+(
+    _FORWARD_TARGET,
+    _BACKWARD_TARGET,
+    _OUTER_FORWARD,
+    _OUTER_BACKWARD,
+    _CONV_FORWARD,
+    _CONV_BACKWARD,
+) = _TARGETS
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Tuned for this CPU where the compiler can (the cache key includes the CPU), else generic.
 _ARCH_FLAGS = (("-march=native",), ())
@@ -69,8 +97,10 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _source_text() -> str:
-    return resources.files("flax_linoss.ops").joinpath("csrc", _SOURCE).read_text()
+def _source_texts() -> dict[str, str]:
+    """Every file the library is built from, by name."""
+    csrc = resources.files("flax_linoss.ops").joinpath("csrc")
+    return {name: csrc.joinpath(name).read_text() for name in (*_SOURCES, *_HEADERS)}
 
 
 def _compiler() -> str | None:
@@ -102,26 +132,27 @@ def _build(compiler: str) -> Path:
     """Compiles the kernel into the cache (atomically) unless it is there; returns its path."""
     import jaxlib
 
-    source = _source_text()
+    sources = _source_texts()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     key = hashlib.sha256(
         "\0".join(
-            [source, " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]
+            [*sources.values(), " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]
         ).encode()
     ).hexdigest()[:20]
-    out = cache_dir() / f"lti_recurrence-{key}.so"
+    out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / _SOURCE
-        src.write_text(source)
+        for name, text in sources.items():
+            (Path(tmp) / name).write_text(text)
+        srcs = [str(Path(tmp) / name) for name in _SOURCES]
         lib = Path(tmp) / out.name
         for arch in _ARCH_FLAGS:
-            cmd = [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(lib)]
+            cmd = [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", *srcs, "-o", str(lib)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
                 os.replace(lib, out)  # atomic: concurrent builders leave one complete file
@@ -147,12 +178,8 @@ def _load() -> None:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
     lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    jax.ffi.register_ffi_target(
-        _FORWARD_TARGET, jax.ffi.pycapsule(lib.FlaxLinossLtiForward), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        _BACKWARD_TARGET, jax.ffi.pycapsule(lib.FlaxLinossLtiBackward), platform="cpu"
-    )
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     _state["lib"] = lib
 
 
@@ -303,3 +330,164 @@ _recurrence = with_adjoint(forward, backward)
 def run(tr, v, z0, y0, flags: Flags | None):
     """``(ys [N, L, Q], z_L [N, Q], y_L [N, Q])`` for ``v [N, L, Q]``, ``z0, y0 [N, Q]``."""
     return run_custom(_recurrence, tr, v, z0, y0, flags)
+
+
+# ----------------------------------------------------------------------------------------
+# The outer-product recurrence (flax_linoss.ops.outer).
+
+#: Steps between the outer kernel's state checkpoints: its backward pass keeps
+#: ``OUTER_CHUNK + 1`` states of ``2 K V`` values per (batch row, head) in cache.
+OUTER_CHUNK = 32
+
+
+def _outer_attrs(q, v):
+    n, length, heads, key_dim = q.shape
+    sizes = (n, length, heads, key_dim, v.shape[-1])
+    attrs = dict(length=np.int64(length), heads=np.int64(heads), chunk=np.int64(OUTER_CHUNK))
+    return sizes, attrs
+
+
+def _outer_forward(coeffs, q, k, v, z0, y0, codes):
+    (n, length, heads, key_dim, value_dim), attrs = _outer_attrs(q, v)
+    chunks = -(-length // OUTER_CHUNK)
+    state = _shape((n, heads, key_dim, value_dim), q.dtype)
+    call = jax.ffi.ffi_call(
+        _OUTER_FORWARD,
+        (
+            _shape((n * length, heads * value_dim), q.dtype),
+            state,
+            state,
+            _shape((n, heads, chunks, 2, key_dim, value_dim), q.dtype),
+        ),
+        vmap_method="sequential",
+    )
+    rows = lambda x: x.reshape(n * length, -1)
+    o, z_l, y_l, checkpoints = call(*coeffs, rows(q), rows(k), rows(v), codes, z0, y0, **attrs)
+    return o.reshape(v.shape), z_l, y_l, checkpoints
+
+
+@jax.custom_vjp
+def _outer(coeffs, q, k, v, z0, y0, codes):
+    o, z_l, y_l, _ = _outer_forward(coeffs, q, k, v, z0, y0, codes)
+    axes = varying_axes(coeffs, q, k, v, z0, y0)
+    return tuple(vary(x, axes) for x in (o, z_l, y_l))
+
+
+def _outer_fwd(coeffs, q, k, v, z0, y0, codes):
+    o, z_l, y_l, checkpoints = _outer_forward(coeffs, q, k, v, z0, y0, codes)
+    axes = varying_axes(coeffs, q, k, v, z0, y0)
+    out = tuple(vary(x, axes) for x in (o, z_l, y_l))
+    return out, (coeffs, q, k, v, z0, y0, codes, checkpoints)
+
+
+def _outer_bwd(res, cts):
+    coeffs, q, k, v, z0, y0, codes, checkpoints = res
+    (n, length, heads, key_dim, value_dim), attrs = _outer_attrs(q, v)
+    g_o, g_zl, g_yl = (x.astype(q.dtype) for x in cts)
+    state = _shape((n, heads, key_dim, value_dim), q.dtype)
+    call = jax.ffi.ffi_call(
+        _OUTER_BACKWARD,
+        (
+            _shape((n * length, heads * key_dim), q.dtype),
+            _shape((n * length, heads * key_dim), q.dtype),
+            _shape((n * length, heads * value_dim), q.dtype),
+            _shape((n, 8, heads * key_dim), q.dtype),
+            state,
+            state,
+        ),
+        vmap_method="sequential",
+    )
+    rows = lambda x: x.reshape(n * length, -1)
+    g_q, g_k, g_v, g_c, g_z0, g_y0 = call(
+        *coeffs, rows(q), rows(k), rows(v), codes, checkpoints, rows(g_o), g_zl, g_yl, **attrs
+    )
+    g_c = jnp.sum(g_c, axis=0)
+    axes = varying_axes(coeffs, q, k, v, z0, y0, cts)
+    grads = (g_q.reshape(q.shape), g_k.reshape(k.shape), g_v.reshape(v.shape), g_z0, g_y0)
+    return (
+        tuple(match_vma(g_c[i], x, axes) for i, x in enumerate(coeffs)),
+        *(match_vma(g, x, axes) for g, x in zip(grads, (q, k, v, z0, y0))),
+        None,
+    )
+
+
+_outer.defvjp(_outer_fwd, _outer_bwd)
+
+
+def outer_run(coeffs, q, k, v, z0, y0, flags: Flags | None):
+    """The outer-product recurrence by the fused kernels (time-invariant coefficients).
+
+    Args:
+      coeffs: eight ``[H * K]`` arrays: the transition ``(m11, m12, m21, m22, f1, f2)`` and
+        the readout ``(c_z, c_y)`` of every (head, key dim).
+      q, k: ``[N, L, H, K]``; v: ``[N, L, H, V]``; all in the recurrence dtype.
+      z0, y0: ``[N, H, K, V]`` the state before the first step.
+      flags: a :class:`~._common.Flags` of ``[N, L]`` bools (hold = masked, reset = a
+        segment start), or ``None``.
+
+    Returns:
+      ``(o [N, L, H, V], z_L, y_L)``; differentiable once (reverse mode), like
+      :func:`forward`.
+    """
+    if not available():
+        raise RuntimeError(f"The native kernel is unavailable: {unavailable_reason()}")
+    n, length = q.shape[:2]
+    return _outer(tuple(coeffs), q, k, v, z0, y0, _flag_codes(flags, n, length))
+
+
+# ----------------------------------------------------------------------------------------
+# The short causal convolution (flax_linoss.ops.conv).
+
+
+def _conv_forward(x, w, buf0, codes):
+    out = (_shape(x.shape, x.dtype), _shape(buf0.shape, x.dtype))
+    call = jax.ffi.ffi_call(_CONV_FORWARD, out, vmap_method="sequential")
+    return call(x, w, codes, buf0)
+
+
+@jax.custom_vjp
+def _conv(x, w, buf0, codes):
+    y, last = _conv_forward(x, w, buf0, codes)
+    axes = varying_axes(x, w, buf0)
+    return vary(y, axes), vary(last, axes)
+
+
+def _conv_fwd(x, w, buf0, codes):
+    return _conv(x, w, buf0, codes), (x, w, buf0, codes)
+
+
+def _conv_bwd(res, cts):
+    x, w, buf0, codes = res
+    g_y, g_last = (c.astype(x.dtype) for c in cts)
+    out = (
+        _shape(x.shape, x.dtype),
+        _shape((x.shape[0], *w.shape), x.dtype),
+        _shape(buf0.shape, x.dtype),
+    )
+    call = jax.ffi.ffi_call(_CONV_BACKWARD, out, vmap_method="sequential")
+    g_x, g_w, g_buf0 = call(x, w, codes, buf0, g_y, g_last)
+    axes = varying_axes(x, w, buf0, cts)
+    grads = (g_x, jnp.sum(g_w, axis=0), g_buf0)
+    return (*(match_vma(g, p, axes) for g, p in zip(grads, (x, w, buf0))), None)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_run(x, w, buf0, flags: Flags | None):
+    """The short causal convolution by the fused kernels (no bias).
+
+    Args:
+      x: ``[N, L, D]``; w: ``[W, D]`` taps (``w[W - 1]`` the current step's); buf0: ``[N,
+        W - 1, D]`` the buffer before the first step (oldest first); all in one dtype.
+      flags: a :class:`~._common.Flags` of ``[N, L]`` bools (hold = masked, reset = a
+        segment start), or ``None``.
+
+    Returns:
+      ``(y [N, L, D], the buffer after the last step [N, W - 1, D])``; differentiable once
+      (reverse mode).
+    """
+    if not available():
+        raise RuntimeError(f"The native kernel is unavailable: {unavailable_reason()}")
+    n, length = x.shape[:2]
+    return _conv(x, w, buf0, _flag_codes(flags, n, length))

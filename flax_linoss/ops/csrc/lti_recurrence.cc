@@ -38,61 +38,23 @@
 // and writes each [N * L, Q] array once, in whole contiguous rows. Float32 and float64.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <initializer_list>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "ffi_util.h"
 
 namespace ffi = xla::ffi;
+using flax_linoss::CheckDims;
+using flax_linoss::kHold;
+using flax_linoss::kReset;
+using flax_linoss::Invalid;
+using flax_linoss::ParallelFor;
 
 namespace {
 
 constexpr int64_t kBlock = 512;  // channels per work item (a whole row for Q <= 512)
-constexpr int8_t kHold = 1;
-constexpr int8_t kReset = 2;
-
-// Runs fn(i) for i in [0, items) on the caller and the pool's threads. Items are claimed
-// from a shared counter, so the caller never waits on a task that has not started: if the
-// pool is busy, the caller does all the work itself.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn) {
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), items);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < items; ++i) fn(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto shared = std::make_shared<Shared>();
-  // A task that starts late finds no item left and touches only `shared`, which its own
-  // reference keeps alive; it never calls `fn` after the caller has returned.
-  auto work = [shared, items, &fn]() {
-    int64_t mine = 0;
-    for (int64_t i; (i = shared->next.fetch_add(1)) < items; ++mine) fn(i);
-    if (mine > 0 && shared->done.fetch_add(mine) + mine == items) {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->cv.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == items; });
-}
 
 struct Sizes {
   int64_t n, l, q, chunk, chunks;
@@ -344,27 +306,6 @@ void BackwardItem(const Sizes& s, const Coefs<T>& c, const T* v, const int8_t* f
     g_y0[k.row(s) + j] = ry[j];
   }
 }
-
-ffi::Error Invalid(const std::string& what) {
-  return ffi::Error::InvalidArgument("flax_linoss recurrence kernel: " + what);
-}
-
-// Checks that `x` has dtype `dt` and dimensions `want`.
-ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
-                     std::initializer_list<int64_t> want, ffi::DataType dt) {
-  auto dims = x.dimensions();
-  bool ok = x.element_type() == dt && static_cast<size_t>(dims.size()) == want.size();
-  int64_t i = 0;
-  for (int64_t d : want) ok = ok && dims[i++] == d;
-  if (!ok) return Invalid(std::string("`") + name + "` has the wrong shape or dtype.");
-  return ffi::Error::Success();
-}
-
-#define FLAX_LINOSS_RETURN_IF_ERROR(expr) \
-  do {                                    \
-    ffi::Error err_ = (expr);             \
-    if (err_.failure()) return err_;      \
-  } while (0)
 
 // Reads the sizes from v ([N * L, Q] rows of Q channels, `length` rows per sequence) and
 // checks the arguments every kernel takes.
