@@ -198,14 +198,15 @@ def test_values_and_gradients_match_float64_reference(length, flagged):
     )
 
 
-# The fused CPU kernels (scan="native"): every scheme; value dims the kernels are compiled
-# for (8, 16: unrolled) and others (2, 3); lengths shorter than a checkpoint interval, one
-# and several intervals and a rest (native.OUTER_CHUNK = 32).
+# The fused CPU kernels (scan="native"): every scheme; key and value dims the kernels are
+# compiled for (8, 16: the forward pass unrolls over the value dims, the backward pass over
+# the key dims) and others; lengths shorter than a checkpoint interval, one and several
+# intervals and a rest (native.OUTER_CHUNK = 32).
 NATIVE_CASES = [
     (1, True, "im", (H, K, V)),
     (37, True, "im", (H, K, V)),
-    (70, True, "imex", (1, 2, 16)),
-    (45, False, "damped", (2, 2, 8)),
+    (70, True, "imex", (1, 16, 8)),
+    (45, False, "damped", (2, 8, 16)),
     (33, True, "damped", (1, 3, 3)),
 ]
 

@@ -330,13 +330,16 @@ def _outer_core(
     if scale is not None:  # per step: [batch..., L, heads, K]
         scale = jnp.broadcast_to(scale, q.shape)
         dt = ops.clamp_steps(discretization, a, dt * split(scale), g, constraint=constraint)
-    readout = jnp.broadcast_to(jnp.asarray([1.0, 0.0], a.dtype), (heads, dim, 2))
+    # The velocity, read by the queries; the keys' 1 / sqrt(K) scaling is applied here, to
+    # the readout (the same outputs as scaling the keys, on [H, K] instead of every step).
+    read = jnp.asarray([1.0 / dim**0.5, 0.0], a.dtype)
+    readout = jnp.broadcast_to(read, (heads, dim, 2))
     initial = None
     if decoding:
         initial = ops.OuterState(_zero_where(restart, z), _zero_where(restart, y))
     o, final = ops.outer_apply(
         split(q),
-        split(k) / jnp.sqrt(jnp.asarray(dim, k.dtype)),
+        split(k),
         split(v),
         a,
         dt,

@@ -126,6 +126,21 @@ inline void Dot2(const T* a, const T* b, const T* c, int64_t n, T* ab, T* ac) {
   *ac = tc;
 }
 
+// sum_i x[i], in kLanes partial sums.
+template <typename T>
+inline T Sum(const T* x, int64_t n) {
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC ivdep
+    for (int64_t u = 0; u < kLanes; ++u) part[u] += x[i + u];
+  }
+  for (int64_t u = 0; i < n; ++i, ++u) part[u] += x[i];
+  T total = T(0);
+  for (int64_t u = 0; u < kLanes; ++u) total += part[u];
+  return total;
+}
+
 // o_t[j] = sum_i q_t[i] (cz_i z[i, j] + cy_i y[i, j]).
 template <typename T, int64_t kV>
 inline void Read(const Sizes& s, const Coefs<T>& c, const T* qt, const T* z, const T* y,
@@ -184,34 +199,99 @@ void ForwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, co
   std::copy(y.begin(), y.end(), y_last + s.state(b, head));
 }
 
+// The backward pass keeps the state transposed, [V, K] (value dim j, then key dim i), so
+// that its sums over the value dims (the read's gradient for q, the forcing's for k) run
+// across vectors over the key dims instead of one horizontal sum per key dim; only the
+// gradient of v sums over the key dims. kK: the key dims where compiled for them, else 0.
+template <int64_t kK>
+inline int64_t Keys(const Sizes& s) {
+  return kK > 0 ? kK : s.kd;
+}
+
+// dst[j * K + i] = src[i * V + j]: a head's state from [K, V] to [V, K] (back with the sizes
+// swapped).
+template <typename T>
+inline void Transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+// The state after step t from the state before it ([V, K] layout), with the step's flags.
+template <typename T, bool kFlags, int64_t kK>
+inline void StepT(const Sizes& s, const Coefs<T>& c, int8_t code, const T* kt, const T* vt,
+                  const T* z, const T* y, T* zn, T* yn, T* f1k, T* f2k) {
+  const int64_t kd = Keys<kK>(s);
+  if (kFlags && (code & kHold)) {
+    if (code & kReset) {
+      std::fill(zn, zn + s.kv(), T(0));
+      std::fill(yn, yn + s.kv(), T(0));
+    } else {
+      std::copy(z, z + s.kv(), zn);
+      std::copy(y, y + s.kv(), yn);
+    }
+    return;
+  }
+  const T keep = (kFlags && (code & kReset)) ? T(0) : T(1);
+  for (int64_t i = 0; i < kd; ++i) {
+    f1k[i] = c.p[4][i] * kt[i];
+    f2k[i] = c.p[5][i] * kt[i];
+  }
+  for (int64_t j = 0; j < s.vd; ++j) {
+    const T* zj = z + j * kd;
+    const T* yj = y + j * kd;
+    T* zo = zn + j * kd;
+    T* yo = yn + j * kd;
+    const T vj = vt[j];
+#pragma GCC ivdep
+    for (int64_t i = 0; i < kd; ++i) {
+      const T zi = keep * zj[i], yi = keep * yj[i];
+      zo[i] = c.p[0][i] * zi + c.p[1][i] * yi + f1k[i] * vj;
+      yo[i] = c.p[2][i] * zi + c.p[3][i] * yi + f2k[i] * vj;
+    }
+  }
+}
+
 // g_c is [N, 8, H, K]: each batch row's sums of the eight coefficient gradients (m11, m12,
 // m21, m22, f1, f2, cz, cy), summed over the rows in JAX.
-template <typename T, bool kFlags, int64_t kV>
+template <typename T, bool kFlags, int64_t kK>
 void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, const T* v,
                   const int8_t* fl, const T* ck, const T* g_o, const T* g_zl, const T* g_yl,
                   T* g_q, T* g_k, T* g_v, T* g_c, T* g_z0, T* g_y0, int64_t item) {
   const int64_t b = item / s.h, head = item % s.h;
   const Coefs<T> c = all.at(head, s.kd);
-  const int64_t kv = s.kv(), kd = s.kd, vd = Width<kV>(s);
+  const int64_t kv = s.kv(), kd = Keys<kK>(s), vd = s.vd;
   // Row r of zbuf / ybuf: the state after step t0 + r - 1 of the chunk [t0, t1); row 0 the
-  // state before the chunk (its checkpoint).
+  // state before the chunk (its checkpoint). All [V, K].
   std::vector<T> zbuf((s.chunk + 1) * kv), ybuf((s.chunk + 1) * kv);
-  std::vector<T> lz(g_zl + s.state(b, head), g_zl + s.state(b, head) + kv);
-  std::vector<T> ly(g_yl + s.state(b, head), g_yl + s.state(b, head) + kv);
-  // Per (i, j) sums of the transition's gradients; per i those of f and the readout.
+  std::vector<T> lz(kv), ly(kv);
+  Transpose(g_zl + s.state(b, head), kd, vd, lz.data());
+  Transpose(g_yl + s.state(b, head), kd, vd, ly.data());
+  // Per (j, i) sums of the transition's gradients; per i those of f and the readout.
   std::vector<T> acc_m(4 * kv, T(0)), acc_i(4 * kd, T(0));
+  // Per-step vectors over the key dims.
+  std::vector<T> work(9 * kd);
+  T* rz = work.data();
+  T* ry = rz + kd;
+  T* uz = ry + kd;
+  T* uy = uz + kd;
+  T* qz = uy + kd;
+  T* qy = qz + kd;
+  T* w1 = qy + kd;
+  T* w2 = w1 + kd;
+  T* tmp = w2 + kd;
   for (int64_t ci = s.chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * s.chunk;
     const int64_t t1 = std::min(s.l, t0 + s.chunk);
     const T* start = ck + s.ck(b, head, ci);
-    std::copy(start, start + kv, zbuf.begin());
-    std::copy(start + kv, start + 2 * kv, ybuf.begin());
+    Transpose(start, kd, vd, zbuf.data());
+    Transpose(start + kv, kd, vd, ybuf.data());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t - t0;
       const int8_t code = kFlags ? fl[b * s.l + t] : 0;
-      Step<T, kFlags, kV>(s, c, code, k + s.qk_at(b, t, head), v + s.v_at(b, t, head),
-                      zbuf.data() + r * kv, ybuf.data() + r * kv, zbuf.data() + (r + 1) * kv,
-                      ybuf.data() + (r + 1) * kv);
+      StepT<T, kFlags, kK>(s, c, code, k + s.qk_at(b, t, head), v + s.v_at(b, t, head),
+                           zbuf.data() + r * kv, ybuf.data() + r * kv,
+                           zbuf.data() + (r + 1) * kv, ybuf.data() + (r + 1) * kv, w1, w2);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t r = t - t0;
@@ -227,23 +307,33 @@ void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, c
       T* gq = g_q + s.qk_at(b, t, head);
       T* gk = g_k + s.qk_at(b, t, head);
       T* gv = g_v + s.v_at(b, t, head);
-      // The read: o_t = sum_i q_t[i] (cz_i z_t[i] + cy_i y_t[i]).
-      for (int64_t i = 0; i < kd; ++i) {
-        const T* zi = zc + i * vd;
-        const T* yi = yc + i * vd;
-        T rz, ry;
-        Dot2(go, zi, yi, vd, &rz, &ry);
-        gq[i] = c.p[6][i] * rz + c.p[7][i] * ry;
-        acc_i[2 * kd + i] += qt[i] * rz;
-        acc_i[3 * kd + i] += qt[i] * ry;
-        const T qz = qt[i] * c.p[6][i], qy = qt[i] * c.p[7][i];
-        T* lzi = lz.data() + i * vd;
-        T* lyi = ly.data() + i * vd;
+      // The read, o_t[j] = sum_i q_t[i] (cz_i z_t[j, i] + cy_i y_t[j, i]): its gradients
+      // for q and the readout, and what it adds to lambda_t.
 #pragma GCC ivdep
-        for (int64_t j = 0; j < vd; ++j) {
-          lzi[j] += qz * go[j];
-          lyi[j] += qy * go[j];
+      for (int64_t i = 0; i < kd; ++i) {
+        rz[i] = ry[i] = T(0);
+        qz[i] = qt[i] * c.p[6][i];
+        qy[i] = qt[i] * c.p[7][i];
+      }
+      for (int64_t j = 0; j < vd; ++j) {
+        const T gj = go[j];
+        const T* zj = zc + j * kd;
+        const T* yj = yc + j * kd;
+        T* lzj = lz.data() + j * kd;
+        T* lyj = ly.data() + j * kd;
+#pragma GCC ivdep
+        for (int64_t i = 0; i < kd; ++i) {
+          rz[i] += gj * zj[i];
+          ry[i] += gj * yj[i];
+          lzj[i] += gj * qz[i];
+          lyj[i] += gj * qy[i];
         }
+      }
+#pragma GCC ivdep
+      for (int64_t i = 0; i < kd; ++i) {
+        gq[i] = c.p[6][i] * rz[i] + c.p[7][i] * ry[i];
+        acc_i[2 * kd + i] += qt[i] * rz[i];
+        acc_i[3 * kd + i] += qt[i] * ry[i];
       }
       const bool reset = kFlags && (code & kReset);
       if (kFlags && (code & kHold)) {  // the state passed through unchanged, nothing forced
@@ -255,55 +345,63 @@ void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, c
         }
         continue;
       }
-      for (int64_t j = 0; j < vd; ++j) gv[j] = T(0);
-      for (int64_t i = 0; i < kd; ++i) {
-        const T m11 = c.p[0][i], m12 = c.p[1][i], m21 = c.p[2][i], m22 = c.p[3][i];
-        const T f1 = c.p[4][i], f2 = c.p[5][i], ki = kt[i];
-        T* lzi = lz.data() + i * vd;
-        T* lyi = ly.data() + i * vd;
-        T uz, uy;
-        Dot2(vt, lzi, lyi, vd, &uz, &uy);
-        gk[i] = f1 * uz + f2 * uy;
-        acc_i[i] += ki * uz;
-        acc_i[kd + i] += ki * uy;
+      // Back through the step: the forcing's gradients, then lambda_{t-1} = M^T lambda_t.
 #pragma GCC ivdep
-        for (int64_t j = 0; j < vd; ++j) gv[j] += ki * (f1 * lzi[j] + f2 * lyi[j]);
-        if (reset) {  // the state before the step was zeroed: nothing flows back
-          for (int64_t j = 0; j < vd; ++j) lzi[j] = lyi[j] = T(0);
-          continue;
-        }
-        const T* zi = zp + i * vd;
-        const T* yi = yp + i * vd;
-        T* a11 = acc_m.data() + i * vd;
+      for (int64_t i = 0; i < kd; ++i) {
+        uz[i] = uy[i] = T(0);
+        w1[i] = kt[i] * c.p[4][i];
+        w2[i] = kt[i] * c.p[5][i];
+      }
+      const T keep = reset ? T(0) : T(1);  // a reset: the state before was zero
+      for (int64_t j = 0; j < vd; ++j) {
+        const T vj = vt[j];
+        T* lzj = lz.data() + j * kd;
+        T* lyj = ly.data() + j * kd;
+        const T* zj = zp + j * kd;
+        const T* yj = yp + j * kd;
+        T* a11 = acc_m.data() + j * kd;
         T* a12 = a11 + kv;
         T* a21 = a12 + kv;
         T* a22 = a21 + kv;
 #pragma GCC ivdep
-        for (int64_t j = 0; j < vd; ++j) {
-          const T l1 = lzi[j], l2 = lyi[j];
-          a11[j] += l1 * zi[j];
-          a12[j] += l1 * yi[j];
-          a21[j] += l2 * zi[j];
-          a22[j] += l2 * yi[j];
-          lzi[j] = m11 * l1 + m21 * l2;
-          lyi[j] = m12 * l1 + m22 * l2;
+        for (int64_t i = 0; i < kd; ++i) {
+          const T l1 = lzj[i], l2 = lyj[i];
+          uz[i] += vj * l1;
+          uy[i] += vj * l2;
+          tmp[i] = w1[i] * l1 + w2[i] * l2;  // summed into g_v[j] below
+          const T zi = keep * zj[i], yi = keep * yj[i];
+          a11[i] += l1 * zi;
+          a12[i] += l1 * yi;
+          a21[i] += l2 * zi;
+          a22[i] += l2 * yi;
+          lzj[i] = keep * (c.p[0][i] * l1 + c.p[2][i] * l2);
+          lyj[i] = keep * (c.p[1][i] * l1 + c.p[3][i] * l2);
         }
+        gv[j] = Sum(tmp, kd);
+      }
+#pragma GCC ivdep
+      for (int64_t i = 0; i < kd; ++i) {
+        gk[i] = c.p[4][i] * uz[i] + c.p[5][i] * uy[i];
+        acc_i[i] += kt[i] * uz[i];
+        acc_i[kd + i] += kt[i] * uy[i];
       }
     }
   }
-  // g_c row b: [8, H, K].
-  for (int64_t i = 0; i < kd; ++i) {
-    T* out = g_c + b * 8 * s.h * kd + head * kd + i;
-    for (int a = 0; a < 4; ++a) {
-      T total = T(0);
-      const T* row = acc_m.data() + a * kv + i * vd;
-      for (int64_t j = 0; j < vd; ++j) total += row[j];
-      out[a * s.h * kd] = total;
+  // g_c row b: [8, H, K]; the transition's sums over the value dims.
+  T* out = g_c + b * 8 * s.h * kd + head * kd;
+  for (int a = 0; a < 4; ++a) {
+    T* row = out + a * s.h * kd;
+    for (int64_t i = 0; i < kd; ++i) row[i] = T(0);
+    for (int64_t j = 0; j < vd; ++j) {
+      const T* aj = acc_m.data() + a * kv + j * kd;
+      for (int64_t i = 0; i < kd; ++i) row[i] += aj[i];
     }
-    for (int a = 0; a < 4; ++a) out[(4 + a) * s.h * kd] = acc_i[a * kd + i];
   }
-  std::copy(lz.begin(), lz.end(), g_z0 + s.state(b, head));
-  std::copy(ly.begin(), ly.end(), g_y0 + s.state(b, head));
+  for (int a = 0; a < 4; ++a) {
+    for (int64_t i = 0; i < kd; ++i) out[(4 + a) * s.h * kd + i] = acc_i[a * kd + i];
+  }
+  Transpose(lz.data(), vd, kd, g_z0 + s.state(b, head));
+  Transpose(ly.data(), vd, kd, g_y0 + s.state(b, head));
 }
 
 // Sizes from q ([N * L, H * K]), v ([N * L, H * V]) and the attributes; checks every
@@ -434,7 +532,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_v, "g_v", {s.n * s.l, s.h * s.vd}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_c, "g_coefficients", {s.n, 8, s.h * s.kd}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
-  Dispatch(dt, has_flags, s.vd, [&](auto zero, auto with_flags, auto width) {
+  Dispatch(dt, has_flags, s.kd, [&](auto zero, auto with_flags, auto width) {
     using T = decltype(zero);
     const Coefs<T> c = Typed<T>(coefs);
     ParallelFor(pool, s.n * s.h, [&](int64_t i) {
