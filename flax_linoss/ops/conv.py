@@ -18,6 +18,10 @@ the outer-product oscillator block), written for the masks and packing of
   the first step) and returns the one after the last step; :func:`causal_conv_step` moves it
   by one step.
 
+On CPU, per device, :func:`causal_conv` runs as a fused C++ kernel (``scan="native"``, see
+:mod:`flax_linoss.ops._scans.native`); elsewhere, and with ``sequence_axis``, as gathers
+over the valid steps (``scan="jax"``).
+
 Legend: ``L`` length, ``D`` channels, ``W`` width (taps).
 """
 

@@ -36,6 +36,16 @@ has no forward-mode (``jvp``) rule. Float32 and float64. XLA's SPMD partitioner 
 a custom call: under a ``jit`` that shards the batch over several devices it gathers the
 inputs and every device runs the whole batch (correct, not parallel), which is why
 ``scan="auto"`` uses it only per device (see :mod:`flax_linoss.ops._auto`).
+
+The outer-product recurrence's kernels (:func:`outer_run`) work the same way on (batch row,
+head) items: the forward pass writes the outputs, the final state and a checkpoint of the
+``[K, V]`` state every :data:`OUTER_CHUNK` steps; the backward pass recomputes each chunk's
+states from its checkpoint and runs the exact adjoint back through it, its state
+transposed (``[V, K]``) so that the sums over the value dims run across vectors. The
+convolution's kernels (:func:`conv_run`) keep each batch row's buffer of the last ``W - 1``
+valid inputs; backwards, the buffer's cotangent shifts back to the inputs it held. Both
+take the same flags, float32 and float64, and the same fallback: where the library cannot
+be built, ``"auto"`` runs their pure-JAX forms.
 """
 
 from __future__ import annotations

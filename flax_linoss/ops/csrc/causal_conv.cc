@@ -29,6 +29,7 @@ using flax_linoss::Invalid;
 using flax_linoss::kHold;
 using flax_linoss::kReset;
 using flax_linoss::ParallelFor;
+using flax_linoss::WithTypeAndFlags;
 
 namespace {
 
@@ -173,23 +174,6 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w,
   return ffi::Error::Success();
 }
 
-// Calls fn(T{}, std::bool_constant<flags>{}) with T float or double.
-template <typename F>
-void Dispatch(ffi::DataType dt, bool has_flags, const F& fn) {
-  auto with_flags = [&](auto zero) {
-    if (has_flags) {
-      fn(zero, std::true_type{});
-    } else {
-      fn(zero, std::false_type{});
-    }
-  };
-  if (dt == ffi::DataType::F64) {
-    with_flags(double{});
-  } else {
-    with_flags(float{});
-  }
-}
-
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        ffi::AnyBuffer fl, ffi::AnyBuffer buf0, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> buf_last) {
@@ -200,7 +184,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*y, "y", {s.n, s.l, s.d}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*buf_last, "final buffer", {s.n, s.hist(), s.d}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
-  Dispatch(dt, has_flags, [&](auto zero, auto with_flags) {
+  WithTypeAndFlags(dt, has_flags, [&](auto zero, auto with_flags) {
     using T = decltype(zero);
     ParallelFor(pool, s.n, [&](int64_t row) {
       ForwardRow<T, decltype(with_flags)::value>(s, x.typed_data<T>(), w.typed_data<T>(),
@@ -225,7 +209,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_w, "g_w", {s.n, s.w, s.d}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_buf0, "g_buf0", {s.n, s.hist(), s.d}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
-  Dispatch(dt, has_flags, [&](auto zero, auto with_flags) {
+  WithTypeAndFlags(dt, has_flags, [&](auto zero, auto with_flags) {
     using T = decltype(zero);
     ParallelFor(pool, s.n, [&](int64_t row) {
       BackwardRow<T, decltype(with_flags)::value>(
@@ -237,25 +221,25 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
+// The context and the four arguments both kernels take, in this order.
+auto BindCommon() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()   // x [N, L, D]
+      .Arg<ffi::AnyBuffer>()   // w [W, D]
+      .Arg<ffi::AnyBuffer>()   // flags [N * L] int8, or [0]
+      .Arg<ffi::AnyBuffer>();  // initial buffer [N, W - 1, D]
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossConvForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x [N, L, D]
-                                  .Arg<ffi::AnyBuffer>()   // w [W, D]
-                                  .Arg<ffi::AnyBuffer>()   // flags [N * L] int8, or [0]
-                                  .Arg<ffi::AnyBuffer>()   // initial buffer [N, W - 1, D]
+                              BindCommon()
                                   .Ret<ffi::AnyBuffer>()   // y [N, L, D]
                                   .Ret<ffi::AnyBuffer>()); // final buffer [N, W - 1, D]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxLinossConvBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x [N, L, D]
-                                  .Arg<ffi::AnyBuffer>()   // w [W, D]
-                                  .Arg<ffi::AnyBuffer>()   // flags [N * L] int8, or [0]
-                                  .Arg<ffi::AnyBuffer>()   // initial buffer [N, W - 1, D]
+                              BindCommon()
                                   .Arg<ffi::AnyBuffer>()   // g_y [N, L, D]
                                   .Arg<ffi::AnyBuffer>()   // g of the final buffer
                                   .Ret<ffi::AnyBuffer>()   // g_x [N, L, D]

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -80,6 +81,42 @@ inline ffi::Error CheckDims(const ffi::AnyBuffer& x, const char* name,
     ffi::Error err_ = (expr);             \
     if (err_.failure()) return err_;      \
   } while (0)
+
+// Calls fn(T{}, std::bool_constant<has_flags>{}) with T double for F64, else float (the
+// kernels check for float32 or float64 first): one instantiation per type and flag presence.
+template <typename F>
+inline void WithTypeAndFlags(ffi::DataType dt, bool has_flags, const F& fn) {
+  auto with_flags = [&](auto zero) {
+    if (has_flags) {
+      fn(zero, std::true_type{});
+    } else {
+      fn(zero, std::false_type{});
+    }
+  };
+  if (dt == ffi::DataType::F64) {
+    with_flags(double{});
+  } else {
+    with_flags(float{});
+  }
+}
+
+// Calls fn(std::integral_constant<int64_t, n>{}) for the sizes the kernels unroll loops
+// for (n = 8, 16, 32, 64), else fn(std::integral_constant<int64_t, 0>{}) (a runtime size).
+template <typename F>
+inline void WithUnrolledSize(int64_t n, const F& fn) {
+  switch (n) {
+    case 8:
+      return fn(std::integral_constant<int64_t, 8>{});
+    case 16:
+      return fn(std::integral_constant<int64_t, 16>{});
+    case 32:
+      return fn(std::integral_constant<int64_t, 32>{});
+    case 64:
+      return fn(std::integral_constant<int64_t, 64>{});
+    default:
+      return fn(std::integral_constant<int64_t, 0>{});
+  }
+}
 
 }  // namespace flax_linoss
 

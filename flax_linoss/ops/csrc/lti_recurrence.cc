@@ -356,25 +356,13 @@ ffi::Error CheckCommon(const CoefBuffers& c, const ffi::AnyBuffer& v,
 // type, flag presence and coefficient kind.
 template <typename F>
 void WithElementType(ffi::DataType dt, bool has_flags, bool varying, const F& fn) {
-  auto with_varying = [&](auto zero, auto flags) {
+  flax_linoss::WithTypeAndFlags(dt, has_flags, [&](auto zero, auto flags) {
     if (varying) {
       fn(zero, flags, std::true_type{});
     } else {
       fn(zero, flags, std::false_type{});
     }
-  };
-  auto with_flags = [&](auto zero) {
-    if (has_flags) {
-      with_varying(zero, std::true_type{});
-    } else {
-      with_varying(zero, std::false_type{});
-    }
-  };
-  if (dt == ffi::DataType::F64) {
-    with_flags(double{});
-  } else {
-    with_flags(float{});
-  }
+  });
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer m12,

@@ -76,8 +76,8 @@ struct Coefs {
 };
 
 // One step of the state of a head from (z, y) into (zn, yn) (which may be z, y), without
-// flags; the expression both passes use, so the backward pass recomputes exactly the
-// forward pass's states.
+// flags ([K, V] layout; StepT is the same expression on the backward pass's [V, K] layout,
+// so it recomputes the forward pass's states up to the compiler's contractions).
 template <typename T, int64_t kV>
 inline void Advance(const Sizes& s, const Coefs<T>& c, const T* kt, const T* vt, const T* z,
                     const T* y, T* zn, T* yn) {
@@ -98,44 +98,19 @@ inline void Advance(const Sizes& s, const Coefs<T>& c, const T* kt, const T* vt,
   }
 }
 
-// sum_j a[j] b[j] and sum_j a[j] c[j], in kLanes partial sums (so that the compiler can
-// keep them in one vector register each; a fixed order, so the result is reproducible).
+// Partial sums per sum (one vector register; a fixed order, so results are reproducible).
 constexpr int64_t kLanes = 8;
-
-template <typename T>
-inline void Dot2(const T* a, const T* b, const T* c, int64_t n, T* ab, T* ac) {
-  T sb[kLanes] = {}, sc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-#pragma GCC ivdep
-    for (int64_t u = 0; u < kLanes; ++u) {
-      sb[u] += a[j + u] * b[j + u];
-      sc[u] += a[j + u] * c[j + u];
-    }
-  }
-  for (int64_t u = 0; j < n; ++j, ++u) {
-    sb[u] += a[j] * b[j];
-    sc[u] += a[j] * c[j];
-  }
-  T tb = T(0), tc = T(0);
-  for (int64_t u = 0; u < kLanes; ++u) {
-    tb += sb[u];
-    tc += sc[u];
-  }
-  *ab = tb;
-  *ac = tc;
-}
 
 // sum_i x[i], in kLanes partial sums.
 template <typename T>
 inline T Sum(const T* x, int64_t n) {
   T part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  const int64_t whole = n - n % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes) {
 #pragma GCC ivdep
     for (int64_t u = 0; u < kLanes; ++u) part[u] += x[i + u];
   }
-  for (int64_t u = 0; i < n; ++i, ++u) part[u] += x[i];
+  for (int64_t u = 0; u < n - whole; ++u) part[u] += x[whole + u];
   T total = T(0);
   for (int64_t u = 0; u < kLanes; ++u) total += part[u];
   return total;
@@ -435,37 +410,13 @@ ffi::Error CheckCommon(const ffi::AnyBuffer* coefs[8], const ffi::AnyBuffer& q,
   return ffi::Error::Success();
 }
 
-// Calls fn(T{}, std::bool_constant<flags>{}, std::integral_constant<int64_t, kV>{}) with T
-// float or double and kV the value dims per head where the kernels are compiled for them
-// (8, 16, 32, 64), else 0.
+// Calls fn(T{}, std::bool_constant<flags>{}, std::integral_constant<int64_t, n>{}) with T
+// float or double and n the size the kernel unrolls its inner loops for (0: none).
 template <typename F>
-void Dispatch(ffi::DataType dt, bool has_flags, int64_t vd, const F& fn) {
-  auto with_width = [&](auto zero, auto flags) {
-    switch (vd) {
-      case 8:
-        return fn(zero, flags, std::integral_constant<int64_t, 8>{});
-      case 16:
-        return fn(zero, flags, std::integral_constant<int64_t, 16>{});
-      case 32:
-        return fn(zero, flags, std::integral_constant<int64_t, 32>{});
-      case 64:
-        return fn(zero, flags, std::integral_constant<int64_t, 64>{});
-      default:
-        return fn(zero, flags, std::integral_constant<int64_t, 0>{});
-    }
-  };
-  auto with_flags = [&](auto zero) {
-    if (has_flags) {
-      with_width(zero, std::true_type{});
-    } else {
-      with_width(zero, std::false_type{});
-    }
-  };
-  if (dt == ffi::DataType::F64) {
-    with_flags(double{});
-  } else {
-    with_flags(float{});
-  }
+void Dispatch(ffi::DataType dt, bool has_flags, int64_t n, const F& fn) {
+  flax_linoss::WithTypeAndFlags(dt, has_flags, [&](auto zero, auto flags) {
+    flax_linoss::WithUnrolledSize(n, [&](auto size) { fn(zero, flags, size); });
+  });
 }
 
 template <typename T>
@@ -486,13 +437,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer 
   const ffi::AnyBuffer* coefs[8] = {&m11, &m12, &m21, &m22, &f1, &f2, &cz, &cy};
   Sizes s;
   bool has_flags;
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
+  FLAX_LINOSS_RETURN_IF_ERROR(
+      CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
   const ffi::DataType dt = q.element_type();
   for (const ffi::AnyBuffer* x : {&z0, &y0, &*z_last, &*y_last}) {
     FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*x, "state", {s.n, s.h, s.kd, s.vd}, dt));
   }
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*o, "o", {s.n * s.l, s.h * s.vd}, dt));
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(
+      CheckDims(*ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
   Dispatch(dt, has_flags, s.vd, [&](auto zero, auto with_flags, auto width) {
     using T = decltype(zero);
@@ -520,9 +473,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer
   const ffi::AnyBuffer* coefs[8] = {&m11, &m12, &m21, &m22, &f1, &f2, &cz, &cy};
   Sizes s;
   bool has_flags;
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
+  FLAX_LINOSS_RETURN_IF_ERROR(
+      CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
   const ffi::DataType dt = q.element_type();
-  FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
+  FLAX_LINOSS_RETURN_IF_ERROR(
+      CheckDims(ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(g_o, "g_o", {s.n * s.l, s.h * s.vd}, dt));
   for (const ffi::AnyBuffer* x : {&g_zl, &g_yl, &*g_z0, &*g_y0}) {
     FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*x, "state", {s.n, s.h, s.kd, s.vd}, dt));
