@@ -10,8 +10,10 @@ from flax import nnx
 from oscillator_reference import assert_rel_close, rel_err
 
 from flax_linoss import ops
+from flax_linoss.mixers import base
 from flax_linoss.mixers import linen as linen_mixers
 from flax_linoss.mixers.nnx import DLinOSSMixer, LinOSSIMEXMixer, LinOSSMixer
+from flax_linoss.ops._scans import native
 
 CLASSES = {"im": LinOSSMixer, "imex": LinOSSIMEXMixer, "damped": DLinOSSMixer}
 
@@ -91,9 +93,18 @@ def _reference(m, x, valid=None, times=None):
     return np.asarray(y) @ params["out_proj"]["kernel"] + params["out_proj"]["bias"]
 
 
+# The block's memory and convolution through the pure-JAX forms (what "auto" runs under
+# these tests' 8 devices) and through the fused CPU kernels.
+NATIVE = pytest.param(
+    "native",
+    marks=pytest.mark.skipif(not native.available(), reason="native kernels unavailable"),
+)
+
+
+@pytest.mark.parametrize("scan", ["auto", NATIVE])
 @pytest.mark.parametrize("disc", ["im", "imex", "damped"])
-def test_block_equals_a_float64_step_by_step_reference(disc):
-    m = _mixer(disc)
+def test_block_equals_a_float64_step_by_step_reference(disc, scan):
+    m = _mixer(disc, scan=scan)
     x = _x()
     valid = np.ones((2, 11), bool)
     valid[1, 3:6] = False  # padded steps inside the sequence
@@ -196,6 +207,25 @@ def test_padding_and_packing_never_leak_between_sequences():
     padded = jnp.concatenate([a, 100 * _x(1, 4, seed=4)], 1)
     mask = jnp.asarray([[True] * 5 + [False] * 4])
     assert_rel_close(m(padded, mask=mask)[:, :5], m(a), 2e-5, "padded")
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_scan_picks_the_paths_and_the_pure_jax_ones_differentiate_forward():
+    assert base.outer_paths("auto") == base.outer_paths("pallas") == ("auto", "auto")
+    assert base.outer_paths("native") == ("native", "native")
+    assert base.outer_paths("adjoint") == base.outer_paths("chunked") == ("chunked", "jax")
+    x = _x()
+    rng = np.random.default_rng(3)
+    w, tangent = rng.normal(size=(2, *x.shape)).astype(np.float32)
+    valid = np.ones(x.shape[:2], bool)
+    valid[0, 4:7] = False
+    score = lambda m: lambda x: jnp.sum(w * m(x, mask=valid))
+    # The kernels have a reverse-mode rule only; the pure-JAX forms also a forward one.
+    grad = jax.grad(score(_mixer(scan="native")))(x)
+    _, forward = jax.jvp(score(_mixer(scan="chunked")), (x,), (tangent,))
+    assert abs(float(forward) - float(jnp.sum(grad * tangent))) < 1e-4 * abs(float(forward))
+    with pytest.raises(TypeError, match="forward-mode"):  # the kernels did run
+        jax.jvp(score(_mixer(scan="native")), (x,), (tangent,))
 
 
 def test_bfloat16_activations_keep_a_float32_state():

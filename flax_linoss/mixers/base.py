@@ -150,6 +150,19 @@ def check_options(where: str, discretization: str, scan: str, state_size) -> Non
         raise ValueError(f"{where}: state_size must be a positive int or None, got {state_size!r}.")
 
 
+def outer_paths(scan: str) -> tuple[str, str]:
+    """The outer block's paths ``(ops.outer_apply scan, ops.causal_conv scan)`` for a
+    mixer's ``scan``: ``"auto"`` (the fused CPU kernels per device), ``"native"`` (the
+    kernels), any pure-JAX path of ``linoss_apply`` (``"sequential"``, ``"associative"``,
+    ``"adjoint"``, ``"chunked"``: for forward-mode differentiation, say) the pure-JAX forms,
+    and ``"pallas"`` (an accelerator's kernels, which the outer block has not) ``"auto"``."""
+    if scan == ops.NATIVE:
+        return "native", "native"
+    if scan in (ops.AUTO, ops.PALLAS):
+        return "auto", "auto"
+    return "chunked", "jax"
+
+
 def check_mixer_arguments(
     where: str, in_features, qkv_features, out_features, dropout_rate, dtype, param_dtype
 ) -> None:

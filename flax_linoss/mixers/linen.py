@@ -343,7 +343,8 @@ LinOSS options:
     ``"plain"`` when ``bidirectional`` (the outer block is causal).
   conv_width: taps of the outer block's convolution (0: none).
   gate_activation: ``"silu"`` (default), ``"gelu"``, ``"sigmoid"`` or ``None`` (no gate).
-  chunk: the outer block's chunk length (default :data:`flax_linoss.ops.outer.DEFAULT_CHUNK`).
+  chunk: the chunk length of the outer block's pure-JAX form (default
+    :data:`flax_linoss.ops.outer.DEFAULT_CHUNK`; the CPU kernels take none).
   selective: input-dependent step sizes ``dt_t = dt * softplus(x_t W + b)``: in the plain
     block per oscillator (see :class:`flax_linoss.nnx.LinOSSLayer`), in the outer block per
     key dim of each head (``dt_proj``, ``[E, H]``, starting at exactly ``dt``
@@ -355,7 +356,10 @@ LinOSS options:
   state_size: oscillators ``P`` (default ``H``).
   bidirectional: add a second layer (``linoss_reverse``) scanning from the last step to
     the first and **sum** the two outputs; for encoders. Cannot decode.
-  scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`.
+  scan: scan path of the core, see :func:`flax_linoss.ops.linoss_apply`; in the outer
+    block ``"auto"`` runs its memory and convolution as fused kernels on CPU per device,
+    ``"native"`` always, and a pure-JAX path's name (``"chunked"``, ...) their pure-JAX
+    forms (which also differentiate forward, ``jax.jvp``).
   oscillator_init: initialiser of ``(a_raw, dt_raw[, g_raw])``, see
     :class:`flax_linoss.linen.LinOSSLayer`.
   constraint: ``"stable"`` (default) or ``"paper"``, see

@@ -276,6 +276,7 @@ def _outer_core(
     chunk,
     time_scale=1.0,
     sequence_axis=None,
+    paths=("auto", "auto"),
 ):
     """The outer block between its projections, a pure function (run per shard under an
     explicit mesh, or with the length split over ``sequence_axis``): ``q, k, v [batch...,
@@ -289,7 +290,8 @@ def _outer_core(
     state (``None``: a whole sequence from zero). Each step's ``dt`` is multiplied by the
     selective ``gate [batch..., L, H]`` and by the gaps of ``timestamps [batch..., L]`` (in
     units of ``time_scale``; the first one to ``t0 [batch...]``, the time before a decoding
-    call), then clamped into the scheme's stable range."""
+    call), then clamped into the scheme's stable range. ``paths``: the ``scan`` of the
+    memory and of the convolution (:func:`flax_linoss.mixers.base.outer_paths`)."""
     decoding = z is not None
     buffers = None
     if params["conv_kernel"] is not None:  # the three streams side by side, one convolution
@@ -306,6 +308,7 @@ def _outer_core(
             initial_state=buf,
             return_state=decoding,
             sequence_axis=sequence_axis,
+            scan=paths[1],
         )
         if decoding:
             out, buffers = out
@@ -353,6 +356,7 @@ def _outer_core(
         chunk=chunk,
         check="shapes",
         sequence_axis=sequence_axis,
+        scan=paths[0],
     )
     of = o.astype(jnp.float32)
     of = of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + 1e-6) * params["scale"]
@@ -466,6 +470,7 @@ class LinOSSMixer(nnx.Module):
         self.conv_width = conv_width if block == base.OUTER else 0
         self.gate_activation = gate_activation
         self.chunk = chunk
+        self.outer_paths = base.outer_paths(scan)
         self.time_scale = time_scale
         self.num_heads = num_heads
         self.in_features = in_features
@@ -804,6 +809,7 @@ class LinOSSMixer(nnx.Module):
             constraint=self.heads.constraint,
             chunk=self.chunk,
             time_scale=self.time_scale,
+            paths=self.outer_paths,
         )
         carried = (None, None, None) if state is None else (state.conv, state.z, state.y)
         args = (params, q, k, v, valid, seg, restart, *carried, gate, timestamps, t0)
