@@ -101,12 +101,10 @@ inline void WithTypeAndFlags(ffi::DataType dt, bool has_flags, const F& fn) {
 }
 
 // Calls fn(std::integral_constant<int64_t, n>{}) for the sizes the kernels unroll loops
-// for (n = 8, 16, 32, 64), else fn(std::integral_constant<int64_t, 0>{}) (a runtime size).
+// for (n = 16, 32, 64), else fn(std::integral_constant<int64_t, 0>{}) (a runtime size).
 template <typename F>
 inline void WithUnrolledSize(int64_t n, const F& fn) {
   switch (n) {
-    case 8:
-      return fn(std::integral_constant<int64_t, 8>{});
     case 16:
       return fn(std::integral_constant<int64_t, 16>{});
     case 32:

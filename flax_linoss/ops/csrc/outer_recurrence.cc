@@ -177,11 +177,8 @@ void ForwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, co
 // The backward pass keeps the state transposed, [V, K] (value dim j, then key dim i), so
 // that its sums over the value dims (the read's gradient for q, the forcing's for k) run
 // across vectors over the key dims instead of one horizontal sum per key dim; only the
-// gradient of v sums over the key dims. kK: the key dims where compiled for them, else 0.
-template <int64_t kK>
-inline int64_t Keys(const Sizes& s) {
-  return kK > 0 ? kK : s.kd;
-}
+// gradient of v sums over the key dims. (Unrolling its loops for fixed sizes, as the
+// forward pass does, measured slower here.)
 
 // dst[j * K + i] = src[i * V + j]: a head's state from [K, V] to [V, K] (back with the sizes
 // swapped).
@@ -193,10 +190,10 @@ inline void Transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
 }
 
 // The state after step t from the state before it ([V, K] layout), with the step's flags.
-template <typename T, bool kFlags, int64_t kK>
+template <typename T, bool kFlags>
 inline void StepT(const Sizes& s, const Coefs<T>& c, int8_t code, const T* kt, const T* vt,
                   const T* z, const T* y, T* zn, T* yn, T* f1k, T* f2k) {
-  const int64_t kd = Keys<kK>(s);
+  const int64_t kd = s.kd;
   if (kFlags && (code & kHold)) {
     if (code & kReset) {
       std::fill(zn, zn + s.kv(), T(0));
@@ -229,13 +226,13 @@ inline void StepT(const Sizes& s, const Coefs<T>& c, int8_t code, const T* kt, c
 
 // g_c is [N, 8, H, K]: each batch row's sums of the eight coefficient gradients (m11, m12,
 // m21, m22, f1, f2, cz, cy), summed over the rows in JAX.
-template <typename T, bool kFlags, int64_t kK>
+template <typename T, bool kFlags>
 void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, const T* v,
                   const int8_t* fl, const T* ck, const T* g_o, const T* g_zl, const T* g_yl,
                   T* g_q, T* g_k, T* g_v, T* g_c, T* g_z0, T* g_y0, int64_t item) {
   const int64_t b = item / s.h, head = item % s.h;
   const Coefs<T> c = all.at(head, s.kd);
-  const int64_t kv = s.kv(), kd = Keys<kK>(s), vd = s.vd;
+  const int64_t kv = s.kv(), kd = s.kd, vd = s.vd;
   // Row r of zbuf / ybuf: the state after step t0 + r - 1 of the chunk [t0, t1); row 0 the
   // state before the chunk (its checkpoint). All [V, K].
   std::vector<T> zbuf((s.chunk + 1) * kv), ybuf((s.chunk + 1) * kv);
@@ -264,9 +261,9 @@ void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, c
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t - t0;
       const int8_t code = kFlags ? fl[b * s.l + t] : 0;
-      StepT<T, kFlags, kK>(s, c, code, k + s.qk_at(b, t, head), v + s.v_at(b, t, head),
-                           zbuf.data() + r * kv, ybuf.data() + r * kv,
-                           zbuf.data() + (r + 1) * kv, ybuf.data() + (r + 1) * kv, w1, w2);
+      StepT<T, kFlags>(s, c, code, k + s.qk_at(b, t, head), v + s.v_at(b, t, head),
+                      zbuf.data() + r * kv, ybuf.data() + r * kv, zbuf.data() + (r + 1) * kv,
+                      ybuf.data() + (r + 1) * kv, w1, w2);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t r = t - t0;
@@ -487,11 +484,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_v, "g_v", {s.n * s.l, s.h * s.vd}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*g_c, "g_coefficients", {s.n, 8, s.h * s.kd}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
-  Dispatch(dt, has_flags, s.kd, [&](auto zero, auto with_flags, auto width) {
+  flax_linoss::WithTypeAndFlags(dt, has_flags, [&](auto zero, auto with_flags) {
     using T = decltype(zero);
     const Coefs<T> c = Typed<T>(coefs);
     ParallelFor(pool, s.n * s.h, [&](int64_t i) {
-      BackwardItem<T, decltype(with_flags)::value, decltype(width)::value>(
+      BackwardItem<T, decltype(with_flags)::value>(
           s, c, q.typed_data<T>(), k.typed_data<T>(), v.typed_data<T>(), flags,
           ck.typed_data<T>(), g_o.typed_data<T>(), g_zl.typed_data<T>(), g_yl.typed_data<T>(),
           g_q->typed_data<T>(), g_k->typed_data<T>(), g_v->typed_data<T>(),
