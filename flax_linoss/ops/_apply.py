@@ -293,7 +293,7 @@ def _apply(
     resets = None if seg is None else resets_from_segments(seg)
     if sequence_axis is not None and seg is not None:  # a segment may start at the boundary
         resets = _seqpar.boundary_resets(seg, resets, sequence_axis, reverse)
-    flags = Flags.of(None if valid is None else jnp.logical_not(valid.astype(bool)), resets)
+    flags = Flags.of_valid(valid, resets)
     if sequence_axis is not None:
         ys, z_l, y_l = _seqpar.run(entry, tr, v, z0, y0, sequence_axis, reverse, flags)
     else:

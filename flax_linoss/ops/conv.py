@@ -173,8 +173,7 @@ def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None,
     valid, seg = per_step(mask), per_step(segment_ids)
     starts = None if seg is None else resets_from_segments(seg)
     if scan == "native":
-        hold = None if valid is None else jnp.logical_not(valid.astype(bool))
-        y, tail = native.conv_run(xf, w.astype(dtype), buf, Flags.of(hold, starts))
+        y, tail = native.conv_run(xf, w.astype(dtype), buf, Flags.of_valid(valid, starts))
         return _finish(y, tail, b, lead, length, channels, return_state, x.dtype)
     if axis is not None:
         if seg is not None:  # a segment may start at the shard boundary

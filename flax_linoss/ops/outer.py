@@ -341,25 +341,21 @@ def _apply(
         starts = _seqpar.boundary_resets(seg, starts, axis, False)
     ro = None if readout is None else tuple(jnp.moveaxis(readout.astype(rdt), -1, 0))
     if scan == "native":
-        hold = None if valid is None else jnp.logical_not(valid.astype(bool))
         cz, cy = (0.0, 1.0) if ro is None else ro
         coeffs = (*tr, cz, cy)
         coeffs = [
             jnp.broadcast_to(jnp.asarray(x, rdt), (heads, key_dim)).reshape(-1) for x in coeffs
         ]
-        o, z_l, y_l = native.outer_run(coeffs, qf, kf, vf, z0, y0, Flags.of(hold, starts))
-        o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
-        if not return_state:
-            return o
-        return o, OuterState(z_l.reshape(state_shape), y_l.reshape(state_shape))
-    if np.ndim(dt) > 2:  # per step: [N, L, H, K] transitions, masks and restarts folded in
-        full = (*lead, length, heads, key_dim)
-        tr = tuple(jnp.broadcast_to(x, full).reshape(n, length, heads, key_dim) for x in tr)
-        tr = _fold_steps(tr, valid, starts)
-        pieces = _chunked_steps(qf, kf, vf, tr, ro, chunk)
+        o, z_l, y_l = native.outer_run(coeffs, qf, kf, vf, z0, y0, Flags.of_valid(valid, starts))
     else:
-        pieces = _chunked(qf, kf, vf, tr, ro, valid, starts, chunk)
-    o, (z_l, y_l) = _finish(pieces, z0, y0, length, axis)
+        if np.ndim(dt) > 2:  # per step: [N, L, H, K] transitions, masks and restarts folded in
+            full = (*lead, length, heads, key_dim)
+            tr = tuple(jnp.broadcast_to(x, full).reshape(n, length, heads, key_dim) for x in tr)
+            tr = _fold_steps(tr, valid, starts)
+            pieces = _chunked_steps(qf, kf, vf, tr, ro, chunk)
+        else:
+            pieces = _chunked(qf, kf, vf, tr, ro, valid, starts, chunk)
+        o, (z_l, y_l) = _finish(pieces, z0, y0, length, axis)
     o = o.reshape(*lead, length, heads, value_dim).astype(q.dtype)
     if not return_state:
         return o

@@ -55,6 +55,13 @@ class Flags(NamedTuple):
             return None
         return Flags(hold, reset)
 
+    @staticmethod
+    def of_valid(valid, starts) -> Flags | None:
+        """The flags of a validity mask ``valid`` (``True`` = a step; a masked step holds)
+        and the segment starts ``starts`` (either ``None``)."""
+        hold = None if valid is None else jnp.logical_not(valid.astype(bool))
+        return Flags.of(hold, starts)
+
     def code(self, shape) -> jnp.ndarray:
         """``[N, L]`` int32 ``hold + 2 * reset``: the one array the kernels read."""
         code = jnp.zeros(shape, jnp.int32)
