@@ -280,7 +280,26 @@ def _decode_markdown(rows) -> list[str]:
     return [*lines, ""]
 
 
+#: The hand-written reading of the tables; a rerun keeps it (see :func:`kept_analysis`).
+ANALYSIS = "## What the numbers say"
+
+
+def kept_analysis(path) -> list[str]:
+    """The ``ANALYSIS`` section of the file at ``path`` (its lines up to the next ``## ``
+    heading), or none: the tables are regenerated, the reading of them is written by hand."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text().splitlines()
+    if ANALYSIS not in lines:
+        return []
+    start = lines.index(ANALYSIS)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
 def write_markdown(rows, path, command, tasks, lengths, decode_rows=(), cost_rows=()):
+    analysis = kept_analysis(path)
     lines = [
         "# Sequence mixers compared",
         "",
@@ -302,6 +321,7 @@ def write_markdown(rows, path, command, tasks, lengths, decode_rows=(), cost_row
         "caches, one token at a time, on one batch; step time is the median of the compiled "
         "train step; peak memory is XLA's account of it (arguments + outputs + temporaries).",
         "",
+        *analysis,
     ]
     for task in tasks:
         for length in lengths:

@@ -212,6 +212,8 @@ def test_bench_mixers_runs_small(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "m.md"
+    # A rerun keeps the hand-written reading of the tables (and nothing else of the file).
+    out.write_text(f"# old\n\nstale\n\n{bench.ANALYSIS}\n\n- reading\n\n## old table\n\n| x |\n")
     # The papers' plain block (the cheapest to compile) as the LinOSS row: it also gives the
     # cost table its "x plain" column.
     args = ["--tasks", "induction", "--mixers", "linoss-im:plain", "attention"]
@@ -219,6 +221,8 @@ def test_bench_mixers_runs_small(tmp_path):
     args += ["--decode-contexts", "16", "64", "--workdir", str(tmp_path / "w")]
     result = bench.main([*args, "--out", str(out)])
     text = out.read_text()
+    assert f"{bench.ANALYSIS}\n\n- reading\n\n## induction, length 16" in text
+    assert "stale" not in text and "old table" not in text
     assert "## induction, length 16" in text and "Generation cost" in text
     assert "## Train-step cost at length 32" in text
     runs = [json.loads(x) for x in open(tmp_path / "w" / "mixers.jsonl")]
