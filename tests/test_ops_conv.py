@@ -151,6 +151,41 @@ def test_bfloat16_input():
     assert rel(y, ref) < 2e-2
 
 
+@pytest.mark.parametrize("scan", SCANS)
+def test_streams_are_the_channels_side_by_side(scan):
+    """A tuple of inputs convolves as their concatenation, split again: outputs, final
+    buffer and the gradients of every input."""
+    x, w, b, fl = problem(17, 11, 4)
+    rng = np.random.default_rng(5)
+    f32 = lambda a: np.asarray(a, np.float32)
+    x2, w2, b2 = (
+        f32(rng.normal(size=(2, 11, 5))),
+        f32(rng.normal(size=(4, 5))),
+        f32(rng.normal(size=5)),
+    )
+    start = f32(rng.normal(size=(2, 3, D + 5)))
+    ct = f32(rng.normal(size=(2, 11, D + 5)))
+    kw = dict(mask=fl["mask"], segment_ids=fl["seg"], return_state=True, scan=scan)
+
+    def loss(x, x2, w, b, start, streams):
+        inputs = (x, x2) if streams else jnp.concatenate([x, x2], -1)
+        y, last = ops.causal_conv(inputs, w, b, initial_state=start, **kw)
+        y = jnp.concatenate(y, -1) if streams else y
+        return jnp.sum(ct * y) + jnp.sum(jnp.sin(last)), (y, last)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    args = (x, x2, np.concatenate([w, w2], 1), np.concatenate([b, b2]), start)
+    got, (y, last) = grad(*args, True)
+    want, (y_ref, last_ref) = grad(*args, False)
+    assert rel(y, y_ref) < 1e-6 and rel(last, last_ref) < 1e-6
+    for g, r in zip(got, want):
+        assert rel(g, r) < 1e-6
+    with pytest.raises(ValueError, match="every stream the same"):
+        ops.causal_conv((x, x2[:, :5]), args[2])
+    with pytest.raises(ValueError, match="the streams of `x` have 8 channels"):
+        ops.causal_conv((x, x2), w)
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, w, b, _ = problem(7, 5, 4)
     with pytest.raises(ValueError, match="channels"):

@@ -300,7 +300,7 @@ def _outer_core(
         if decoding:
             buf = _zero_where(restart, conv_state).reshape(*conv_state.shape[:-2], -1)
         out = ops.causal_conv(
-            jnp.concatenate([q, k, v], -1),
+            (q, k, v),
             params["conv_kernel"].reshape(width, 3 * features),
             params["conv_bias"].reshape(3 * features),
             mask=valid,
@@ -313,7 +313,7 @@ def _outer_core(
         if decoding:
             out, buffers = out
             buffers = buffers.reshape(*buffers.shape[:-1], 3, features)
-        q, k, v = (x.astype(t.dtype) for x, t in zip(jnp.split(out, 3, axis=-1), (q, k, v)))
+        q, k, v = (x.astype(t.dtype) for x, t in zip(out, (q, k, v)))
     a, dt, g = ops.constrain(
         discretization, params["a_raw"], params["dt_raw"], params["g_raw"], constraint=constraint
     )

@@ -50,24 +50,31 @@ def conv_state_zeros(batch_shape, width: int, channels: int, dtype=jnp.float32) 
 
 
 def _check(x, w, b, where: str):
-    if np.ndim(x) < 1 or np.ndim(w) != 2:
+    """Checks ``x`` (an array, or a tuple of streams whose channels add up to ``w``'s),
+    ``w [W, D]`` and ``b [D]``; returns ``(W, D)``."""
+    xs = x if isinstance(x, tuple) else (x,)
+    if not xs or any(np.ndim(t) < 1 for t in xs) or np.ndim(w) != 2:
+        shapes = [np.shape(t) for t in xs]
         raise ValueError(
             f"{where}: expected `w` of shape [width, channels] and `x` [..., channels], got "
-            f"w {np.shape(w)} and x {np.shape(x)}."
+            f"w {np.shape(w)} and x {shapes if isinstance(x, tuple) else np.shape(x)}."
         )
     width, channels = np.shape(w)
     if width < 1:
         raise ValueError(f"{where}: `w` needs at least one tap, got shape {np.shape(w)}.")
-    if np.shape(x)[-1] != channels:
+    got = sum(np.shape(t)[-1] for t in xs)
+    if got != channels:
+        what = "the streams of `x` have" if isinstance(x, tuple) else "`x` has"
         raise ValueError(
-            f"{where}: `x` has {np.shape(x)[-1]} channels (last axis of {np.shape(x)}) but `w` "
+            f"{where}: {what} {got} channels (last axis of "
+            f"{[np.shape(t) for t in xs] if isinstance(x, tuple) else np.shape(x)}) but `w` "
             f"{np.shape(w)} has {channels}."
         )
     if b is not None and np.shape(b) != (channels,):
         raise ValueError(
             f"{where}: `b` must have shape [channels] = [{channels}], got {np.shape(b)}."
         )
-    for name, t in (("x", x), ("w", w)):
+    for name, t in (*(("x", t) for t in xs), ("w", w)):
         if not jnp.issubdtype(jnp.result_type(t), jnp.floating):
             raise TypeError(f"{where}: `{name}` must be floating, got {jnp.result_type(t)}.")
     return width, channels
@@ -96,7 +103,10 @@ def causal_conv(
     """Causal depthwise convolution of ``x [..., L, D]`` with taps ``w [W, D]``.
 
     Args:
-      x: ``[..., L, D]``.
+      x: ``[..., L, D]``, or a tuple of streams ``[..., L, D_s]`` side by side in the
+        channels of ``w``, ``b`` and the buffers (``D`` their sum): the result is then the
+        tuple of their outputs, as if ``x`` were their concatenation, convolved and split
+        again (the CPU kernels do it without copying; a block's queries, keys and values).
       w: ``[W, D]``; ``w[W - 1]`` multiplies the current step, ``w[W - 1 - j]`` the ``j``-th
         valid step before it.
       b: optional ``[D]`` bias.
@@ -116,16 +126,20 @@ def causal_conv(
         device (a single-device process, or inside ``shard_map``), else ``"jax"``.
 
     Returns:
-      ``y [..., L, D]`` in the result dtype of ``x`` and ``w``, and with ``return_state``
-      the final buffer ``[..., W - 1, D]``.
+      ``y [..., L, D]`` in the result dtype of ``x`` and ``w`` (a tuple for a tuple of
+      streams), and with ``return_state`` the final buffer ``[..., W - 1, D]``.
     """
     where = "causal_conv"
-    width, channels = _check(x, w, b, where)
-    if np.ndim(x) < 2:
-        raise ValueError(
-            f"{where}: expected `x` of shape [..., length, channels], got {np.shape(x)}."
-        )
-    *lead, length, _ = np.shape(x)
+    streams = isinstance(x, tuple | list)
+    xs = tuple(x) if streams else (x,)
+    width, channels = _check(xs if streams else x, w, b, where)
+    for t in xs:
+        if np.ndim(t) < 2 or np.shape(t)[:-1] != np.shape(xs[0])[:-1]:
+            raise ValueError(
+                f"{where}: expected `x` of shape [..., length, channels] (every stream the "
+                f"same [..., length]), got {[np.shape(t) for t in xs] if streams else np.shape(x)}."
+            )
+    *lead, length, _ = np.shape(xs[0])
     lead = tuple(lead)
     if initial_state is not None:
         _check_buffer(initial_state, (*lead, width - 1, channels), "initial_state", where)
@@ -137,11 +151,11 @@ def causal_conv(
     obstacle = None
     if sequence_axis is not None:
         obstacle = "it runs whole sequences (no `sequence_axis`)"
-    elif jnp.result_type(x, w) not in (jnp.float32, jnp.float64):
-        obstacle = f"it computes in float32 or float64 (here {jnp.result_type(x, w)})"
+    elif jnp.result_type(*xs, w) not in (jnp.float32, jnp.float64):
+        obstacle = f"it computes in float32 or float64 (here {jnp.result_type(*xs, w)})"
     scan = _auto.native_or(where, scan, "jax", obstacle)
-    return _conv(
-        x,
+    out = _conv(
+        xs,
         w,
         b,
         mask,
@@ -151,16 +165,20 @@ def causal_conv(
         axis=sequence_axis,
         scan=scan,
     )
+    ys, *state = out
+    y = ys if streams else ys[0]
+    return (y, *state) if return_state else y
 
 
 @functools.partial(jax.jit, static_argnames=("return_state", "axis", "scan"))
-def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None, scan="jax"):
-    *lead, length, channels = x.shape
+def _conv(xs, w, b, mask, segment_ids, initial_state, *, return_state, axis=None, scan="jax"):
+    """``(the streams' y, ...)`` and with ``return_state`` the final buffer."""
+    *lead, length, _ = xs[0].shape
     lead = tuple(lead)
-    width = w.shape[0]
+    width, channels = w.shape
     n = int(np.prod(lead)) if lead else 1
-    dtype = jnp.result_type(x, w)
-    xf = x.reshape(n, length, channels).astype(dtype)
+    dtype = jnp.result_type(*xs, w)
+    flat = [x.reshape(n, length, x.shape[-1]).astype(dtype) for x in xs]
     hist = width - 1
     if initial_state is None:
         buf = jnp.zeros((n, hist, channels), dtype)
@@ -173,26 +191,24 @@ def _conv(x, w, b, mask, segment_ids, initial_state, *, return_state, axis=None,
     valid, seg = per_step(mask), per_step(segment_ids)
     starts = None if seg is None else resets_from_segments(seg)
     if scan == "native":
-        y, tail = native.conv_run(xf, w.astype(dtype), buf, Flags.of_valid(valid, starts))
-        return _finish(y, tail, b, lead, length, channels, return_state, x.dtype)
-    if axis is not None:
-        if seg is not None:  # a segment may start at the shard boundary
-            starts = _seqpar.boundary_resets(seg, starts, axis, False)
-        mine = _taps(xf, valid, starts, jnp.zeros_like(buf), hist)[1:]
-        buf, final = _incoming(buf, mine, axis)
-    y, tail, *_ = _taps(xf, valid, starts, buf, hist, w)
-    out = tail if axis is None else final
-    return _finish(y, out, b, lead, length, channels, return_state, x.dtype)
-
-
-def _finish(y, buffer, b, lead, length, channels, return_state, dtype):
-    """``y [N, L, D]`` plus the bias in the caller's batch shape, and the final buffer."""
+        ys, out = native.conv_run(flat, w.astype(dtype), buf, Flags.of_valid(valid, starts))
+    else:
+        xf = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+        if axis is not None:
+            if seg is not None:  # a segment may start at the shard boundary
+                starts = _seqpar.boundary_resets(seg, starts, axis, False)
+            mine = _taps(xf, valid, starts, jnp.zeros_like(buf), hist)[1:]
+            buf, final = _incoming(buf, mine, axis)
+        y, tail, *_ = _taps(xf, valid, starts, buf, hist, w)
+        out = tail if axis is None else final
+        ys = jnp.split(y, np.cumsum([x.shape[-1] for x in xs])[:-1], axis=-1)
     if b is not None:
-        y = y + b
-    y = y.reshape(*lead, length, channels)
+        bs = jnp.split(b, np.cumsum([x.shape[-1] for x in xs])[:-1])
+        ys = [y + bias for y, bias in zip(ys, bs)]
+    ys = tuple(y.reshape(*lead, length, y.shape[-1]) for y in ys)
     if not return_state:
-        return y
-    return y, buffer.reshape(*lead, buffer.shape[1], channels).astype(dtype)
+        return (ys,)
+    return ys, out.reshape(*lead, hist, channels).astype(xs[0].dtype)
 
 
 def _incoming(buf, mine, axis):

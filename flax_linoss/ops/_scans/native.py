@@ -467,55 +467,59 @@ def outer_run(coeffs, q, k, v, z0, y0, flags: Flags | None):
 # The short causal convolution (flax_linoss.ops.conv).
 
 
-def _conv_forward(x, w, buf0, codes):
-    out = (_shape(x.shape, x.dtype), _shape(buf0.shape, x.dtype))
+def _conv_forward(xs, w, buf0, codes):
+    out = (_shape(buf0.shape, w.dtype), *(_shape(x.shape, w.dtype) for x in xs))
     call = jax.ffi.ffi_call(_CONV_FORWARD, out, vmap_method="sequential")
-    return call(x, w, codes, buf0)
+    last, *ys = call(w, codes, buf0, *xs)
+    return tuple(ys), last
 
 
 @jax.custom_vjp
-def _conv(x, w, buf0, codes):
-    y, last = _conv_forward(x, w, buf0, codes)
-    axes = varying_axes(x, w, buf0)
-    return vary(y, axes), vary(last, axes)
+def _conv(xs, w, buf0, codes):
+    ys, last = _conv_forward(xs, w, buf0, codes)
+    axes = varying_axes(xs, w, buf0)
+    return tuple(vary(y, axes) for y in ys), vary(last, axes)
 
 
-def _conv_fwd(x, w, buf0, codes):
-    return _conv(x, w, buf0, codes), (x, w, buf0, codes)
+def _conv_fwd(xs, w, buf0, codes):
+    return _conv(xs, w, buf0, codes), (xs, w, buf0, codes)
 
 
 def _conv_bwd(res, cts):
-    x, w, buf0, codes = res
-    g_y, g_last = (c.astype(x.dtype) for c in cts)
+    xs, w, buf0, codes = res
+    g_ys, g_last = cts
+    g_ys = tuple(g.astype(w.dtype) for g in g_ys)
     out = (
-        _shape(x.shape, x.dtype),
-        _shape((x.shape[0], *w.shape), x.dtype),
-        _shape(buf0.shape, x.dtype),
+        _shape((buf0.shape[0], *w.shape), w.dtype),
+        _shape(buf0.shape, w.dtype),
+        *(_shape(x.shape, w.dtype) for x in xs),
     )
     call = jax.ffi.ffi_call(_CONV_BACKWARD, out, vmap_method="sequential")
-    g_x, g_w, g_buf0 = call(x, w, codes, buf0, g_y, g_last)
-    axes = varying_axes(x, w, buf0, cts)
-    grads = (g_x, jnp.sum(g_w, axis=0), g_buf0)
-    return (*(match_vma(g, p, axes) for g, p in zip(grads, (x, w, buf0))), None)
+    g_w, g_buf0, *g_xs = call(w, codes, buf0, g_last.astype(w.dtype), *xs, *g_ys)
+    axes = varying_axes(xs, w, buf0, cts)
+    g_xs = tuple(match_vma(g, x, axes) for g, x in zip(g_xs, xs))
+    return g_xs, match_vma(jnp.sum(g_w, axis=0), w, axes), match_vma(g_buf0, buf0, axes), None
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_run(x, w, buf0, flags: Flags | None):
+def conv_run(xs, w, buf0, flags: Flags | None):
     """The short causal convolution by the fused kernels (no bias).
 
     Args:
-      x: ``[N, L, D]``; w: ``[W, D]`` taps (``w[W - 1]`` the current step's); buf0: ``[N,
-        W - 1, D]`` the buffer before the first step (oldest first); all in one dtype.
+      xs: the streams, a tuple of ``[N, L, D_s]``, side by side in the channels of ``w`` and
+        the buffers (``D`` in all).
+      w: ``[W, D]`` taps (``w[W - 1]`` the current step's); buf0: ``[N, W - 1, D]`` the
+        buffer before the first step (oldest first); all in one dtype.
       flags: a :class:`~._common.Flags` of ``[N, L]`` bools (hold = masked, reset = a
         segment start), or ``None``.
 
     Returns:
-      ``(y [N, L, D], the buffer after the last step [N, W - 1, D])``; differentiable once
-      (reverse mode).
+      ``(the streams' y, each [N, L, D_s]; the buffer after the last step [N, W - 1,
+      D])``; differentiable once (reverse mode).
     """
     if not available():
         raise RuntimeError(f"The native kernel is unavailable: {unavailable_reason()}")
-    n, length = x.shape[:2]
-    return _conv(x, w, buf0, _flag_codes(flags, n, length))
+    n, length = xs[0].shape[:2]
+    return _conv(tuple(xs), w, buf0, _flag_codes(flags, n, length))
