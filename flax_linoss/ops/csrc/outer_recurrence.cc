@@ -380,8 +380,8 @@ void BackwardItem(const Sizes& s, const Coefs<T>& all, const T* q, const T* k, c
 // argument both kernels take.
 ffi::Error CheckCommon(const ffi::AnyBuffer* coefs[8], const ffi::AnyBuffer& q,
                        const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                       const ffi::AnyBuffer& fl, int64_t length, int64_t heads, int64_t chunk,
-                       Sizes* s, bool* has_flags) {
+                       const ffi::AnyBuffer& fl, const ffi::AnyBuffer& ck, int64_t length,
+                       int64_t heads, int64_t chunk, Sizes* s, bool* has_flags) {
   auto dq = q.dimensions();
   auto dv = v.dimensions();
   if (dq.size() != 2 || dv.size() != 2) return Invalid("`q` and `v` must be 2-d rows.");
@@ -404,6 +404,8 @@ ffi::Error CheckCommon(const ffi::AnyBuffer* coefs[8], const ffi::AnyBuffer& q,
   *has_flags = fl.element_count() > 0;
   FLAX_LINOSS_RETURN_IF_ERROR(
       CheckDims(fl, "flags", {*has_flags ? s->n * s->l : 0}, ffi::DataType::S8));
+  FLAX_LINOSS_RETURN_IF_ERROR(
+      CheckDims(ck, "checkpoints", {s->n, s->h, s->chunks, 2, s->kd, s->vd}, dt));
   return ffi::Error::Success();
 }
 
@@ -435,14 +437,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer 
   Sizes s;
   bool has_flags;
   FLAX_LINOSS_RETURN_IF_ERROR(
-      CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
+      CheckCommon(coefs, q, k, v, fl, *ck, length, heads, chunk, &s, &has_flags));
   const ffi::DataType dt = q.element_type();
   for (const ffi::AnyBuffer* x : {&z0, &y0, &*z_last, &*y_last}) {
     FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*x, "state", {s.n, s.h, s.kd, s.vd}, dt));
   }
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*o, "o", {s.n * s.l, s.h * s.vd}, dt));
-  FLAX_LINOSS_RETURN_IF_ERROR(
-      CheckDims(*ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
   const int8_t* flags = has_flags ? fl.typed_data<int8_t>() : nullptr;
   Dispatch(dt, has_flags, s.vd, [&](auto zero, auto with_flags, auto width) {
     using T = decltype(zero);
@@ -471,10 +471,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer m11, ffi::AnyBuffer
   Sizes s;
   bool has_flags;
   FLAX_LINOSS_RETURN_IF_ERROR(
-      CheckCommon(coefs, q, k, v, fl, length, heads, chunk, &s, &has_flags));
+      CheckCommon(coefs, q, k, v, fl, ck, length, heads, chunk, &s, &has_flags));
   const ffi::DataType dt = q.element_type();
-  FLAX_LINOSS_RETURN_IF_ERROR(
-      CheckDims(ck, "checkpoints", {s.n, s.h, s.chunks, 2, s.kd, s.vd}, dt));
   FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(g_o, "g_o", {s.n * s.l, s.h * s.vd}, dt));
   for (const ffi::AnyBuffer* x : {&g_zl, &g_yl, &*g_z0, &*g_y0}) {
     FLAX_LINOSS_RETURN_IF_ERROR(CheckDims(*x, "state", {s.n, s.h, s.kd, s.vd}, dt));
