@@ -63,31 +63,46 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+class _CompiledStep:
+    """A setup's compiled train step with its state and a batch, timed call by call."""
+
+    def __init__(self, s, state):
+        import jax
+        import numpy as np
+
+        from flax_linoss.train import data as data_lib
+
+        it = data_lib.train_iterator(s.config, s.splits["train"])
+        self.batch = s.parallel.put_batch(data_lib.prepare_batch(s.config, next(it)))
+        self.state = s.parallel.put_state(state)
+        self.compiled = s.parallel.lower(self.state, self.batch).compile()
+        mem = self.compiled.memory_analysis()
+        self.peak = None
+        if mem is not None:
+            self.peak = sum(
+                getattr(mem, k, 0) or 0
+                for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+            )
+        self.params = int(np.sum([x.size for x in jax.tree.leaves(state.params)]))
+        self.times: list[float] = []
+        self.call()  # warm-up, not counted
+        self.times.clear()
+
+    def call(self, calls: int = 1) -> None:
+        import jax
+
+        for _ in range(calls):
+            t = time.perf_counter()
+            # The state is donated: keep the one the step returns.
+            self.state, _ = jax.block_until_ready(self.compiled(self.state, self.batch))
+            self.times.append(time.perf_counter() - t)
+
+
 def _step_profile(s, state):
     """Median seconds of the train step over a few calls, and XLA's peak bytes."""
-    import jax
-    import numpy as np
-
-    from flax_linoss.train import data as data_lib
-
-    it = data_lib.train_iterator(s.config, s.splits["train"])
-    batch = s.parallel.put_batch(data_lib.prepare_batch(s.config, next(it)))
-    dstate = s.parallel.put_state(state)
-    compiled = s.parallel.lower(dstate, batch).compile()
-    mem = compiled.memory_analysis()
-    peak = None
-    if mem is not None:
-        peak = sum(
-            getattr(mem, k, 0) or 0
-            for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
-        )
-    params = int(np.sum([x.size for x in jax.tree.leaves(state.params)]))
-    times = []
-    for _ in range(6):
-        t = time.perf_counter()
-        dstate, _ = jax.block_until_ready(compiled(dstate, batch))  # the state is donated
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]), peak, params
+    step = _CompiledStep(s, state)
+    step.call(5)
+    return statistics.median(step.times), step.peak, step.params
 
 
 def row_seeds(mixer: str, first_length: bool, seeds: list[int]) -> list[int]:
@@ -141,22 +156,33 @@ def run_one(task, mixer, length, steps, workdir, seed=0):
     }
 
 
-def step_cost(mixer: str, length: int, task: str = "mqar") -> dict:
-    """The compiled train step of ``mixer`` at ``length`` (same tokens per step, no
-    training): median milliseconds over a few calls and XLA's peak MiB."""
+def step_costs(mixers, length: int, task: str = "mqar", rounds: int = 8, calls: int = 3):
+    """The compiled train step of each of ``mixers`` at ``length`` (same tokens per step, no
+    training): median milliseconds and XLA's peak MiB. Every step is compiled first, then
+    timed in ``rounds`` rounds of ``calls`` calls each, the mixers in turn, so that a slower
+    spell of a shared machine falls on all of them rather than on one."""
     from flax_linoss.train import trainer
 
-    config = _load_config(task)
-    config.model.mixer, config.model.mixer_block = split_mixer(mixer)
-    config.data.options.seq_len = length
-    config.data.batch_size = max(1, TOKENS_PER_STEP // length)
-    config.data.options.num_train = 4 * config.data.batch_size
-    s = trainer.setup(config)
-    seconds, peak, params = _step_profile(s, trainer.create_train_state(s))
-    row = {"mixer": mixer, "length": length, "step_ms": 1000 * seconds, "params": params}
-    row["peak_mib"] = None if peak is None else peak / 2**20
-    print(f"cost {mixer:22s} L={length}: {row['step_ms']:.1f} ms/step", flush=True)
-    return row
+    steps = {}
+    for mixer in mixers:
+        config = _load_config(task)
+        config.model.mixer, config.model.mixer_block = split_mixer(mixer)
+        config.data.options.seq_len = length
+        config.data.batch_size = max(1, TOKENS_PER_STEP // length)
+        config.data.options.num_train = 4 * config.data.batch_size
+        s = trainer.setup(config)
+        steps[mixer] = _CompiledStep(s, trainer.create_train_state(s))
+    for _ in range(rounds):
+        for step in steps.values():
+            step.call(calls)
+    rows = []
+    for mixer, step in steps.items():
+        row = {"mixer": mixer, "length": length, "params": step.params}
+        row["step_ms"] = 1000 * statistics.median(step.times)
+        row["peak_mib"] = None if step.peak is None else step.peak / 2**20
+        print(f"cost {mixer:22s} L={length}: {row['step_ms']:.1f} ms/step", flush=True)
+        rows.append(row)
+    return rows
 
 
 def _cost_markdown(rows) -> list[str]:
@@ -167,8 +193,9 @@ def _cost_markdown(rows) -> list[str]:
         f"## Train-step cost at length {rows[0]['length']}",
         "",
         "The compiled train step alone (same model, batch and tokens per step as the tables "
-        "above; median of 5 calls after one warm-up, on the machine to itself), and its cost "
-        "relative to the papers' plain block.",
+        "above; every step compiled and warmed up first, then the median of 24 calls each, "
+        "taken in 8 rounds of 3 calls over the mixers in turn, on the machine to itself), and "
+        "its cost relative to the papers' plain block.",
         "",
         "| mixer | step ms | x plain | peak MiB | parameters |",
         "|---|---|---|---|---|",
@@ -433,7 +460,7 @@ def main(argv=None):
             "linoss-im:selective",
             "linoss-im:outer_selective",
         )
-        cost_rows = [step_cost(m, args.cost_length) for m in blocks if m in args.mixers]
+        cost_rows = step_costs([m for m in blocks if m in args.mixers], args.cost_length)
     write_markdown(
         rows, args.out, command.strip(), args.tasks, args.lengths, decode_rows, cost_rows
     )
