@@ -176,15 +176,24 @@ def test_unavailable_kernel_falls_back_and_explains(monkeypatch):
         resolve_scan("native", platform="cpu")
 
 
-def _fresh_process(code, **env):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-        check=False,
-    )
+def _fresh_processes(code, *envs):
+    """Runs ``code`` in one fresh interpreter per environment, side by side; their
+    ``CompletedProcess``-like results (``returncode``, ``stdout``, ``stderr``) in order."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+        for env in envs
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
 
 
 def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
@@ -198,17 +207,21 @@ def test_build_into_a_fresh_cache_and_failures_fall_back(tmp_path):
     """
     # One CPU device (this session's 8 fake devices make "auto" avoid the kernel under jit).
     one = dict(XLA_FLAGS=xla_flags())
-    ok = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"), **one)
+    # The build into a fresh cache; a compiler that fails (`false`); the kernel switched off,
+    # alone and with every kernel: side by side (the build takes the longest).
+    ok, broken, off, all_off = _fresh_processes(
+        code,
+        dict(FLAX_LINOSS_CACHE_DIR=str(tmp_path / "ok"), **one),
+        dict(FLAX_LINOSS_CACHE_DIR=str(tmp_path / "bad"), CXX="false", **one),
+        dict(FLAX_LINOSS_NATIVE="0", **one),
+        dict(FLAX_LINOSS_KERNELS="0", **one),
+    )
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[0] == "True native" and lines[1] == "None"
     assert lines[2].startswith("['kernels-") and lines[2].endswith(".so']")
 
-    # A compiler that fails (`false`), and the kernel switched off: both fall back.
-    bad = str(tmp_path / "bad")
-    broken = _fresh_process(code, FLAX_LINOSS_CACHE_DIR=bad, CXX="false", **one)
-    off = _fresh_process(code, FLAX_LINOSS_NATIVE="0", **one)
-    all_off = _fresh_process(code, FLAX_LINOSS_KERNELS="0", **one)
+    # The failing compiler and the switches: all fall back.
     assert all_off.stdout.splitlines()[:1] == ["False adjoint"], all_off.stderr
     assert "FLAX_LINOSS_KERNELS=0" in all_off.stdout
     assert off.returncode == 0, off.stderr
