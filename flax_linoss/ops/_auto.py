@@ -150,8 +150,12 @@ def native_or(where: str, scan: str, fallback: str, obstacle: str | None = None)
     devices). ``obstacle``: why this call cannot take the kernel (``None``: it can).
 
     Raises:
-      ValueError: ``scan="native"`` where the kernel cannot run (saying why).
+      ValueError: an unknown ``scan``, or ``"native"`` where the kernel cannot run (saying
+        why).
     """
+    choices = ("auto", fallback, "native")
+    if scan not in choices:
+        raise ValueError(f"Unknown scan {scan!r} for {where}; expected one of {choices}.")
     if scan == fallback:
         return scan
     from flax_linoss.ops._scans import native

@@ -53,11 +53,11 @@ def _check(x, w, b, where: str):
     """Checks ``x`` (an array, or a tuple of streams whose channels add up to ``w``'s),
     ``w [W, D]`` and ``b [D]``; returns ``(W, D)``."""
     xs = x if isinstance(x, tuple) else (x,)
+    shown = [np.shape(t) for t in xs] if isinstance(x, tuple) else np.shape(x)
     if not xs or any(np.ndim(t) < 1 for t in xs) or np.ndim(w) != 2:
-        shapes = [np.shape(t) for t in xs]
         raise ValueError(
             f"{where}: expected `w` of shape [width, channels] and `x` [..., channels], got "
-            f"w {np.shape(w)} and x {shapes if isinstance(x, tuple) else np.shape(x)}."
+            f"w {np.shape(w)} and x {shown}."
         )
     width, channels = np.shape(w)
     if width < 1:
@@ -66,9 +66,8 @@ def _check(x, w, b, where: str):
     if got != channels:
         what = "the streams of `x` have" if isinstance(x, tuple) else "`x` has"
         raise ValueError(
-            f"{where}: {what} {got} channels (last axis of "
-            f"{[np.shape(t) for t in xs] if isinstance(x, tuple) else np.shape(x)}) but `w` "
-            f"{np.shape(w)} has {channels}."
+            f"{where}: {what} {got} channels (last axis of {shown}) but `w` {np.shape(w)} has "
+            f"{channels}."
         )
     if b is not None and np.shape(b) != (channels,):
         raise ValueError(
@@ -146,8 +145,6 @@ def causal_conv(
     for name, f in (("mask", mask), ("segment_ids", segment_ids)):
         if f is not None:
             _checks.check_per_step(name, f, (*lead, length), where)
-    if scan not in CONV_SCANS:
-        raise ValueError(f"Unknown scan {scan!r} for {where}; expected one of {CONV_SCANS}.")
     obstacle = None
     if sequence_axis is not None:
         obstacle = "it runs whole sequences (no `sequence_axis`)"

@@ -281,9 +281,8 @@ def outer_apply(
 
 
 def _resolve_scan(scan: str, per_step: bool, axis) -> str:
-    """``"chunked"`` or ``"native"`` for ``scan`` (see :func:`outer_apply`)."""
-    if scan not in OUTER_SCANS:
-        raise ValueError(f"Unknown scan {scan!r} for outer_apply; expected one of {OUTER_SCANS}.")
+    """``"chunked"`` or ``"native"`` for ``scan`` (one of :data:`OUTER_SCANS`; see
+    :func:`outer_apply`)."""
     obstacle = None
     if per_step:
         obstacle = "it takes a time-invariant `dt` (this one is per step)"

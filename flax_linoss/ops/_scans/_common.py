@@ -162,8 +162,43 @@ def named_kernel(body, names):
     return kernel
 
 
+def typed_vjp(forward, backward):
+    """A custom-VJP function ``f(*args, flags) -> outputs`` whose last argument (integer or
+    boolean flags, or ``None``) gets no cotangent.
+
+    Args:
+      forward: ``(*args, flags) -> (outputs, aux)``; ``aux`` is what the backward pass needs
+        besides the arguments (e.g. every velocity, or a kernel's checkpoints).
+      backward: ``(((*args, flags), aux), cotangents of outputs) -> the gradients of args``
+        (a tuple shaped like ``args``).
+
+    Inside ``shard_map`` the outputs and gradients are typed over the manual axes like the
+    arrays they come from (see :func:`match_vma`), which custom calls do not do by
+    themselves.
+    """
+
+    def fwd(*args):
+        outputs, aux = forward(*args)
+        axes = varying_axes(*args[:-1])
+        return jax.tree.map(lambda x: vary(x, axes), outputs), (args, aux)
+
+    @jax.custom_vjp
+    def f(*args):
+        return fwd(*args)[0]
+
+    def bwd(res, cts):
+        args = res[0]
+        axes = varying_axes(*args[:-1], cts)
+        grads = tuple(backward(res, cts))
+        return (*jax.tree.map(lambda g, x: match_vma(g, x, axes), grads, args[:-1]), None)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def with_adjoint(forward, backward):
-    """A custom-VJP recurrence ``(coeffs, v, z0, y0, flags) -> (ys, z_L)``.
+    """A custom-VJP recurrence ``(coeffs, v, z0, y0, flags) -> (ys, z_L)`` (by
+    :func:`typed_vjp`).
 
     Args:
       forward: ``(coeffs, v, z0, y0, flags) -> (ys, z_L, aux)``; ``coeffs`` is the
@@ -171,38 +206,17 @@ def with_adjoint(forward, backward):
       backward: ``(residuals, (g_ys, g_zL)) -> (g_coeffs, g_v, g_z0, g_y0)`` with
         residuals ``(coeffs, v, z0, y0, flags, ys, aux)`` (``aux``: whatever the forward
         pass keeps, e.g. every velocity or a kernel's checkpoints).
-
-    Flags (integers and booleans) get no cotangent. Inside ``shard_map`` the outputs and
-    gradients are typed over the manual axes like the arrays they come from (see
-    :func:`match_vma`), which custom calls do not do by themselves.
     """
 
-    @jax.custom_vjp
-    def recurrence(coeffs, v, z0, y0, flags):
-        ys, z_l, _ = forward(coeffs, v, z0, y0, flags)
-        axes = varying_axes(coeffs, v, z0, y0)
-        return vary(ys, axes), vary(z_l, axes)
-
-    def fwd(coeffs, v, z0, y0, flags):
-        ys, z_l, aux = forward(coeffs, v, z0, y0, flags)
-        axes = varying_axes(coeffs, v, z0, y0)
-        ys, z_l = vary(ys, axes), vary(z_l, axes)
-        return (ys, z_l), (coeffs, v, z0, y0, flags, ys, aux)
+    def fwd(*args):
+        ys, z_l, aux = forward(*args)
+        return (ys, z_l), (ys, aux)
 
     def bwd(res, cts):
-        coeffs, v, z0, y0 = res[:4]
-        g_coeffs, g_v, g_z0, g_y0 = backward(res, cts)
-        axes = varying_axes(coeffs, v, z0, y0, cts)
-        return (
-            tuple(match_vma(g, x, axes) for g, x in zip(g_coeffs, coeffs)),
-            match_vma(g_v, v, axes),
-            match_vma(g_z0, z0, axes),
-            match_vma(g_y0, y0, axes),
-            None,
-        )
+        args, (ys, aux) = res
+        return backward((*args, ys, aux), cts)
 
-    recurrence.defvjp(fwd, bwd)
-    return recurrence
+    return typed_vjp(fwd, bwd)
 
 
 # ----------------------------------------------------------------------------------------

@@ -69,10 +69,8 @@ import numpy as np
 from flax_linoss.ops._scans._common import (
     Flags,
     is_time_varying,
-    match_vma,
     run_custom,
-    vary,
-    varying_axes,
+    typed_vjp,
     with_adjoint,
 )
 
@@ -391,25 +389,11 @@ def _outer_forward(coeffs, q, k, v, z0, y0, codes):
     )
     rows = lambda x: x.reshape(n * length, -1)
     o, z_l, y_l, checkpoints = call(*coeffs, rows(q), rows(k), rows(v), codes, z0, y0, **attrs)
-    return o.reshape(v.shape), z_l, y_l, checkpoints
+    return (o.reshape(v.shape), z_l, y_l), checkpoints
 
 
-@jax.custom_vjp
-def _outer(coeffs, q, k, v, z0, y0, codes):
-    o, z_l, y_l, _ = _outer_forward(coeffs, q, k, v, z0, y0, codes)
-    axes = varying_axes(coeffs, q, k, v, z0, y0)
-    return tuple(vary(x, axes) for x in (o, z_l, y_l))
-
-
-def _outer_fwd(coeffs, q, k, v, z0, y0, codes):
-    o, z_l, y_l, checkpoints = _outer_forward(coeffs, q, k, v, z0, y0, codes)
-    axes = varying_axes(coeffs, q, k, v, z0, y0)
-    out = tuple(vary(x, axes) for x in (o, z_l, y_l))
-    return out, (coeffs, q, k, v, z0, y0, codes, checkpoints)
-
-
-def _outer_bwd(res, cts):
-    coeffs, q, k, v, z0, y0, codes, checkpoints = res
+def _outer_backward(res, cts):
+    (coeffs, q, k, v, _, _, codes), checkpoints = res
     (n, length, heads, key_dim, value_dim), attrs = _outer_attrs(q, v)
     g_o, g_zl, g_yl = (x.astype(q.dtype) for x in cts)
     state = _shape((n, heads, key_dim, value_dim), q.dtype)
@@ -430,16 +414,11 @@ def _outer_bwd(res, cts):
         *coeffs, rows(q), rows(k), rows(v), codes, checkpoints, rows(g_o), g_zl, g_yl, **attrs
     )
     g_c = jnp.sum(g_c, axis=0)
-    axes = varying_axes(coeffs, q, k, v, z0, y0, cts)
-    grads = (g_q.reshape(q.shape), g_k.reshape(k.shape), g_v.reshape(v.shape), g_z0, g_y0)
-    return (
-        tuple(match_vma(g_c[i], x, axes) for i, x in enumerate(coeffs)),
-        *(match_vma(g, x, axes) for g, x in zip(grads, (q, k, v, z0, y0))),
-        None,
-    )
+    g_coeffs = tuple(g_c[i] for i in range(len(coeffs)))
+    return g_coeffs, g_q.reshape(q.shape), g_k.reshape(k.shape), g_v.reshape(v.shape), g_z0, g_y0
 
 
-_outer.defvjp(_outer_fwd, _outer_bwd)
+_outer = typed_vjp(_outer_forward, _outer_backward)
 
 
 def outer_run(coeffs, q, k, v, z0, y0, flags: Flags | None):
@@ -474,19 +453,8 @@ def _conv_forward(xs, w, buf0, codes):
     return tuple(ys), last
 
 
-@jax.custom_vjp
-def _conv(xs, w, buf0, codes):
-    ys, last = _conv_forward(xs, w, buf0, codes)
-    axes = varying_axes(xs, w, buf0)
-    return tuple(vary(y, axes) for y in ys), vary(last, axes)
-
-
-def _conv_fwd(xs, w, buf0, codes):
-    return _conv(xs, w, buf0, codes), (xs, w, buf0, codes)
-
-
-def _conv_bwd(res, cts):
-    xs, w, buf0, codes = res
+def _conv_backward(res, cts):
+    (xs, w, buf0, codes), _ = res
     g_ys, g_last = cts
     g_ys = tuple(g.astype(w.dtype) for g in g_ys)
     out = (
@@ -496,12 +464,10 @@ def _conv_bwd(res, cts):
     )
     call = jax.ffi.ffi_call(_CONV_BACKWARD, out, vmap_method="sequential")
     g_w, g_buf0, *g_xs = call(w, codes, buf0, g_last.astype(w.dtype), *xs, *g_ys)
-    axes = varying_axes(xs, w, buf0, cts)
-    g_xs = tuple(match_vma(g, x, axes) for g, x in zip(g_xs, xs))
-    return g_xs, match_vma(jnp.sum(g_w, axis=0), w, axes), match_vma(g_buf0, buf0, axes), None
+    return tuple(g_xs), jnp.sum(g_w, axis=0), g_buf0
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = typed_vjp(lambda *args: (_conv_forward(*args), None), _conv_backward)
 
 
 def conv_run(xs, w, buf0, flags: Flags | None):
