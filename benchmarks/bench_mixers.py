@@ -117,14 +117,20 @@ def split_mixer(mixer: str) -> tuple[str, str]:
     return name, block or "outer"
 
 
-def run_one(task, mixer, length, steps, workdir, seed=0):
-    from flax_linoss.train import trainer
-
+def _row_config(task: str, mixer: str, length: int):
+    """The task's config with ``mixer`` at ``length`` and ``TOKENS_PER_STEP`` per step."""
     config = _load_config(task)
-    config.seed = seed
     config.model.mixer, config.model.mixer_block = split_mixer(mixer)
     config.data.options.seq_len = length
     config.data.batch_size = max(1, TOKENS_PER_STEP // length)
+    return config
+
+
+def run_one(task, mixer, length, steps, workdir, seed=0):
+    from flax_linoss.train import trainer
+
+    config = _row_config(task, mixer, length)
+    config.seed = seed
     config.data.eval_batch_size = 64
     config.train.num_steps = steps
     config.train.eval_every = steps
@@ -156,7 +162,13 @@ def run_one(task, mixer, length, steps, workdir, seed=0):
     }
 
 
-def step_costs(mixers, length: int, task: str = "mqar", rounds: int = 8, calls: int = 3):
+#: The cost table's timing: rounds over the mixers, calls of each step per round.
+COST_ROUNDS, COST_CALLS = 8, 3
+
+
+def step_costs(
+    mixers, length: int, task: str = "mqar", rounds: int = COST_ROUNDS, calls: int = COST_CALLS
+):
     """The compiled train step of each of ``mixers`` at ``length`` (same tokens per step, no
     training): median milliseconds and XLA's peak MiB. Every step is compiled first, then
     timed in ``rounds`` rounds of ``calls`` calls each, the mixers in turn, so that a slower
@@ -165,10 +177,7 @@ def step_costs(mixers, length: int, task: str = "mqar", rounds: int = 8, calls: 
 
     steps = {}
     for mixer in mixers:
-        config = _load_config(task)
-        config.model.mixer, config.model.mixer_block = split_mixer(mixer)
-        config.data.options.seq_len = length
-        config.data.batch_size = max(1, TOKENS_PER_STEP // length)
+        config = _row_config(task, mixer, length)
         config.data.options.num_train = 4 * config.data.batch_size
         s = trainer.setup(config)
         steps[mixer] = _CompiledStep(s, trainer.create_train_state(s))
@@ -193,9 +202,10 @@ def _cost_markdown(rows) -> list[str]:
         f"## Train-step cost at length {rows[0]['length']}",
         "",
         "The compiled train step alone (same model, batch and tokens per step as the tables "
-        "above; every step compiled and warmed up first, then the median of 24 calls each, "
-        "taken in 8 rounds of 3 calls over the mixers in turn, on the machine to itself), and "
-        "its cost relative to the papers' plain block.",
+        "above; every step compiled and warmed up first, then the median of "
+        f"{COST_ROUNDS * COST_CALLS} calls each, taken in {COST_ROUNDS} rounds of {COST_CALLS} "
+        "calls over the mixers in turn, on the machine to itself), and its cost relative to "
+        "the papers' plain block.",
         "",
         "| mixer | step ms | x plain | peak MiB | parameters |",
         "|---|---|---|---|---|",
