@@ -74,6 +74,18 @@ def test_decoding_through_the_caches_equals_the_full_pass(mixer):
     assert_rel_close(jnp.concatenate(steps, 1), full, 2e-5)
 
 
+def test_a_bfloat16_hybrid_decodes_through_caches_of_its_dtype():
+    # Flax's attention caches keys and values in the dtype init_cache is given: the
+    # activations' (bfloat16), or writing a step into the cache fails.
+    tokens = _tokens(length=6)
+    model = _nnx("linoss-im,attention", dtype=jnp.bfloat16)
+    full = model(tokens, deterministic=True)
+    model.init_cache(tokens.shape[0], tokens.shape[1])
+    assert model.blocks[1].mixer.cached_key.dtype == jnp.bfloat16
+    steps = [model(tokens[:, t : t + 1], decode=True, deterministic=True) for t in range(6)]
+    assert_rel_close(jnp.concatenate(steps, 1), full, 3e-2)
+
+
 def test_packed_segments_equal_running_them_alone():
     model = _nnx("linoss-im,attention", positional="none")
     a, b = _tokens(1, 5, seed=1), _tokens(1, 7, seed=2)

@@ -196,6 +196,8 @@ class TransformerLM(nnx.Module):
         self.tie_embeddings = tie_embeddings
         self.dropout_rate = dropout_rate
         self.deterministic = deterministic
+        # The activations' dtype: what the decoding caches of Flax's attention hold.
+        self.activation_dtype = jnp.dtype(dtype or param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = nnx.Embed(vocab_size, width, **kw)
         self.pos_embed = nnx.Embed(max_len, width, **kw) if positional == "learned" else None
@@ -223,7 +225,7 @@ class TransformerLM(nnx.Module):
         length = max_length or self.max_len
         shape = (batch_size, length, self.embed.features)
         for block in self.blocks:
-            block.mixer.init_cache(shape)
+            block.mixer.init_cache(shape, dtype=self.activation_dtype)
         self.position = nnx.Cache(jnp.zeros((), jnp.int32))
 
     def __call__(
@@ -249,7 +251,7 @@ class TransformerLM(nnx.Module):
             new tokens one at a time; no mask is needed: the caches hold the past).
 
         Returns:
-          ``[batch, length, vocab_size]`` float32 logits.
+          ``[batch, length, vocab_size]`` logits, float32 (float64 with float64 parameters).
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -288,4 +290,4 @@ class TransformerLM(nnx.Module):
             logits = self.embed.attend(x, out_sharding=rows)
         else:
             logits = self.head(x)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
