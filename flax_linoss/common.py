@@ -159,7 +159,7 @@ def running_batch_norm(
     Returns:
       ``(y [..., L, H], (mean, var, initialized))`` with the new statistics.
     """
-    xf = x.astype(jnp.float32)
+    xf = x.astype(jnp.promote_types(jnp.float32, x.dtype))
     if train:
         axes = tuple(range(x.ndim - 1))
         w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(xf.dtype)

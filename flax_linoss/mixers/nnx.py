@@ -358,7 +358,7 @@ def _outer_core(
         sequence_axis=sequence_axis,
         scan=paths[0],
     )
-    of = o.astype(jnp.float32)
+    of = o.astype(jnp.promote_types(jnp.float32, o.dtype))  # float32, or float64
     of = of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + 1e-6) * params["scale"]
     return of.astype(o.dtype).reshape(q.shape), (final if decoding else None), buffers
 

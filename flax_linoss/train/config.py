@@ -12,6 +12,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -44,7 +45,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.constraint": CONSTRAINTS,
     "model.positional": ("none", "learned", "sinusoidal"),
     "model.scan": tuple(SCANS),
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16", "float64"),
+    "model.param_dtype": ("float32", "float64"),
     "optimizer.name": ("adam", "adamw"),
     "optimizer.schedule": ("constant", "cosine"),
     "train.best_ties": ("first", "last"),
@@ -205,6 +207,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             or got["model.hidden_size"] % got["model.num_heads"] == 0,
             f"model.mixer_block={got['model.mixer_block']!r} (an outer block) needs "
             "model.hidden_size to be a multiple of model.num_heads.",
+        )
+    for key in ("model.dtype", "model.param_dtype"):
+        need(
+            got[key] != "float64" or jax.dtypes.canonicalize_dtype(np.float64) == np.float64,
+            f"{key}='float64' needs 64-bit JAX: add --jax_enable_x64 (or set "
+            "JAX_ENABLE_X64=1, or jax.config.update('jax_enable_x64', True) first).",
         )
     need(0 <= got["model.dropout_rate"] < 1, "model.dropout_rate must be in [0, 1).")
     need(0 <= got["optimizer.end_lr_factor"] <= 1, "optimizer.end_lr_factor must be in [0, 1].")

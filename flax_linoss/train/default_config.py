@@ -94,8 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout_rate = 0.05
     # Scan implementation: "auto" picks per platform (see flax_linoss.ops).
     model.scan = "auto"
-    # Computation dtype of the projections: "float32" or "bfloat16" (parameters stay float32).
+    # Computation dtype of the projections: "float32", "bfloat16" or "float16" (parameters
+    # stay float32), or "float64" (with 64-bit JAX: --jax_enable_x64).
     model.dtype = "float32"
+    # Parameter (and optimiser state) dtype: "float32", or "float64" for numerical checks
+    # (with 64-bit JAX: --jax_enable_x64; set model.dtype too to compute in float64).
+    model.param_dtype = "float32"
     # Irregularly sampled data (a dataset with timestamps, e.g. UEA with
     # data.options.drop_fraction): the "paper" model steps each oscillator by its dt times the
     # time since the previous observation. False ignores the timestamps (the steps are taken

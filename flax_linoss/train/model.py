@@ -93,6 +93,7 @@ class ModelSpec:
     scan: str = _field(signature=())
     constraint: str = _field(signature=())
     dtype: str = _field(signature=())
+    param_dtype: str = _field(signature=())
     # The papers' model.
     in_features: int | None = _field(signature=(PAPER,), kind_only=True)
     output_size: int | None = _field(signature=(PAPER,), kind_only=True)
@@ -124,6 +125,7 @@ class ModelSpec:
             scan=m.scan,
             constraint=m.constraint,
             dtype=m.dtype,
+            param_dtype=m.param_dtype,
         )
         if m.kind == TRANSFORMER:
             return cls(
@@ -149,7 +151,7 @@ class ModelSpec:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the model's constructor (both APIs; the nnx paper model also
         takes ``in_features`` first, which linen reads off the input)."""
-        dtype = jnp.dtype(self.dtype)
+        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         if self.kind == TRANSFORMER:
             return dict(
                 vocab_size=self.vocab_size,
@@ -169,6 +171,7 @@ class ModelSpec:
                     "constraint": self.constraint,
                 },
                 dtype=dtype,
+                param_dtype=param_dtype,
             )
         return dict(
             num_blocks=self.num_blocks,
@@ -183,6 +186,7 @@ class ModelSpec:
             norm=self.norm,
             dropout_rate=self.dropout_rate,
             dtype=dtype,
+            param_dtype=param_dtype,
         )
 
     def signature(self) -> dict[str, Any]:

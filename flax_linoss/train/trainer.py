@@ -294,17 +294,18 @@ def task_loss(task: str, out: jax.Array, batch: dict[str, jax.Array]):
     """Per-example loss ``[B]`` and per-example metric ``[B]`` (correct or squared error;
     for token tasks the mean over the example's scored positions)."""
     label, valid = batch["label"], batch["valid"]
+    out = out.astype(jnp.promote_types(jnp.float32, out.dtype))  # float32, or float64
     if task == "lm":
         w = batch["weight"]
-        xent = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), label)
+        xent = optax.softmax_cross_entropy_with_integer_labels(out, label)
         correct = (jnp.argmax(out, -1) == label).astype(jnp.float32)
         n = jnp.maximum(w.sum(-1), 1.0)
         loss, metric = (xent * w).sum(-1) / n, (correct * w).sum(-1) / n
     elif task == "classification":
-        loss = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), label)
+        loss = optax.softmax_cross_entropy_with_integer_labels(out, label)
         metric = (jnp.argmax(out, -1) == label).astype(jnp.float32)
     else:
-        err = jnp.square(out.astype(jnp.float32) - label.astype(jnp.float32))
+        err = jnp.square(out - label.astype(out.dtype))
         loss = err.reshape(err.shape[0], -1).mean(-1)
         metric = loss
     w = valid.astype(jnp.float32)
