@@ -225,17 +225,30 @@ def precheck(argv: list[str]) -> None:
 
 
 def _saved_config(workdir: str, argv: list[str], parsed):
-    """A run's ``config.json`` with the command line's typed overrides applied."""
+    """A run's ``config.json`` with the command line's typed overrides applied (fields
+    added to the config since the run was made take their defaults)."""
     import ml_collections
+
+    from flax_linoss.train.config import flat_keys
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    for key in _override_keys(argv):
-        node_new, node_old = parsed, config
+
+    def copy(key, source):  # config[key] = source[key], for a dotted key
         *parents, leaf = key.split(".")
+        node = config
         for p in parents:
-            node_new, node_old = node_new[p], node_old[p]
-        node_old[leaf] = node_new[leaf]
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node, source = node[p], source[p]
+        node[leaf] = source[leaf]
+
+    have, default = flat_keys(config), default_config.get_config()
+    for key in flat_keys(default):
+        if key not in have:
+            copy(key, default)
+    for key in _override_keys(argv):
+        copy(key, parsed)
     return config
 
 

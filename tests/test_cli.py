@@ -1,5 +1,6 @@
 """The ``flax-linoss`` command line as a user runs it (subprocesses)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,10 @@ def test_train_prints_progress_and_final_metric(trained):
 
 def test_eval_and_plot(trained):
     _, workdir, _ = trained
+    # A run saved before a config field existed: eval gives the field its default.
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["model"]["param_dtype"]
+    (workdir / "config.json").write_text(json.dumps(saved))
     out = _run("eval", f"--workdir={workdir}", "--config.parallel.num_devices=1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Checkpoint step 24" in out.stdout or "Checkpoint step 12" in out.stdout
