@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+from flax_linoss.train.reproduce import cpu_name
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIXERS = (
     "attention",
@@ -51,16 +53,6 @@ def _load_config(task: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(task)
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _CompiledStep:
@@ -342,7 +334,7 @@ def write_markdown(rows, path, command, tasks, lengths, decode_rows=(), cost_row
         "",
         f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}.",
         "",
-        f"**Machine:** {_cpu()}, {os.cpu_count()} CPUs, {platform.platform()}, jax "
+        f"**Machine:** {cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, jax "
         f"{__import__('jax').__version__} on CPU.",
         "",
         "Model: `configs/mixers.py` (a pre-norm decoder-only transformer, width 64, 2 blocks, "

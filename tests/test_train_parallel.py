@@ -204,6 +204,43 @@ def test_outer_block_transformer_matches_single_device(monkeypatch):
     assert tuple(_leaf(mixer["conv_kernel"]).sharding.spec)[2] is not None  # H split
 
 
+def _float64_outer_lm():
+    config = _outer_lm()
+    config.model.update(mixer="linoss-im", dtype="float64", param_dtype="float64")
+    return config
+
+
+def test_float64_sharded_run_matches_one_device_to_float64_rounding():
+    # In float64 the sharded run agrees with one device to ~1e-15: a sharding mistake (a
+    # statistic of the local batch, a lost or doubled partial sum, a wrong slice) shows at
+    # any size here, where in float32 the rounding of the other reduction order is 1e-7.
+    # (A pure LinOSS model: Flax's attention takes its softmax in float32.)
+    with jax.enable_x64(True):
+        single = _run(_float64_outer_lm, "nnx", parallel__num_devices=1)
+        got = _run(
+            _float64_outer_lm,
+            "nnx",
+            parallel__fsdp_axis_size=2,
+            parallel__model_axis_size=2,
+            parallel__sequence_axis_size=2,
+        )
+    leaves = jax.tree.leaves(got[0].params)
+    assert {a.dtype for a in leaves} == {np.dtype(np.float64)}
+    np.testing.assert_allclose(got[1], single[1], rtol=1e-13)  # losses
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(single[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    moved = [np.max(np.abs(a - b)) for a, b in zip(leaves, jax.tree.leaves(got[2].params))]
+    assert max(moved) > 1e-3
+
+
+def test_float64_needs_64_bit_jax():
+    config = _with(_paper(), model__param_dtype="float64")
+    with pytest.raises(config_lib.ConfigError, match="needs 64-bit JAX: add --jax_enable_x64"):
+        config_lib.validate(config)
+    with jax.enable_x64(True):
+        assert config_lib.validate(config) is config
+
+
 def test_state_is_created_sharded_and_rules_are_overridable():
     config = _with(_paper(), parallel__fsdp_axis_size=2, parallel__model_axis_size=2)
     config.parallel.logical_axis_rules.oscillator = ""  # never split the oscillators
@@ -269,3 +306,31 @@ def test_batch_and_length_must_split_over_devices():
     config.data.options.length = 36
     with pytest.raises(config_lib.ConfigError, match="must divide the sequence length 36"):
         trainer.setup(config)
+
+
+def _bench_sharding():
+    path = REPO / "benchmarks" / "bench_sharding.py"
+    spec = importlib.util.spec_from_file_location("bench_sharding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_sharding_compares_the_logged_losses_window_by_window():
+    bench = _bench_sharding()
+    one = {10: 2.0, 100: 1.0, 150: 0.5, 400: 0.25}
+    sharded = {10: 2.0 * (1 + 1e-7), 100: 1.0 * (1 - 3e-6), 150: 0.5, 400: 0.25 * 1.1}
+    got = bench.agreement(sharded, one)
+    assert got == [pytest.approx(3e-6), 0.0, None, pytest.approx(0.1), None, None]
+    assert bench.held_through(sharded, one) == 150
+    assert bench.held_through(sharded, one, tolerance=1e-6) == 10
+    with pytest.raises(ValueError, match="different steps"):
+        bench.agreement({10: 1.0}, {20: 1.0})
+    row = dict(case="mqar-linoss", precision="float64", windows=got, held=150, steps=400)
+    page = bench.markdown([dict(row, memory=(1.0, 4.0), test=(0.5, 0.25))], "python bench")
+    line = page.splitlines()[-1]
+    assert line.startswith("| mqar, `linoss-im` | float64 | 3.0e-06 | 0.0e+00 | - | 1.0e-01 |")
+    assert "| 1.0e-01 | step 150 of 400 | 0.500 / 0.250 | 0.250 (1.000 / 4.000 MiB) |" in line
+    cmd = bench.command(bench.CASES["default-seq"], "float64", None, True, "/tmp/w")
+    assert "--jax_enable_x64" in cmd and "--config.parallel.sequence_axis_size=2" in cmd
+    assert not any(c.startswith("--config.train.num_steps") for c in cmd)
