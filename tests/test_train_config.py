@@ -124,3 +124,18 @@ def test_unknown_keys_list_close_matches():
     with pytest.raises(config_lib.ConfigError, match=r"did you mean train\.num_steps"):
         config_lib.validate(config)
     config_lib.check_override_keys(default_config.get_config(), ["data.options.length"])
+
+
+def test_float16_attention_on_a_cpu_is_one_clear_error_before_any_data():
+    from flax_linoss.train import trainer
+
+    config = _load(REPO / "configs" / "mixers.py").get_config("mqar")
+    config.model.dtype = "float16"
+    config.data.name = "not/loaded"  # the check comes before the data
+    config.model.mixer = "linoss-im,attention"
+    with pytest.raises(config_lib.ConfigError, match="'float16' with attention needs a GPU"):
+        trainer.setup(config)
+    config.model.mixer = "linoss-im"  # LinOSS alone runs float16 here: on to the data
+    with pytest.raises(Exception, match="not/loaded") as e:
+        trainer.setup(config)
+    assert "float16" not in str(e.value)

@@ -225,6 +225,18 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         )
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
+    m = config.model
+    if (
+        m.dtype == "float16"
+        and m.kind == "transformer"
+        and "attention" in m.mixer.split(",")
+        and mesh.devices.flat[0].platform == "cpu"
+    ):
+        raise config_lib.ConfigError(
+            "model.dtype='float16' with attention needs a GPU or TPU: Flax's attention asks "
+            "for float16 products summed in float32, which XLA's CPU backend lacks; use "
+            "bfloat16 on CPU."
+        )
     splits = data_lib.load_dataset(config)
     shape = data_lib.model_shape(splits.info, config.data.time_channel)
     if (shape["task"] == "lm") != (config.model.kind == "transformer"):
