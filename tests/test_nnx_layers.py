@@ -1,5 +1,7 @@
 """flax_linoss.nnx: the LinOSS layer, block and model in Flax nnx."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,23 @@ def test_block_train_and_eval_modes():
     np.testing.assert_allclose(block.norm.mean[...], (1 - 0.99**2) * mean, rtol=1e-4)
     block.eval()
     np.testing.assert_array_equal(block(x), block(x))
+
+
+@pytest.mark.parametrize("norm", ["batch", "batch_running"])
+def test_float64_block_keeps_its_batch_statistics_in_float64(norm):
+    # Flax's BatchNorm makes float32 statistics; with float64 parameters they are float64
+    # (JAX warns, and will refuse, writing float64 statistics into float32 ones).
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block = LinOSSBlock(6, 8, norm=norm, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(0), (4, 12, 6), jnp.float64) + 1.0
+        block(x)
+        assert block.norm.mean[...].dtype == block.norm.var[...].dtype == jnp.float64
+        # The statistic keeps the float64 digits of the batch mean.
+        want = (1 - 0.99) * np.asarray(x).mean(axis=(0, 1))
+        if norm == "batch_running":  # the first call sets the statistics
+            want = np.asarray(x).mean(axis=(0, 1))
+        np.testing.assert_allclose(block.norm.mean[...], want, rtol=1e-12)
 
 
 def test_model_trains_with_an_nnx_optimizer():

@@ -393,16 +393,22 @@ class RunningBatchNorm(nnx.Module):
     Args:
       num_features: ``H``.
       axis_name: mapped axis over which the statistics are averaged (data parallelism).
+      stats_dtype: the statistics' dtype (float32, or float64 with float64 parameters).
       rngs: accepted like ``nnx.BatchNorm``'s (nothing is random here).
     """
 
     def __init__(
-        self, num_features: int, *, axis_name: str | None = None, rngs: nnx.Rngs | None = None
+        self,
+        num_features: int,
+        *,
+        axis_name: str | None = None,
+        stats_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
     ):
         del rngs
         self.axis_name = axis_name
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), stats_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), stats_dtype))
         self.initialized = nnx.BatchStat(jnp.zeros((), bool))
 
     def __call__(self, x, *, use_running_average: bool, mask=None):
@@ -422,11 +428,12 @@ class RunningBatchNorm(nnx.Module):
 
 
 def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
+    stats = jnp.promote_types(jnp.float32, param_dtype)  # float32, or float64
     if kind == BATCH_RUNNING:
-        return RunningBatchNorm(features, axis_name=axis_name)
+        return RunningBatchNorm(features, axis_name=axis_name, stats_dtype=stats)
     if kind == BATCH:
         # The papers' batch norm: per channel over batch and time, no affine part.
-        return nnx.BatchNorm(
+        norm = nnx.BatchNorm(
             features,
             momentum=BN_MOMENTUM,
             epsilon=BN_EPSILON,
@@ -437,6 +444,10 @@ def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        # Flax keeps the running statistics in float32 whatever the parameters' dtype.
+        norm.mean = nnx.BatchStat(norm.mean[...].astype(stats))
+        norm.var = nnx.BatchStat(norm.var[...].astype(stats))
+        return norm
     if kind == "layer":
         return nnx.LayerNorm(
             features, epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs
