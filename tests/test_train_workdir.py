@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from conftest import kill_after, xla_flags
 from conftest import tiny_config as _tiny
@@ -164,6 +165,19 @@ def test_resume_skips_a_damaged_latest_checkpoint_with_one_warning(finished, tmp
     assert res["final_step"] == 36
     assert (workdir / "damaged" / "checkpoint_24" / "state").is_dir()  # kept, moved aside
     assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [24, 36]
+
+
+def test_another_param_dtype_is_refused_and_older_signatures_read_as_float32(finished, tmp_path):
+    workdir = _copy(finished, tmp_path)
+    config = _tiny(**{"train.num_steps": 36, "model.param_dtype": "float64"})
+    with jax.enable_x64(True), pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
+        trainer.train_and_evaluate(config, str(workdir))
+    assert "param_dtype: checkpoint 'float32' vs config 'float64'" in str(e.value)
+    # A checkpoint written before the field existed has none in its signature: float32.
+    older = {"state_size": 8}
+    ckpt_lib.check_signature(older, {**older, "param_dtype": "float32"}, "w")
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="checkpoint 'float32' vs"):
+        ckpt_lib.check_signature(older, {**older, "param_dtype": "float64"}, "w")
 
 
 def test_eval_of_a_damaged_latest_checkpoint_uses_the_newest_intact_one(
@@ -342,8 +356,17 @@ def test_ctrl_c_says_where_it_stopped_and_where_a_rerun_resumes(tmp_path, tiny_f
     assert rest == f" rerun the same command to resume from step {resume}"
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT handled as in an interactive Python (a process started in the background by a
+    shell, or after another test, may find it ignored); the original handler afterwards."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
 def test_ctrl_c_is_taken_between_steps_even_where_a_library_would_swallow_it(
-    tmp_path, tamper_train_stream
+    tmp_path, tamper_train_stream, interactive_sigint
 ):
     """A Ctrl-C that lands inside code catching ``KeyboardInterrupt`` (as Orbax's and JAX's
     machinery can) still stops the run, at the next step; a second one is immediate."""

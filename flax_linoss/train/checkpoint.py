@@ -173,8 +173,14 @@ def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManag
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+#: Signature fields added after checkpoints were first written: what the older ones had.
+SIGNATURE_DEFAULTS = {"param_dtype": "float32"}
+
+
 def check_signature(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raises :class:`IncompatibleCheckpointError` listing the fields that differ."""
+    older = {k: v for k, v in SIGNATURE_DEFAULTS.items() if k in current}
+    saved = {**older, **saved}
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))

@@ -93,7 +93,7 @@ class ModelSpec:
     scan: str = _field(signature=())
     constraint: str = _field(signature=())
     dtype: str = _field(signature=())
-    param_dtype: str = _field(signature=())
+    param_dtype: str = _field()  # (checkpoints from before it existed: float32)
     # The papers' model.
     in_features: int | None = _field(signature=(PAPER,), kind_only=True)
     output_size: int | None = _field(signature=(PAPER,), kind_only=True)
