@@ -196,8 +196,6 @@ class TransformerLM(nnx.Module):
         self.tie_embeddings = tie_embeddings
         self.dropout_rate = dropout_rate
         self.deterministic = deterministic
-        # The activations' dtype: what the decoding caches of Flax's attention hold.
-        self.activation_dtype = jnp.dtype(dtype or param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = nnx.Embed(vocab_size, width, **kw)
         self.pos_embed = nnx.Embed(max_len, width, **kw) if positional == "learned" else None
@@ -224,8 +222,10 @@ class TransformerLM(nnx.Module):
         """Creates every block's decoding cache for ``batch_size`` sequences."""
         length = max_length or self.max_len
         shape = (batch_size, length, self.embed.features)
+        # The activations' dtype: what the decoding caches of Flax's attention hold.
+        dtype = jnp.dtype(self.embed.dtype or self.embed.param_dtype)
         for block in self.blocks:
-            block.mixer.init_cache(shape, dtype=self.activation_dtype)
+            block.mixer.init_cache(shape, dtype=dtype)
         self.position = nnx.Cache(jnp.zeros((), jnp.int32))
 
     def __call__(

@@ -444,9 +444,8 @@ def _norm(kind, features, axis_name, dtype, param_dtype, rngs):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        # Flax keeps the running statistics in float32 whatever the parameters' dtype.
-        norm.mean = nnx.BatchStat(norm.mean[...].astype(stats))
-        norm.var = nnx.BatchStat(norm.var[...].astype(stats))
+        for stat in (norm.mean, norm.var):  # Flax makes them float32 whatever param_dtype is
+            stat.set_value(stat[...].astype(stats))
         return norm
     if kind == "layer":
         return nnx.LayerNorm(
